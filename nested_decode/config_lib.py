@@ -1,0 +1,171 @@
+"""Shared pieces of the ml_collections configs, their validation, and typed views of them.
+
+Config files in ``configs/`` build on ``base_config``; everything that runs calls ``validate``
+first, so a bad value fails before any compilation with one error that names the key.
+"""
+
+import math
+
+import ml_collections
+
+from nested_decode.decoding.mask_schedule import MASK_SCHEDULES
+from nested_decode.decoding.plan import CACHE_POLICIES, DecodeStep, make_plan
+from nested_decode.decoding.sampler import GUIDANCE_SCHEDULES, SamplingOptions
+from nested_decode.models.transformer import TransformerConfig
+
+DTYPES = ('float32', 'bfloat16')
+ATTENTION_IMPLS = ('xla', 'cudnn')
+BASELINE = 'baseline'
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key and what is allowed."""
+
+
+def schedule(widths, cache='refresh_on_switch', refresh_every=1) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(widths=tuple(tuple(s) for s in widths), cache=cache,
+                                        refresh_every=refresh_every))
+
+
+def default_schedules() -> ml_collections.ConfigDict:
+  """Small-to-large MaGNeTS schedules over 12 decode steps."""
+  even = ((8, 3), (4, 3), (2, 3), (1, 3))
+  return ml_collections.ConfigDict(dict(
+      magnets=schedule(even),
+      magnets_nocache=schedule(even, cache='none'),
+      magnets_small_heavy=schedule(((8, 4), (4, 4), (2, 2), (1, 2))),
+  ))
+
+
+def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num_classes,
+                guidance_scale, batch_size, dtype='float32') -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = ml_collections.ConfigDict(dict(
+      num_layers=num_layers, width=width, num_heads=num_heads, mlp_dim=4 * width,
+      nesting_factors=(1, 2, 4, 8), scan_layers=True, remat=False, dtype=dtype,
+      attention_impl='xla'))
+  config.tokens = ml_collections.ConfigDict(dict(
+      shape=tuple(token_shape), codebook_size=codebook_size, num_classes=num_classes))
+  config.sampling = ml_collections.ConfigDict(dict(
+      steps=12, mask_schedule='cosine', temperature=1.0, top_k=0, choice_temperature=4.5,
+      guidance_scale=guidance_scale, guidance_schedule='constant'))
+  config.eval = ml_collections.ConfigDict(dict(schedules=default_schedules()))
+  config.bench = ml_collections.ConfigDict(dict(batch_size=batch_size, warmup_runs=1,
+                                                timed_runs=5))
+  return config
+
+
+def _fail(key, value, allowed):
+  raise ConfigError(f'config.{key}={value!r} is invalid: {allowed}')
+
+
+def _check_choice(config, key, allowed):
+  section, name = key.split('.')
+  value = config[section][name]
+  if value not in allowed:
+    _fail(key, value, f'allowed values are {tuple(allowed)}')
+
+
+def _check_positive_int(config, key):
+  section, name = key.split('.')
+  value = config[section][name]
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    _fail(key, value, 'must be a positive integer')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ConfigError`` naming the first bad key."""
+  for key in ('model.num_layers', 'model.width', 'model.num_heads', 'model.mlp_dim',
+              'tokens.codebook_size', 'sampling.steps', 'bench.batch_size', 'bench.timed_runs'):
+    _check_positive_int(config, key)
+  model = config.model
+  factors = tuple(model.nesting_factors)
+  if not factors or any(not isinstance(f, int) or f <= 0 for f in factors) or 1 not in factors:
+    _fail('model.nesting_factors', factors, 'must be positive integers including 1')
+  for key in ('width', 'num_heads', 'mlp_dim'):
+    bad = [f for f in factors if model[key] % f]
+    if bad:
+      _fail(f'model.{key}', model[key],
+            f'must be divisible by every nesting factor (config.model.nesting_factors={factors}; '
+            f'not divisible by {bad})')
+  if model.width % model.num_heads:
+    _fail('model.width', model.width, f'must be divisible by model.num_heads={model.num_heads}')
+  _check_choice(config, 'model.dtype', DTYPES)
+  _check_choice(config, 'model.attention_impl', ATTENTION_IMPLS)
+  if not config.tokens.shape or any(int(s) <= 0 for s in config.tokens.shape):
+    _fail('tokens.shape', config.tokens.shape, 'must be a non-empty tuple of positive sizes')
+  if config.tokens.num_classes < 0:
+    _fail('tokens.num_classes', config.tokens.num_classes, 'must be >= 0')
+
+  sampling = config.sampling
+  _check_choice(config, 'sampling.mask_schedule', MASK_SCHEDULES)
+  _check_choice(config, 'sampling.guidance_schedule', GUIDANCE_SCHEDULES)
+  if sampling.guidance_scale < 0:
+    _fail('sampling.guidance_scale', sampling.guidance_scale, 'must be >= 0')
+  if sampling.guidance_scale > 0 and config.tokens.num_classes == 0:
+    _fail('sampling.guidance_scale', sampling.guidance_scale,
+          'guidance needs labels; set it to 0 when config.tokens.num_classes=0')
+  if sampling.temperature <= 0:
+    _fail('sampling.temperature', sampling.temperature, 'must be > 0')
+  if not 0 <= sampling.top_k <= config.tokens.codebook_size:
+    _fail('sampling.top_k', sampling.top_k,
+          f'must be in [0, tokens.codebook_size={config.tokens.codebook_size}]')
+  if sampling.steps > seq_len(config):
+    _fail('sampling.steps', sampling.steps, f'must be <= the number of tokens {seq_len(config)}')
+
+  for name, sched in config.eval.schedules.items():
+    key = f'eval.schedules.{name}'
+    if name == BASELINE:
+      _fail(key, name, f'the name {BASELINE!r} is reserved for the full-width baseline')
+    widths = tuple(tuple(s) for s in sched.widths)
+    if any(len(s) != 2 for s in widths):
+      _fail(f'{key}.widths', widths, 'must be a tuple of (nesting_factor, steps) pairs')
+    unknown = [f for f, _ in widths if f not in factors]
+    if unknown:
+      _fail(f'{key}.widths', widths,
+            f'factors {unknown} are not in config.model.nesting_factors={factors}')
+    if any(steps <= 0 for _, steps in widths):
+      _fail(f'{key}.widths', widths, 'every segment needs a positive number of steps')
+    total = sum(steps for _, steps in widths)
+    if total != sampling.steps:
+      _fail(f'{key}.widths', widths,
+            f'its steps sum to {total} but config.sampling.steps={sampling.steps}')
+    if sched.cache not in CACHE_POLICIES:
+      _fail(f'{key}.cache', sched.cache, f'allowed values are {CACHE_POLICIES}')
+    if sched.cache == 'refresh_every_k' and sched.get('refresh_every', 0) <= 0:
+      _fail(f'{key}.refresh_every', sched.get('refresh_every'), 'must be a positive integer')
+
+
+def seq_len(config: ml_collections.ConfigDict) -> int:
+  return math.prod(int(s) for s in config.tokens.shape)
+
+
+def transformer_config(config: ml_collections.ConfigDict) -> TransformerConfig:
+  m = config.model
+  return TransformerConfig(
+      num_layers=m.num_layers, width=m.width, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+      codebook_size=config.tokens.codebook_size, num_classes=config.tokens.num_classes,
+      seq_len=seq_len(config), nesting_factors=tuple(m.nesting_factors),
+      scan_layers=m.scan_layers, remat=m.remat, dtype=m.dtype, attention_impl=m.attention_impl)
+
+
+def sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions:
+  s = config.sampling
+  return SamplingOptions(temperature=s.temperature, top_k=s.top_k,
+                         choice_temperature=s.choice_temperature,
+                         guidance_scale=s.guidance_scale, guidance_schedule=s.guidance_schedule)
+
+
+def schedules_with_baseline(config: ml_collections.ConfigDict) -> dict:
+  """``{name: schedule}`` with the full-width, uncached T-step baseline first."""
+  result = {BASELINE: schedule(((1, config.sampling.steps),), cache='none')}
+  result.update(config.eval.schedules.items())
+  return result
+
+
+def decode_plan(config: ml_collections.ConfigDict, sched: ml_collections.ConfigDict,
+                num_unknown: int | None = None) -> tuple[DecodeStep, ...]:
+  n = seq_len(config)
+  return make_plan(n, n if num_unknown is None else num_unknown, sched.widths, sched.cache,
+                   sched.get('refresh_every', 1), config.sampling.mask_schedule)

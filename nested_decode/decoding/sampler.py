@@ -1,0 +1,142 @@
+"""The decode loop: one jit-compiled function per (model, plan, options), static shapes throughout.
+
+Each step of the plan runs the nested transformer at its width, either as a full pass that
+rebuilds the KV cache or over the active tokens only, reusing the cache (see ``plan.py``). Masked
+tokens are sampled from the (guided) logits; the least confident of them, with Gumbel noise
+annealed by the choice temperature, are masked again so that exactly ``step.masked_after`` stay
+masked. Tokens that were given at the start are never changed.
+"""
+
+import dataclasses
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nested_decode.decoding.plan import DecodeStep
+from nested_decode.models.transformer import NestedMaskedTransformer
+
+GUIDANCE_SCHEDULES = ('constant', 'linear')
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  temperature: float = 1.0
+  top_k: int = 0                    # 0 keeps the whole codebook
+  choice_temperature: float = 4.5
+  guidance_scale: float = 0.0       # w in (1 + w) * cond - w * uncond; 0 disables the extra pass
+  guidance_schedule: str = 'constant'  # 'linear' ramps w from 0 to guidance_scale over T
+
+  def guidance_at(self, ratio: float) -> float:
+    if self.guidance_schedule == 'constant':
+      return self.guidance_scale
+    if self.guidance_schedule == 'linear':
+      return self.guidance_scale * ratio
+    raise ValueError(f'Unknown guidance schedule {self.guidance_schedule!r}; '
+                     f'allowed: {GUIDANCE_SCHEDULES}')
+
+
+class DecodeOutput(NamedTuple):
+  tokens: jax.Array          # [B, N], no mask id left
+  masked_counts: jax.Array   # [T, B] tokens still masked after each step
+  logit_counts: jax.Array    # [T] content positions the network produced logits for, per step
+
+
+def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: float,
+                  top_k: int) -> tuple[jax.Array, jax.Array]:
+  """Samples ids from ``logits [..., V]``; returns them and their log-probabilities."""
+  logits = logits / max(temperature, 1e-6)
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  ids = jax.random.categorical(rng, logits)
+  log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), ids[..., None], axis=-1)[..., 0]
+  return ids, log_probs
+
+
+def mask_least_confident(confidence: jax.Array, count: int) -> jax.Array:
+  """Boolean mask of exactly ``count`` lowest-confidence positions per row of ``[B, N]``."""
+  if count == 0:
+    return jnp.zeros(confidence.shape, bool)
+  _, lowest = jax.lax.top_k(-confidence, count)
+  rows = jnp.arange(confidence.shape[0])[:, None]
+  return jnp.zeros(confidence.shape, bool).at[rows, lowest].set(True)
+
+
+def positions_of(flags: jax.Array, count: int) -> jax.Array:
+  """Indices of the ``count`` True entries of each row of ``flags [B, N]`` (ascending)."""
+  return jnp.argsort(~flags, axis=-1, stable=True)[:, :count]
+
+
+def scatter(base: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
+  batch = jnp.arange(base.shape[0])[:, None]
+  return base.at[batch, index].set(rows)
+
+
+def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
+                 options: SamplingOptions) -> Callable[..., DecodeOutput]:
+  """Returns ``decode(params, init_tokens [B, N], labels [B], rng) -> DecodeOutput``.
+
+  ``init_tokens`` holds ``mask_id`` at the positions to generate and given tokens elsewhere;
+  every row must have ``plan[0].masked_before`` masked positions.
+  """
+  cfg = model.config
+  guided = options.guidance_scale > 0
+  num_steps = len(plan)
+
+  def run_model(params, tokens, labels, step, positions, cache):
+    if guided:
+      tokens = jnp.concatenate([tokens, tokens])
+      labels = jnp.concatenate([labels, jnp.full_like(labels, cfg.unconditional_id)])
+      positions = None if positions is None else jnp.concatenate([positions, positions])
+    logits, cache = model.apply(params, tokens, labels, width_factor=step.width_factor,
+                                positions=positions, cache=None if step.full_pass else cache)
+    if guided:
+      cond, uncond = jnp.split(logits, 2)
+      w = options.guidance_at((step.index + 1) / num_steps)
+      logits = (1 + w) * cond - w * uncond
+    return logits, cache
+
+  def decode(params, init_tokens, labels, rng):
+    tokens = init_tokens
+    masked = tokens == cfg.mask_id
+    masked_at_previous_start = masked
+    cache = None
+    masked_counts, logit_counts = [], []
+    for step in plan:
+      rng, sample_rng, choice_rng = jax.random.split(rng, 3)
+      if step.full_pass:
+        logits, cache = run_model(params, tokens, labels, step, None, cache)
+        ids, log_probs = sample_tokens(logits, sample_rng, options.temperature, options.top_k)
+      else:
+        active = positions_of(masked_at_previous_start, step.num_queries)
+        active_tokens = jnp.take_along_axis(tokens, active, axis=1)
+        logits, cache = run_model(params, active_tokens, labels, step, active + 1, cache)
+        ids, log_probs = sample_tokens(logits, sample_rng, options.temperature, options.top_k)
+        ids = scatter(tokens, active, ids)
+        log_probs = scatter(jnp.zeros(tokens.shape, log_probs.dtype), active, log_probs)
+      logit_counts.append(logits.shape[1])
+
+      candidate = jnp.where(masked, ids, tokens)
+      anneal = options.choice_temperature * (1.0 - (step.index + 1) / num_steps)
+      confidence = log_probs + anneal * jax.random.gumbel(choice_rng, tokens.shape)
+      confidence = jnp.where(masked, confidence, jnp.inf)
+      still_masked = mask_least_confident(confidence, step.masked_after)
+      tokens = jnp.where(still_masked, cfg.mask_id, candidate)
+      masked_at_previous_start, masked = masked, still_masked
+      masked_counts.append(jnp.sum(masked, axis=-1))
+    return DecodeOutput(tokens, jnp.stack(masked_counts), jnp.asarray(logit_counts, jnp.int32))
+
+  jitted = jax.jit(decode)
+
+  def checked_decode(params, init_tokens, labels, rng) -> DecodeOutput:
+    if not isinstance(init_tokens, jax.core.Tracer):
+      unknown = np.asarray(init_tokens == cfg.mask_id).sum(axis=-1)
+      if np.any(unknown != plan[0].masked_before):
+        raise ValueError(f'init_tokens rows have {sorted(set(unknown.tolist()))} masked tokens; '
+                         f'the plan expects {plan[0].masked_before} in every row')
+    return jitted(params, init_tokens, labels, rng)
+
+  checked_decode.lower = jitted.lower
+  return checked_decode

@@ -1,0 +1,101 @@
+"""Layers whose parameters are stored once at full size and used as leading slices.
+
+A sub-model of nesting factor ``p`` uses, for every parameter, the first ``n // p`` entries of
+each *nested* dimension (model width, heads, MLP width) and the whole of every other dimension
+(head_dim, vocabulary). The factor is a static Python int, so every width compiles to its own
+program over the same parameters.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+default_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def leading_slice(param: jax.Array, nested_dims: Sequence[bool], factor: int) -> jax.Array:
+  """Returns ``param[:n0//p, :n1//p, ...]`` on the dimensions marked nested."""
+  index = tuple(
+      slice(0, size // factor) if nested else slice(None)
+      for size, nested in zip(param.shape, nested_dims))
+  return param[index]
+
+
+def nested_param(module: nn.Module, name: str, shape: tuple[int, ...],
+                 nested_dims: tuple[bool, ...], logical_axes: tuple[str, ...],
+                 init_fn: nn.initializers.Initializer, factor: int) -> jax.Array:
+  """Declares the full-size parameter ``name`` on ``module`` and returns its slice."""
+  full = module.param(name, nn.with_logical_partitioning(init_fn, logical_axes), shape,
+                      jnp.float32)
+  return leading_slice(full, nested_dims, factor)
+
+
+class NestedDense(nn.Module):
+  """``x @ kernel[:in/p, ..., :out/p]`` over the trailing ``len(in_shape)`` axes of ``x``.
+
+  ``in_shape`` and ``out_shape`` are the full-size shapes; ``in_nested``/``out_nested`` say which
+  of their dimensions shrink with the factor (e.g. heads do, head_dim does not).
+  """
+
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  in_nested: tuple[bool, ...]
+  out_nested: tuple[bool, ...]
+  logical_axes: tuple[str, ...]
+  use_bias: bool = False
+  bias_nested: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, factor: int) -> jax.Array:
+    kernel = nested_param(self, 'kernel', self.in_shape + self.out_shape,
+                          self.in_nested + self.out_nested, self.logical_axes,
+                          default_kernel_init, factor)
+    n_in = len(self.in_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias_nested = self.out_nested if self.bias_nested else (False,) * len(self.out_shape)
+      bias = nested_param(self, 'bias', self.out_shape, bias_nested, self.logical_axes[n_in:],
+                          nn.initializers.zeros_init(), factor)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class NestedLayerNorm(nn.Module):
+  """LayerNorm whose statistics are taken over the sub-model's own ``D/p`` features."""
+
+  features: int
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, factor: int) -> jax.Array:
+    scale = nested_param(self, 'scale', (self.features,), (True,), ('embed',),
+                         nn.initializers.ones_init(), factor)
+    bias = nested_param(self, 'bias', (self.features,), (True,), ('embed',),
+                        nn.initializers.zeros_init(), factor)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+class NestedEmbed(nn.Module):
+  """Embedding table ``[num_embeddings, D]``; a sub-model reads the first ``D/p`` columns."""
+
+  num_embeddings: int
+  features: int
+  logical_axes: tuple[str, str] = ('vocab', 'embed')
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: jax.Array, factor: int) -> jax.Array:
+    table = nested_param(self, 'embedding', (self.num_embeddings, self.features), (False, True),
+                         self.logical_axes, default_kernel_init, factor)
+    return jnp.take(table, ids, axis=0).astype(self.dtype)

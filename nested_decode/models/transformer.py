@@ -1,0 +1,162 @@
+"""The nested bidirectional transformer over VQ tokens (MaskGIT-style, MatFormer-style nesting).
+
+The input sequence is ``[class token] + N content tokens``. The class vocabulary holds
+``num_classes`` labels plus one extra "unconditional" id (``num_classes``) for classifier-free
+guidance; tasks without labels use only that id. Logits cover the codebook only.
+
+One module serves training and both kinds of decode step:
+
+* full pass (``cache=None``): ``tokens [B, N]`` and ``labels [B]``; returns logits ``[B, N, V]``
+  and the keys/values of every position, ``KVCache`` with ``[L, B, 1 + N, H/p, head_dim]``;
+* cached pass: ``tokens [B, A]`` at sequence ``positions [B, A]`` (content token ``i`` sits at
+  ``1 + i``) plus a cache from an earlier pass of the same width; the active tokens' fresh keys
+  and values are written into the cache, the tokens attend over the whole updated cache, and
+  the logits ``[B, A, V]`` and the updated cache come back.
+"""
+
+import functools
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nested_decode.models.nested_layers import NestedDense, NestedEmbed, NestedLayerNorm
+
+
+class KVCache(NamedTuple):
+  keys: jax.Array    # [L, B, S, H/p, head_dim]
+  values: jax.Array  # [L, B, S, H/p, head_dim]
+
+
+class TransformerConfig(NamedTuple):
+  """Static description of the full-size model (hashable, so it can key jit caches)."""
+  num_layers: int
+  width: int
+  num_heads: int
+  mlp_dim: int
+  codebook_size: int
+  num_classes: int
+  seq_len: int  # content tokens N, without the class token
+  nesting_factors: tuple[int, ...] = (1, 2, 4, 8)
+  scan_layers: bool = True
+  remat: bool = False
+  dtype: str = 'float32'
+  attention_impl: str = 'xla'  # 'xla' | 'cudnn'
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  @property
+  def mask_id(self) -> int:
+    return self.codebook_size
+
+  @property
+  def unconditional_id(self) -> int:
+    return self.num_classes
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+  """Bidirectional attention; ``q [B, Q, h, d]`` over ``k, v [B, K, h, d]``."""
+  impl = None if implementation == 'xla' else implementation
+  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def scatter_rows(cache: jax.Array, positions: jax.Array, rows: jax.Array) -> jax.Array:
+  """``cache[b, positions[b, a]] = rows[b, a]`` for ``cache [B, S, ...]``."""
+  batch = jnp.arange(cache.shape[0])[:, None]
+  return cache.at[batch, positions].set(rows.astype(cache.dtype))
+
+
+class NestedBlock(nn.Module):
+  """Pre-LayerNorm transformer block at width ``D / factor``."""
+
+  config: TransformerConfig
+  factor: int
+
+  @nn.compact
+  def __call__(self, x, layer_cache: Optional[KVCache], positions: Optional[jax.Array]):
+    cfg, p = self.config, self.factor
+    dtype = jnp.dtype(cfg.dtype)
+    h, d = cfg.num_heads, cfg.head_dim
+    qkv = functools.partial(NestedDense, in_shape=(cfg.width,), out_shape=(h, d),
+                            in_nested=(True,), out_nested=(True, False),
+                            logical_axes=('embed', 'heads', 'kv'), dtype=dtype)
+    y = NestedLayerNorm(cfg.width, dtype=dtype, name='attention_norm')(x, p)
+    q = qkv(name='query')(y, p)
+    k = qkv(name='key')(y, p)
+    v = qkv(name='value')(y, p)
+    if layer_cache is not None:
+      k = scatter_rows(layer_cache.keys, positions, k)
+      v = scatter_rows(layer_cache.values, positions, v)
+    attended = attend(q, k, v, cfg.attention_impl)
+    x = x + NestedDense(in_shape=(h, d), out_shape=(cfg.width,), in_nested=(True, False),
+                        out_nested=(True,), logical_axes=('heads', 'kv', 'embed'), dtype=dtype,
+                        name='attention_out')(attended, p)
+
+    y = NestedLayerNorm(cfg.width, dtype=dtype, name='mlp_norm')(x, p)
+    y = NestedDense(in_shape=(cfg.width,), out_shape=(cfg.mlp_dim,), in_nested=(True,),
+                    out_nested=(True,), logical_axes=('embed', 'mlp'), use_bias=True,
+                    dtype=dtype, name='mlp_in')(y, p)
+    y = nn.gelu(y)
+    x = x + NestedDense(in_shape=(cfg.mlp_dim,), out_shape=(cfg.width,), in_nested=(True,),
+                        out_nested=(True,), logical_axes=('mlp', 'embed'), use_bias=True,
+                        dtype=dtype, name='mlp_out')(y, p)
+    return x, KVCache(k, v)
+
+
+class NestedMaskedTransformer(nn.Module):
+  """The nested masked-token transformer; see the module docstring for the two call forms."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, labels: Optional[jax.Array] = None, *,
+               width_factor: int = 1, positions: Optional[jax.Array] = None,
+               cache: Optional[KVCache] = None) -> tuple[jax.Array, KVCache]:
+    cfg, p = self.config, width_factor
+    if p not in cfg.nesting_factors:
+      raise ValueError(f'width_factor={p} is not one of nesting_factors={cfg.nesting_factors}')
+    dtype = jnp.dtype(cfg.dtype)
+    token_embed = NestedEmbed(cfg.codebook_size + 1, cfg.width, dtype=dtype, name='token_embed')
+    position_table = NestedEmbed(cfg.seq_len + 1, cfg.width, ('position', 'embed'), dtype=dtype,
+                                 name='position_embed')
+    if cache is None:
+      if labels is None:
+        raise ValueError('A full pass needs labels (use the unconditional id for none).')
+      class_embed = NestedEmbed(cfg.num_classes + 1, cfg.width, ('classes', 'embed'),
+                                dtype=dtype, name='class_embed')
+      x = jnp.concatenate([class_embed(labels[:, None], p), token_embed(tokens, p)], axis=1)
+      x = x + position_table(jnp.arange(cfg.seq_len + 1)[None], p)
+    else:
+      if positions is None:
+        raise ValueError('A cached pass needs the positions of its tokens.')
+      x = token_embed(tokens, p) + position_table(positions, p)
+
+    x, new_cache = self._layers(x, cache, positions, p)
+
+    if cache is None:
+      x = x[:, 1:]  # logits for content tokens only
+    x = NestedLayerNorm(cfg.width, dtype=dtype, name='final_norm')(x, p)
+    logits = NestedDense(in_shape=(cfg.width,), out_shape=(cfg.codebook_size,), in_nested=(True,),
+                         out_nested=(False,), logical_axes=('embed', 'vocab'), use_bias=True,
+                         bias_nested=False, dtype=dtype, name='logits')(x, p)
+    return logits.astype(jnp.float32), new_cache
+
+  def _layers(self, x, cache, positions, factor):
+    cfg = self.config
+    block = NestedBlock
+    if cfg.remat:
+      block = nn.remat(block, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      return stack(cfg, factor, name='layers')(x, cache, positions)
+    layer_caches = []
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+      x, new_layer_cache = block(cfg, factor, name=f'layers_{i}')(x, layer_cache, positions)
+      layer_caches.append(new_layer_cache)
+    return x, jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)

@@ -1,0 +1,28 @@
+"""nested_decode: MaGNeTS masked generative nested transformers with decode-time model scaling."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='nested_decode',
+    version='0.1.0',
+    description='Masked generative nested transformers with decode-time model scaling (JAX/Flax)',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['nested_decode', 'nested_decode.*']),
+    python_requires='>=3.11',
+    install_requires=[
+        'jax>=0.10.0',
+        'flax>=0.12.0',
+        'optax>=0.2.5',
+        'orbax-checkpoint>=0.11.0',
+        'ml-collections>=1.1.0',
+        'clu>=0.0.12',
+        'tensorflow-datasets>=4.9.9',
+        'numpy>=2.0',
+        'absl-py>=2.1.0',
+    ],
+    extras_require={
+        'dev': ['pytest>=8.0'],
+        'tf': ['tensorflow-cpu>=2.18; platform_system == "Linux"'],
+    },
+)
