@@ -7,6 +7,7 @@ Modes:
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -36,7 +37,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  config_lib.validate(config)
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as error:
+    sys.exit(f'Invalid config {config_flags.get_config_filename(flags.FLAGS["config"])}: {error}')
   workdir, mode = _WORKDIR.value, _MODE.value
   os.makedirs(workdir, exist_ok=True)
 

@@ -1,0 +1,104 @@
+import importlib.util
+import os
+
+import pytest
+
+from nested_decode import config_lib
+from nested_decode.config_lib import ConfigError
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
+VARIANTS = [('imagenet256', None), ('imagenet256', 'tiny'), ('ucf101', None), ('ucf101', 'base'),
+            ('ucf101', 'tiny'), ('k600', None), ('k600', 'base'), ('k600', 'tiny')]
+
+
+def load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIG_DIR, f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize('name,arg', VARIANTS)
+def test_every_config_validates(name, arg):
+  config_lib.validate(load(name, arg))
+
+
+def test_paper_scale_sizes():
+  image = load('imagenet256')
+  assert (image.model.num_layers, image.model.width, image.model.num_heads) == (24, 768, 16)
+  assert config_lib.seq_len(image) == 256 and image.tokens.codebook_size == 1024
+  video = load('k600')
+  assert (video.model.num_layers, video.model.width) == (24, 1024)
+  assert tuple(video.tokens.shape) == (4, 16, 16) and video.tokens.num_classes == 0
+  assert load('ucf101').tokens.num_classes == 101
+  assert load('k600', 'base').model.num_layers == 12
+
+
+def test_default_magnets_schedule_needs_three_times_fewer_flops_on_imagenet256():
+  from nested_decode.evaluation.decode_benchmark import flops_rows
+  rows = {row['schedule']: row for row in flops_rows(load('imagenet256'))}
+  assert rows['baseline']['flop_ratio'] == 1.0
+  assert rows['magnets']['flop_ratio'] >= 3.0
+
+
+def test_unknown_variant_is_named():
+  with pytest.raises(ValueError, match="'huge'"):
+    load('imagenet256', 'huge')
+
+
+def bad(**changes):
+  config = load('imagenet256', 'tiny')
+  for key, value in changes.items():
+    *sections, name = key.split('__')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[name] = value
+  with pytest.raises(ConfigError) as error:
+    config_lib.validate(config)
+  return str(error.value)
+
+
+def test_factor_that_does_not_divide_the_heads():
+  message = bad(model__num_heads=12)
+  assert 'config.model.num_heads=12' in message and 'nesting_factors' in message
+
+
+def test_factor_that_does_not_divide_the_width():
+  message = bad(model__nesting_factors=(1, 3))
+  assert 'config.model.width' in message and '[3]' in message
+
+
+def test_schedule_whose_steps_do_not_sum_to_t():
+  message = bad(eval__schedules__magnets__widths=((8, 3), (1, 3)))
+  assert 'config.eval.schedules.magnets.widths' in message and 'sampling.steps=12' in message
+
+
+def test_schedule_with_a_factor_outside_the_nesting_factors():
+  message = bad(eval__schedules__magnets__widths=((16, 6), (1, 6)))
+  assert 'config.eval.schedules.magnets.widths' in message and '[16]' in message
+
+
+def test_unknown_cache_policy():
+  message = bad(eval__schedules__magnets__cache='sometimes')
+  assert "config.eval.schedules.magnets.cache='sometimes'" in message
+  assert 'refresh_on_switch' in message
+
+
+def test_unknown_mask_schedule():
+  message = bad(sampling__mask_schedule='sine')
+  assert "config.sampling.mask_schedule='sine'" in message and 'cosine' in message
+
+
+def test_guidance_without_labels():
+  config = load('k600', 'tiny')
+  config.sampling.guidance_scale = 2.0
+  with pytest.raises(ConfigError, match='config.sampling.guidance_scale'):
+    config_lib.validate(config)
+
+
+def test_reserved_schedule_name():
+  config = load('imagenet256', 'tiny')
+  config.eval.schedules.baseline = config_lib.schedule(((1, 12),))
+  with pytest.raises(ConfigError, match='reserved'):
+    config_lib.validate(config)

@@ -1,0 +1,53 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+ROW_KEYS = {'schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio'}
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, '-m', 'nested_decode.main', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_flops_mode_writes_rows_for_baseline_and_every_schedule(tmp_path):
+  result = run_main('--config=configs/imagenet256.py', f'--workdir={tmp_path}', '--mode=flops')
+  assert result.returncode == 0, result.stderr
+  report = json.loads((tmp_path / 'flops.json').read_text())
+  assert report['config'] == 'configs/imagenet256.py' and report['device']
+  rows = {row['schedule']: row for row in report['rows']}
+  assert report['rows'][0]['schedule'] == 'baseline'
+  assert set(rows) == {'baseline', 'magnets', 'magnets_nocache', 'magnets_small_heavy'}
+  for row in report['rows']:
+    assert ROW_KEYS <= set(row)
+    assert row['flop_ratio'] == pytest.approx(
+        rows['baseline']['gflops_per_sample'] / row['gflops_per_sample'])
+  assert rows['magnets']['flop_ratio'] >= 3
+
+
+def test_bench_mode_times_every_schedule_with_config_overrides(tmp_path):
+  result = run_main('--config=configs/k600.py:tiny', f'--workdir={tmp_path}', '--mode=bench',
+                    '--config.model.num_layers=1', '--config.bench.timed_runs=1',
+                    '--config.bench.batch_size=2',
+                    '--config.eval.schedules.magnets.widths=((8, 6), (1, 6))')
+  assert result.returncode == 0, result.stderr
+  report = json.loads((tmp_path / 'bench.json').read_text())
+  rows = {row['schedule']: row for row in report['rows']}
+  assert rows['baseline']['speedup'] == 1.0
+  for row in report['rows']:
+    assert ROW_KEYS | {'seconds_per_batch', 'speedup'} <= set(row)
+    assert row['seconds_per_batch'] > 0
+  assert rows['magnets']['widths'] == [[8, 6], [1, 6]]
+  assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]
+
+
+def test_bad_config_value_fails_before_running(tmp_path):
+  result = run_main('--config=configs/imagenet256.py:tiny', f'--workdir={tmp_path}',
+                    '--mode=flops', '--config.eval.schedules.magnets.cache=sometimes')
+  assert result.returncode != 0
+  assert "config.eval.schedules.magnets.cache='sometimes'" in result.stderr
+  assert not (tmp_path / 'flops.json').exists()

@@ -1,0 +1,159 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import init_params, small_config
+from nested_decode.decoding.mask_schedule import MASK_SCHEDULES, mask_ratio, masked_counts
+from nested_decode.decoding.plan import make_plan
+from nested_decode.decoding.sampler import SamplingOptions, make_decoder, sample_tokens
+from nested_decode.models.transformer import NestedMaskedTransformer
+
+SCHEDULES = [((8, 3), (4, 3), (2, 3), (1, 3)), ((8, 6), (1, 6)), ((1, 12),),
+             ((2, 2), (8, 4), (1, 6))]
+
+
+@pytest.fixture(scope='module')
+def setup():
+  config = small_config(seq_len=32)
+  return NestedMaskedTransformer(config), init_params(config)
+
+
+def all_masked(config, batch=4):
+  return jnp.full((batch, config.seq_len), config.mask_id, jnp.int32)
+
+
+@functools.cache
+def compiled_decoder(model, plan, options):
+  return make_decoder(model, plan, options)
+
+
+def decode(setup, widths, cache='refresh_on_switch', refresh_every=1, init=None, seed=1,
+           **options):
+  model, params = setup
+  config = model.config
+  init = all_masked(config) if init is None else init
+  num_unknown = int(np.sum(np.asarray(init[0]) == config.mask_id))
+  plan = make_plan(config.seq_len, num_unknown, widths, cache, refresh_every)
+  options = SamplingOptions(**{'guidance_scale': 1.0, **options})
+  decoder = compiled_decoder(model, plan, options)
+  labels = jnp.arange(init.shape[0]) % config.num_classes
+  return plan, decoder(params, init, labels, jax.random.key(seed))
+
+
+@pytest.mark.parametrize('widths', SCHEDULES)
+def test_cache_refreshed_every_step_equals_uncached_decode(setup, widths):
+  _, uncached = decode(setup, widths, cache='none')
+  plan, refreshed = decode(setup, widths, cache='refresh_every_k', refresh_every=1)
+  assert all(step.full_pass for step in plan)
+  np.testing.assert_array_equal(uncached.tokens, refreshed.tokens)
+
+
+def test_refresh_on_switch_runs_only_active_tokens(setup):
+  widths = ((8, 3), (4, 3), (2, 3), (1, 3))
+  plan, out = decode(setup, widths)
+  n = setup[0].config.seq_len
+  expected_logits = []
+  counts = masked_counts(n, 12)
+  for t, step in enumerate(plan):
+    switched = t == 0 or widths_at(widths, t) != widths_at(widths, t - 1)
+    assert step.full_pass == switched
+    # After a cached step, active = still masked + revealed at the previous step.
+    expected_logits.append(n if switched else ([n] + counts)[t - 1])
+  np.testing.assert_array_equal(out.logit_counts, expected_logits)
+  assert [s.num_logits for s in plan] == expected_logits
+  assert min(expected_logits) < n
+
+
+def widths_at(widths, t):
+  return [factor for factor, steps in widths for _ in range(steps)][t]
+
+
+def test_refresh_every_k_refreshes_on_schedule(setup):
+  plan, _ = decode(setup, ((8, 6), (1, 6)), cache='refresh_every_k', refresh_every=3)
+  assert [s.full_pass for s in plan] == [True, False, False, True, False, False] * 2
+
+
+@pytest.mark.parametrize('cache', ['none', 'refresh_on_switch'])
+def test_known_tokens_are_never_changed_and_no_mask_is_left(setup, cache):
+  config = setup[0].config
+  rng = np.random.default_rng(0)
+  known = rng.integers(0, config.codebook_size, (4, config.seq_len))
+  given = np.zeros((4, config.seq_len), bool)
+  for row in range(4):  # the same number of given tokens per row, at different positions
+    given[row, rng.choice(config.seq_len, 10, replace=False)] = True
+  init = jnp.asarray(np.where(given, known, config.mask_id))
+  _, out = decode(setup, ((4, 6), (1, 6)), cache=cache, init=init)
+  tokens = np.asarray(out.tokens)
+  np.testing.assert_array_equal(tokens[given], known[given])
+  assert not np.any(tokens == config.mask_id)
+  assert np.all((tokens >= 0) & (tokens < config.codebook_size))
+  np.testing.assert_array_equal(out.masked_counts[:, 0], masked_counts(22, 12))
+
+
+def test_rows_with_a_different_number_of_unknown_tokens_are_rejected(setup):
+  config = setup[0].config
+  init = all_masked(config).at[0, 3].set(5)
+  with pytest.raises(ValueError, match='masked tokens'):
+    decode(setup, ((1, 12),), init=init)
+
+
+def test_same_key_same_tokens_and_different_key_different_tokens(setup):
+  widths = ((8, 6), (1, 6))
+  _, a = decode(setup, widths, seed=7)
+  _, b = decode(setup, widths, seed=7)
+  _, c = decode(setup, widths, seed=8)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert np.mean(np.asarray(a.tokens) != np.asarray(c.tokens)) > 0.5
+
+
+def test_cosine_masked_counts_follow_the_maskgit_rule():
+  # MaskGIT: after step t, floor(N * cos(pi/2 * (t+1)/T)) stay masked, clamped to
+  # [1, remaining - 1], and none after the last step.
+  expected = [253, 247, 236, 221, 203, 181, 155, 128, 97, 66, 33, 0]
+  assert masked_counts(256, 12, 'cosine') == expected
+
+
+def test_sampler_reports_the_maskgit_counts_for_256_tokens():
+  config = small_config(seq_len=256, num_layers=1)
+  model, params = NestedMaskedTransformer(config), init_params(config)
+  _, out = decode((model, params), ((8, 6), (1, 6)))
+  expected = [253, 247, 236, 221, 203, 181, 155, 128, 97, 66, 33, 0]
+  np.testing.assert_array_equal(out.masked_counts, np.repeat([expected], 4, axis=0).T)
+
+
+@pytest.mark.parametrize('schedule', MASK_SCHEDULES)
+def test_mask_schedules_decrease_to_zero(schedule):
+  assert mask_ratio(0.0, schedule) == pytest.approx(1.0)
+  assert mask_ratio(1.0, schedule) == pytest.approx(0.0)
+  counts = masked_counts(64, 8, schedule)
+  assert counts[-1] == 0
+  assert all(a > b for a, b in zip([64] + counts, counts))
+
+
+def test_unknown_mask_schedule_is_named():
+  with pytest.raises(ValueError, match="'sine'"):
+    masked_counts(16, 4, 'sine')
+
+
+def test_top_k_one_samples_the_argmax():
+  logits = jax.random.normal(jax.random.key(0), (3, 5, 11))
+  ids, log_probs = sample_tokens(logits, jax.random.key(1), temperature=1.0, top_k=1)
+  np.testing.assert_array_equal(ids, jnp.argmax(logits, -1))
+  np.testing.assert_allclose(log_probs, 0.0, atol=1e-6)
+
+
+def test_top_k_limits_samples_to_the_k_most_likely():
+  logits = jax.random.normal(jax.random.key(0), (1, 2000, 11))
+  ids, _ = sample_tokens(logits, jax.random.key(1), temperature=2.0, top_k=3)
+  top3 = jax.lax.top_k(logits, 3)[1]
+  assert bool(jnp.all(jnp.any(ids[..., None] == top3, axis=-1)))
+
+
+def test_guidance_changes_the_samples(setup):
+  widths = ((1, 12),)
+  _, plain = decode(setup, widths, cache='none', guidance_scale=0.0)
+  _, guided = decode(setup, widths, cache='none', guidance_scale=3.0)
+  assert np.any(np.asarray(plain.tokens) != np.asarray(guided.tokens))
