@@ -11,7 +11,7 @@ def get_config(arg=None):
   if arg == 'tiny':
     return config_lib.base_config(
         num_layers=4, width=256, num_heads=8, token_shape=(16, 16), codebook_size=512,
-        num_classes=10, guidance_scale=1.0, batch_size=4)
+        num_classes=10, guidance_scale=1.0, batch_size=8)
   if arg is not None:
     raise ValueError(f'Unknown variant {arg!r} of configs/imagenet256.py; allowed: tiny')
   return config_lib.base_config(

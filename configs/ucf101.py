@@ -15,7 +15,7 @@ def get_config(arg=None):
   if arg == 'tiny':
     return config_lib.base_config(
         num_layers=4, width=256, num_heads=8, token_shape=(2, 8, 8), codebook_size=512,
-        num_classes=101, guidance_scale=1.0, batch_size=4)
+        num_classes=101, guidance_scale=1.0, batch_size=8)
   if arg not in SIZES:
     raise ValueError(f'Unknown variant {arg!r} of configs/ucf101.py; allowed: base, tiny')
   return config_lib.base_config(**SIZES[arg], token_shape=(4, 16, 16), codebook_size=1024,
