@@ -108,7 +108,7 @@ def test_cached_pass_over_unchanged_tokens_matches_full_pass(factor):
   params = perturbed(init_params(config))
   tokens, labels = random_batch(config)
   full_logits, cache = apply(params, tokens, labels, width_factor=factor)
-  positions = jnp.array([[0, 3, 7, 15], [1, 2, 4, 8], [15, 14, 13, 0]])
+  positions = jnp.array([[0, 3, 7, 15], [1, 2, 4, 8], [0, 13, 14, 15]])  # ascending, distinct
   active = jnp.take_along_axis(tokens, positions, axis=1)
   logits, new_cache = apply(params, active, width_factor=factor, positions=positions + 1,
                                   cache=cache)

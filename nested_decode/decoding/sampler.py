@@ -70,8 +70,9 @@ def positions_of(flags: jax.Array, count: int) -> jax.Array:
 
 
 def scatter(base: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
+  """``base[b, index[b, a]] = rows[b, a]``; ``index`` distinct and ascending within a row."""
   batch = jnp.arange(base.shape[0])[:, None]
-  return base.at[batch, index].set(rows)
+  return base.at[batch, index].set(rows, unique_indices=True, indices_are_sorted=True)
 
 
 def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],

@@ -64,9 +64,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax
 
 
 def scatter_rows(cache: jax.Array, positions: jax.Array, rows: jax.Array) -> jax.Array:
-  """``cache[b, positions[b, a]] = rows[b, a]`` for ``cache [B, S, ...]``."""
+  """``cache[b, positions[b, a]] = rows[b, a]`` for ``cache [B, S, ...]``.
+
+  Positions must be distinct and ascending within a row (the sampler's active positions are),
+  which lets XLA use a plain, atomics-free scatter.
+  """
   batch = jnp.arange(cache.shape[0])[:, None]
-  return cache.at[batch, positions].set(rows.astype(cache.dtype))
+  return cache.at[batch, positions].set(rows.astype(cache.dtype), unique_indices=True,
+                                        indices_are_sorted=True)
 
 
 class NestedBlock(nn.Module):
