@@ -1,0 +1,283 @@
+"""A MaskGIT-style VQGAN image tokenizer.
+
+Images are float32 NHWC in [-1, 1]. The encoder halves the resolution between consecutive
+channel levels, so ``H x W`` images become ``H/f x W/f`` grids of codebook ids with
+``f = 2 ** (len(channel_multipliers) - 1)``: 28x28 -> 7x7 with three levels, 256x256 -> 16x16
+with the paper's five (multipliers (1, 1, 2, 2, 4), 2 res blocks, 1024 codes of 256 dims).
+
+The training pieces are pure functions: ``tokenizer_loss`` (L2 reconstruction + codebook +
+commitment), dead-code restarts (``update_usage_ema`` and ``restart_dead_codes``) and an optional
+non-saturating GAN loss with an R1 penalty for a ``PatchDiscriminator``.
+"""
+
+from typing import Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class TokenizerConfig(NamedTuple):
+  """Static description of the tokenizer (hashable, so it can key jit caches)."""
+  image_channels: int
+  base_channels: int
+  channel_multipliers: tuple[int, ...]  # one per resolution level, finest first
+  num_res_blocks: int
+  embedding_dim: int
+  codebook_size: int
+  commitment_cost: float = 0.25
+  num_groups: int = 8  # GroupNorm groups; must divide every channel count
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.channel_multipliers) - 1)
+
+  @property
+  def level_channels(self) -> tuple[int, ...]:
+    return tuple(self.base_channels * m for m in self.channel_multipliers)
+
+  def latent_shape(self, height: int, width: int) -> tuple[int, int]:
+    """The ``(h, w)`` id grid of ``height x width`` images; raises if the factor does not divide."""
+    f = self.downsample_factor
+    if height % f or width % f:
+      raise ValueError(f'Image size {height}x{width} is not divisible by the downsampling factor '
+                       f'{f} (2**(len(channel_multipliers) - 1)).')
+    return height // f, width // f
+
+  def validate(self) -> None:
+    """Raises ValueError for configs the modules cannot build."""
+    if not self.channel_multipliers:
+      raise ValueError('channel_multipliers needs at least one level.')
+    bad = [c for c in self.level_channels if c % self.num_groups]
+    if bad:
+      raise ValueError(f'num_groups={self.num_groups} does not divide the channel counts {bad}.')
+
+
+class ResBlock(nn.Module):
+  """Pre-activation residual block: (GroupNorm, swish, 3x3 conv) twice, 1x1 conv shortcut."""
+
+  features: int
+  num_groups: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = x
+    for i in range(2):
+      h = nn.swish(nn.GroupNorm(self.num_groups, name=f'norm_{i}')(h))
+      h = nn.Conv(self.features, (3, 3), name=f'conv_{i}')(h)
+    if x.shape[-1] != self.features:
+      x = nn.Conv(self.features, (1, 1), name='shortcut')(x)
+    return x + h
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+  """``[B, H, W, C] -> [B, 2H, 2W, C]`` by repeating pixels."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class Encoder(nn.Module):
+  """``images [B, H, W, C]`` -> pre-quantization latents ``[B, H/f, W/f, embedding_dim]``."""
+
+  config: TokenizerConfig
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    cfg = self.config
+    channels = cfg.level_channels
+    x = nn.Conv(channels[0], (3, 3), name='conv_in')(images)
+    for level, features in enumerate(channels):
+      for i in range(cfg.num_res_blocks):
+        x = ResBlock(features, cfg.num_groups, name=f'level_{level}_block_{i}')(x)
+      if level < len(channels) - 1:
+        x = nn.Conv(features, (3, 3), strides=(2, 2), name=f'downsample_{level}')(x)
+    for i in range(cfg.num_res_blocks):
+      x = ResBlock(channels[-1], cfg.num_groups, name=f'bottom_block_{i}')(x)
+    x = nn.swish(nn.GroupNorm(cfg.num_groups, name='norm_out')(x))
+    return nn.Conv(cfg.embedding_dim, (1, 1), name='conv_out')(x)
+
+
+class Decoder(nn.Module):
+  """Mirror of ``Encoder``: latents ``[B, h, w, embedding_dim]`` -> images ``[B, fh, fw, C]``."""
+
+  config: TokenizerConfig
+
+  @nn.compact
+  def __call__(self, latents: jax.Array) -> jax.Array:
+    cfg = self.config
+    channels = cfg.level_channels
+    x = nn.Conv(channels[-1], (3, 3), name='conv_in')(latents)
+    for i in range(cfg.num_res_blocks):
+      x = ResBlock(channels[-1], cfg.num_groups, name=f'bottom_block_{i}')(x)
+    for level in reversed(range(len(channels))):
+      for i in range(cfg.num_res_blocks):
+        x = ResBlock(channels[level], cfg.num_groups, name=f'level_{level}_block_{i}')(x)
+      if level > 0:
+        x = nn.Conv(channels[level], (3, 3), name=f'upsample_{level}')(upsample_nearest(x))
+    x = nn.swish(nn.GroupNorm(cfg.num_groups, name='norm_out')(x))
+    return nn.Conv(cfg.image_channels, (3, 3), name='conv_out')(x)
+
+
+def nearest_codes(vectors: jax.Array, codebook: jax.Array) -> jax.Array:
+  """Index of the L2-nearest row of ``codebook [K, D]`` for each row of ``vectors [N, D]``."""
+  # |v|^2 is the same for every code, so it does not change the argmin. Full precision keeps
+  # near-ties from flipping under reduced-precision matmuls on accelerators.
+  cross = jnp.dot(vectors, codebook.T, precision=jax.lax.Precision.HIGHEST)
+  return jnp.argmin(jnp.sum(codebook ** 2, axis=-1) - 2 * cross, axis=-1).astype(jnp.int32)
+
+
+def codebook_usage(ids: jax.Array, codebook_size: int) -> dict[str, jax.Array]:
+  """``perplexity`` (exp of the entropy of the code histogram) and ``usage`` (fraction used)."""
+  counts = jnp.bincount(ids.reshape(-1), length=codebook_size)
+  probs = counts / ids.size
+  entropy = -jnp.sum(jax.scipy.special.xlogy(probs, probs))
+  return {'perplexity': jnp.exp(entropy), 'usage': jnp.mean(counts > 0)}
+
+
+class VectorQuantizer(nn.Module):
+  """Nearest-code lookup with a straight-through gradient.
+
+  ``__call__(z)`` returns ``(quantized, ids, stats)``. ``quantized`` equals the chosen codes in
+  the forward pass and hands its gradient to ``z`` unchanged; the codebook learns only from
+  ``stats['codebook_loss']``. ``stats`` also holds the unweighted ``commitment_loss`` and the
+  ``codebook_usage`` of the batch.
+  """
+
+  codebook_size: int
+  embedding_dim: int
+
+  def setup(self):
+    self.codebook = self.param(
+        'codebook', nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform'),
+        (self.codebook_size, self.embedding_dim))
+
+  def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    ids = nearest_codes(z.reshape(-1, self.embedding_dim), self.codebook).reshape(z.shape[:-1])
+    q = self.lookup(ids)
+    stats = {
+        'codebook_loss': jnp.mean((jax.lax.stop_gradient(z) - q) ** 2),
+        'commitment_loss': jnp.mean((z - jax.lax.stop_gradient(q)) ** 2),
+        **codebook_usage(ids, self.codebook_size),
+    }
+    return z + jax.lax.stop_gradient(q - z), ids, stats
+
+  def lookup(self, ids: jax.Array) -> jax.Array:
+    """Codes of ``ids [...]`` as ``[..., embedding_dim]``."""
+    return jnp.take(self.codebook, ids, axis=0)
+
+
+class VQGAN(nn.Module):
+  """Encoder, quantizer and decoder; ``init`` through ``__call__`` creates all parameters.
+
+  ``encode`` sows the pre-quantization latents as ``intermediates/encodings``; apply with
+  ``mutable=['intermediates']`` to get them for ``restart_dead_codes``. The codebook lives at
+  ``params['quantizer']['codebook']``.
+  """
+
+  config: TokenizerConfig
+
+  def setup(self):
+    cfg = self.config
+    cfg.validate()
+    self.encoder = Encoder(cfg)
+    self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.embedding_dim)
+    self.decoder = Decoder(cfg)
+
+  def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """``images [B, H, W, C]`` -> ``(ids [B, h, w], quantized [B, h, w, D], stats)``."""
+    self.config.latent_shape(images.shape[1], images.shape[2])  # raises on indivisible sizes
+    z = self.encoder(images)
+    self.sow('intermediates', 'encodings', z)
+    quantized, ids, stats = self.quantizer(z)
+    return ids, quantized, stats
+
+  def decode_ids(self, ids: jax.Array) -> jax.Array:
+    """``ids [B, h, w]`` -> images ``[B, fh, fw, C]`` (unclipped)."""
+    return self.decoder(self.quantizer.lookup(ids))
+
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """``images`` -> ``(reconstruction, ids, stats)``; gradients pass straight through."""
+    ids, quantized, stats = self.encode(images)
+    return self.decoder(quantized), ids, stats
+
+
+def tokenizer_loss(reconstruction: jax.Array, images: jax.Array, stats: dict[str, jax.Array],
+                   commitment_cost: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L2 reconstruction + codebook loss + ``commitment_cost`` * commitment loss, and metrics."""
+  mse = jnp.mean((reconstruction - images) ** 2)
+  loss = mse + stats['codebook_loss'] + commitment_cost * stats['commitment_loss']
+  metrics = {'reconstruction_mse': mse}
+  metrics.update({k: stats[k] for k in ('codebook_loss', 'commitment_loss', 'perplexity',
+                                        'usage')})
+  return loss, metrics
+
+
+def update_usage_ema(usage_ema: jax.Array, ids: jax.Array, codebook_size: int,
+                     decay: float) -> jax.Array:
+  """EMA of how many times per batch each code is picked; ``usage_ema [K]``."""
+  counts = jnp.bincount(ids.reshape(-1), length=codebook_size).astype(usage_ema.dtype)
+  return decay * usage_ema + (1.0 - decay) * counts
+
+
+def restart_dead_codes(codebook: jax.Array, usage_ema: jax.Array, encodings_flat: jax.Array,
+                       rng: jax.Array, threshold: float) -> jax.Array:
+  """Replaces the codes whose ``usage_ema`` is below ``threshold`` by random batch encodings.
+
+  Args:
+    codebook: ``[K, D]``.
+    usage_ema: ``[K]``, from ``update_usage_ema``.
+    encodings_flat: ``[N, D]`` pre-quantization encoder outputs of the current batch.
+    rng: picks the replacements; distinct rows when ``N >= K``.
+    threshold: codes used less than this many times per batch (on average) are dead.
+
+  Returns:
+    The new codebook; live codes are unchanged. Restarted codes keep their low EMA, so reset it
+    (e.g. to ``threshold``) unless the next call should be free to restart them again.
+  """
+  num_codes, num_rows = codebook.shape[0], encodings_flat.shape[0]
+  picks = jax.random.choice(rng, num_rows, (num_codes,), replace=num_rows < num_codes)
+  replacements = jax.lax.stop_gradient(encodings_flat[picks]).astype(codebook.dtype)
+  return jnp.where((usage_ema < threshold)[:, None], replacements, codebook)
+
+
+class PatchDiscriminator(nn.Module):
+  """PatchGAN discriminator: stride-2 4x4 convs with leaky ReLU, one logit per patch.
+
+  ``images [B, H, W, C]`` -> logits ``[B, ceil(H / 2**L), ceil(W / 2**L), 1]``. GroupNorm (off
+  with ``num_groups=None``) keeps images independent, as the per-image R1 penalty needs.
+  """
+
+  base_channels: int = 64
+  num_layers: int = 3
+  num_groups: Optional[int] = 8
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = images
+    for i in range(self.num_layers):
+      x = nn.Conv(self.base_channels * 2 ** min(i, 3), (4, 4), strides=(2, 2),
+                  name=f'conv_{i}')(x)
+      if i > 0 and self.num_groups:
+        x = nn.GroupNorm(self.num_groups, name=f'norm_{i}')(x)
+      x = nn.leaky_relu(x, 0.2)
+    return nn.Conv(1, (4, 4), name='logits')(x)
+
+
+def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+  """Non-saturating (logistic) loss: ``mean(softplus(-D(real))) + mean(softplus(D(fake)))``."""
+  return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+
+
+def generator_adversarial_loss(fake_logits: jax.Array) -> jax.Array:
+  """Non-saturating generator loss ``mean(softplus(-D(fake)))``."""
+  return jnp.mean(jax.nn.softplus(-fake_logits))
+
+
+def r1_penalty(discriminator_apply_fn: Callable[..., jax.Array], params,
+               real_images: jax.Array) -> jax.Array:
+  """Mean over images of ``|d sum(D(x)) / dx|^2``, patch logits summed per image.
+
+  ``discriminator_apply_fn(params, images)`` returns logits; the caller applies the usual
+  ``gamma / 2`` weight. Differentiable in ``params``.
+  """
+  grads = jax.grad(lambda x: jnp.sum(discriminator_apply_fn(params, x)))(real_images)
+  return jnp.mean(jnp.sum(grads ** 2, axis=tuple(range(1, grads.ndim))))
