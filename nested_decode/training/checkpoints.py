@@ -1,0 +1,83 @@
+"""Checkpoints with orbax: train state, data-iterator position and config, async, keep-N.
+
+A checkpoint holds three items: ``state`` (any pytree of arrays: parameters, optimizer state,
+step, RNG), ``data`` (the JSON state of the input iterator) and ``config`` (the run's config as
+JSON). Restoring into a state of another shape is an error that names both shapes.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+class CheckpointShapeError(ValueError):
+  """The checkpoint's arrays do not fit the model being restored."""
+
+
+def path_name(path) -> str:
+  """``params/layers/query/kernel`` for a pytree path of dict keys, attributes or indices."""
+  parts = (getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in path)
+  return '/'.join(str(part) for part in parts)
+
+
+class Checkpointer:
+  """Saves and restores ``(state, data_state)`` under ``directory``."""
+
+  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=async_save),
+        item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+                           data=ocp.JsonCheckpointHandler(),
+                           config=ocp.JsonCheckpointHandler()))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: Any,
+           config: ml_collections.ConfigDict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(json.loads(config.to_json()))))
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, dict]:
+    """Returns ``(state, data_state, config_dict)`` of ``step`` (default: the latest)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {self.directory}')
+    self._check_shapes(step, abstract_state)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+        config=ocp.args.JsonRestore()))
+    return restored['state'], restored['data'], restored['config']
+
+  def _check_shapes(self, step: int, abstract_state: Any) -> None:
+    stored = self._manager.item_metadata(step)['state']
+    stored_shapes = {path_name(path): tuple(leaf.shape)
+                     for path, leaf in jax.tree_util.tree_leaves_with_path(stored)}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
+      name = path_name(path)
+      if name not in stored_shapes:
+        raise CheckpointShapeError(
+            f'Checkpoint {self.directory} step {step} has no entry {name}; '
+            f'it was written by a different model')
+      if stored_shapes[name] != tuple(leaf.shape):
+        raise CheckpointShapeError(
+            f'Checkpoint {self.directory} step {step}: {name} has shape {stored_shapes[name]} '
+            f'but the model expects {tuple(leaf.shape)}; the config does not match the one '
+            f'the checkpoint was trained with')
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

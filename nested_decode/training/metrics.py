@@ -1,0 +1,76 @@
+"""Training metrics: averaged with ``clu.metrics``, written as JSON lines, TensorBoard and logs.
+
+``DIR/metrics.jsonl`` is always written. TensorBoard event files come from
+``clu.metric_writers`` when TensorFlow is installed (``pip install -e ".[tf]"``); without it the
+scalars also go to the log as plain lines.
+"""
+
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metrics as clu_metrics
+
+
+def _tensorboard_writer(logdir: str):
+  try:
+    from clu import metric_writers  # imports TensorFlow
+  except ImportError:
+    return None
+  return metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0)
+
+
+class MetricLogger:
+  """Accumulates per-step scalars and writes their averages every ``write`` call."""
+
+  def __init__(self, workdir: str, name: str, total_steps: int,
+               log: Callable[[str], None] = logging.info):
+    self._path = os.path.join(workdir, f'{name}_metrics.jsonl')
+    self._name = name
+    self._total = total_steps
+    self._log = log
+    self._tensorboard = _tensorboard_writer(os.path.join(workdir, 'tensorboard', name))
+    self._averages: dict[str, clu_metrics.Average] = {}
+    self._last_time, self._last_step = time.time(), None
+
+  def accumulate(self, scalars: dict) -> None:
+    for key, value in scalars.items():
+      update = clu_metrics.Average.from_model_output(np.asarray(value, np.float32))
+      self._averages[key] = (self._averages[key].merge(update) if key in self._averages
+                             else update)
+
+  def write(self, step: int, extra: dict | None = None) -> dict:
+    """Writes the averages since the last call plus ``extra``; logs a progress line with ETA."""
+    scalars = {key: float(avg.compute()) for key, avg in sorted(self._averages.items())}
+    scalars.update(extra or {})
+    now = time.time()
+    if self._last_step is not None and step > self._last_step:
+      scalars['steps_per_second'] = (step - self._last_step) / (now - self._last_time)
+    self._averages, self._last_time, self._last_step = {}, now, step
+    if jax.process_index() == 0:
+      with open(self._path, 'a') as f:
+        f.write(json.dumps({'step': step, **scalars}) + '\n')
+      if self._tensorboard is not None:
+        self._tensorboard.write_scalars(step, scalars)
+        self._tensorboard.flush()
+      self._log(self._progress_line(step, scalars))
+    return scalars
+
+  def _progress_line(self, step: int, scalars: dict) -> str:
+    rate = scalars.get('steps_per_second')
+    eta = f', ETA {format_seconds((self._total - step) / rate)}' if rate else ''
+    shown = ', '.join(f'{k}={v:.4g}' for k, v in scalars.items() if k != 'steps_per_second')
+    speed = f', {rate:.2f} steps/s' if rate else ''
+    return f'[{self._name}] step {step}/{self._total} ({100 * step / self._total:.0f}%){speed}' \
+           f'{eta}: {shown}'
+
+
+def format_seconds(seconds: float) -> str:
+  seconds = int(round(seconds))
+  minutes, seconds = divmod(seconds, 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else f'{minutes}:{seconds:02d}'

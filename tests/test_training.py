@@ -1,0 +1,117 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nested_decode import config_lib
+from nested_decode.training import objective
+from nested_decode.training import train_transformer
+from nested_decode.training.checkpoints import CheckpointShapeError
+
+
+def tiny_config(num_steps=8):
+  config = config_lib.base_config(num_layers=2, width=64, num_heads=8, token_shape=(4, 4),
+                                  codebook_size=16, num_classes=3, guidance_scale=1.0,
+                                  batch_size=2)
+  config.training = config_lib.training_config(
+      num_steps=num_steps, batch_size=8, learning_rate=3e-3, warmup_steps=2, log_every=1,
+      checkpoint_every=3)
+  return config
+
+
+class TokenIterator:
+  """Deterministic synthetic token batches whose position is a JSON-able int."""
+
+  def __init__(self, position=0):
+    self.position = position
+
+  def __next__(self):
+    rng = np.random.default_rng(self.position)
+    self.position += 1
+    labels = rng.integers(0, 3, 8)
+    # Tokens depend on the label so there is something to learn.
+    tokens = (labels[:, None] * 5 + np.arange(16)[None] % 5) % 16
+    return {'tokens': tokens.astype(np.int32), 'label': labels.astype(np.int32)}
+
+
+def make_iterator(state):
+  return TokenIterator(0 if state is None else state['position'])
+
+
+def position(iterator):
+  return {'position': iterator.position}
+
+
+def read_metrics(workdir):
+  with open(workdir / 'transformer_metrics.jsonl') as f:
+    return {row['step']: row for row in map(json.loads, f)}
+
+
+def test_random_mask_follows_the_cosine_rule():
+  mask = objective.random_mask(jax.random.key(0), 2000, 64)
+  counts = np.asarray(mask.sum(-1))
+  assert counts.min() >= 1 and counts.max() <= 64
+  # E[cos(pi/2 r)] = 2/pi of the tokens are masked on average.
+  assert abs(counts.mean() / 64 - 2 / np.pi) < 0.03
+
+
+def test_distillation_sends_no_gradient_into_the_teacher():
+  student = jax.random.normal(jax.random.key(0), (2, 5, 7))
+  teacher = jax.random.normal(jax.random.key(1), (2, 5, 7))
+  loss = lambda s, t: objective.distillation_cross_entropy(s, t).sum()
+  grad_student, grad_teacher = jax.grad(loss, argnums=(0, 1))(student, teacher)
+  assert np.all(np.asarray(grad_teacher) == 0)
+  assert np.any(np.asarray(grad_student) != 0)
+
+
+def test_nested_losses_weight_labels_and_teacher_by_lambda():
+  targets = jnp.array([[1, 2, 3]])
+  mask = jnp.ones((1, 3), bool)
+  logits = {1: jax.random.normal(jax.random.key(0), (1, 3, 5)),
+            2: jax.random.normal(jax.random.key(1), (1, 3, 5))}
+  _, at_one = objective.nested_losses(logits, targets, mask, 0.0, 1.0)
+  _, at_zero = objective.nested_losses(logits, targets, mask, 0.0, 0.0)
+  label_loss = objective.masked_mean(
+      objective.smoothed_cross_entropy(logits[2], targets, 0.0), mask)
+  np.testing.assert_allclose(at_one['loss/p2'], label_loss, rtol=1e-6)
+  np.testing.assert_allclose(at_zero['loss/p2'], at_zero['distill_loss/p2'], rtol=1e-6)
+
+
+def test_a_few_steps_lower_the_loss_of_every_width(tmp_path):
+  config = tiny_config(num_steps=30)
+  config.training.checkpoint_every = 30
+  config.training.distill_lambda_end = 1.0  # label loss only, comparable across steps
+  config.model.num_layers, config.model.width = 1, 128  # p=8 still has 16 features
+  train_transformer.train(config, str(tmp_path), make_iterator, position)
+  metrics = read_metrics(tmp_path)
+  for factor in (1, 2, 4, 8):
+    first = np.mean([metrics[s][f'loss/p{factor}'] for s in (1, 2, 3)])
+    last = np.mean([metrics[s][f'loss/p{factor}'] for s in (28, 29, 30)])
+    assert last < 0.9 * first, (factor, first, last)
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_run(tmp_path):
+  config = tiny_config(num_steps=8)
+  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+  train_transformer.train(config, str(straight), make_iterator, position)
+  # Preempted after 4 steps: the last checkpoint is step 3, so step 4 is redone on resume.
+  train_transformer.train(config, str(resumed), make_iterator, position, stop_after=4)
+  assert train_transformer.Checkpointer(str(resumed / 'transformer')).latest_step() == 3
+  final = train_transformer.train(config, str(resumed), make_iterator, position)
+  assert int(final.step) == 8
+  a, b = read_metrics(straight), read_metrics(resumed)
+  for step in range(4, 9):
+    assert a[step]['loss'] == pytest.approx(b[step]['loss'], rel=1e-5), step
+  assert train_transformer.is_trained(config, str(resumed))
+
+
+def test_restoring_into_another_model_shape_names_both_shapes(tmp_path):
+  config = tiny_config(num_steps=3)
+  train_transformer.train(config, str(tmp_path), make_iterator, position)
+  wider = tiny_config(num_steps=3)
+  wider.model.width = 128
+  expected = r'params/.* has shape \(\d+, 64\) but the model expects \(\d+, 128\)'
+  with pytest.raises(CheckpointShapeError, match=expected):
+    train_transformer.load_params(wider, str(tmp_path))
