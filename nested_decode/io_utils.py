@@ -1,19 +1,40 @@
 """Output files written atomically: readers see the old file or the whole new one, never half."""
 
+import contextlib
 import json
 import os
 import tempfile
+from typing import IO, Iterator
+
+import numpy as np
 
 
-def write_json(path: str, payload) -> None:
+@contextlib.contextmanager
+def _replaced_on_success(path: str, mode: str) -> Iterator[IO]:
+  """Opens a temporary file next to ``path`` that replaces ``path`` once the block succeeds."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path), suffix='.tmp')
   try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(payload, f, indent=2)
-      f.write('\n')
+    with os.fdopen(fd, mode) as f:
+      yield f
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def write_json(path: str, payload) -> None:
+  with _replaced_on_success(path, 'w') as f:
+    json.dump(payload, f, indent=2)
+    f.write('\n')
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  with _replaced_on_success(path, 'wb') as f:
+    f.write(data)
+
+
+def write_npz(path: str, **arrays) -> None:
+  with _replaced_on_success(path, 'wb') as f:
+    np.savez(f, **arrays)

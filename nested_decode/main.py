@@ -1,11 +1,18 @@
-r"""Entry point: ``python -m nested_decode.main --config=CFG --workdir=DIR --mode=MODE``.
+r"""Entry point: ``python -m nested_decode.main --config=CFG --workdir=DIR [--mode=MODE]``.
+
+Without ``--mode`` the whole job runs: tokenizer -> transformer -> samples -> eval, each stage
+skipped when its final output is already in DIR (and resumed from its checkpoint otherwise).
 
 Modes:
-  flops  analytic GFLOPs per sample of the decode, baseline and every config.eval.schedules
-         entry, written to DIR/flops.json;
-  bench  the same rows plus measured seconds per batch decode and speedups, DIR/bench.json.
+  train_tokenizer  train (or resume) the VQ tokenizer, DIR/tokenizer/;
+  train            train (or resume) the nested transformer on tokens, DIR/transformer/;
+  sample           per schedule in config.eval.schedules (and the baseline): DIR/samples/;
+  eval             DIR/eval.json: GFLOPs, class accuracy and Fréchet distance per schedule;
+  flops            analytic GFLOPs per sample of each decode, DIR/flops.json;
+  bench            the same rows plus measured seconds per batch decode, DIR/bench.json.
 """
 
+import logging as pylogging
 import os
 import sys
 
@@ -15,17 +22,16 @@ from ml_collections import config_flags
 from nested_decode import config_lib
 from nested_decode import io_utils
 
-MODES = ('flops', 'bench')
+MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'flops', 'bench')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/k600.py:tiny')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for outputs.')
-_MODE = flags.DEFINE_enum('mode', 'bench', MODES, 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'all', MODES, 'What to run; "all" is the whole job.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def format_table(rows: list[dict]) -> str:
-  columns = [c for c in ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',
-                         'seconds_per_batch', 'speedup') if c in rows[0]]
+def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
+  columns = [c for c in columns if c in rows[0]]
   lines = [' | '.join(columns)]
   for row in rows:
     cells = [f'{row[c]:.4g}' if isinstance(row[c], float) else str(row[c]) for c in columns]
@@ -33,27 +39,59 @@ def format_table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  try:
-    config_lib.validate(config)
-  except config_lib.ConfigError as error:
-    sys.exit(f'Invalid config {config_flags.get_config_filename(flags.FLAGS["config"])}: {error}')
-  workdir, mode = _WORKDIR.value, _MODE.value
-  os.makedirs(workdir, exist_ok=True)
-
-  from nested_decode.evaluation import decode_benchmark  # imports jax: after flag parsing
+def run_decode_cost(config, config_name: str, workdir: str, mode: str) -> None:
+  from nested_decode.evaluation import decode_benchmark
   if mode == 'flops':
     rows = decode_benchmark.flops_rows(config)
   else:
     rows = decode_benchmark.bench_rows(config, log=logging.info)
   path = os.path.join(workdir, f'{mode}.json')
-  io_utils.write_json(path, dict(config=config_flags.get_config_filename(flags.FLAGS['config']),
+  io_utils.write_json(path, dict(config=config_name,
                                  device=decode_benchmark.device_description(), rows=rows))
-  print(format_table(rows))
+  print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',
+                            'seconds_per_batch', 'speedup')))
   print(f'Wrote {path}')
+
+
+def run_stages(config, workdir: str, mode: str) -> None:
+  from nested_decode import stages
+  if mode == 'train_tokenizer':
+    stages.tokenizer_stage(config, workdir)
+  elif mode == 'train':
+    stages.transformer_stage(config, workdir)
+  elif mode == 'sample':
+    stages.sample_stage(config, workdir)
+  else:  # 'eval' and the whole job: every stage up to the evaluation
+    rows = stages.eval_stage(config, workdir)
+    print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',
+                              'class_accuracy', 'fd')))
+    print(f'Wrote {os.path.join(workdir, "eval.json")}')
+
+
+def quiet_library_info_logs() -> None:
+  """Keeps orbax's and grain's per-operation INFO lines out of the progress log."""
+  def keep(record: pylogging.LogRecord) -> bool:
+    noisy = ('/orbax/', '/grain/', '/jax/_src/')
+    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
+  logging.get_absl_handler().addFilter(keep)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  quiet_library_info_logs()
+  config = _CONFIG.value
+  config_name = config_flags.get_config_filename(flags.FLAGS['config'])
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as error:
+    sys.exit(f'Invalid config {config_name}: {error}')
+  workdir, mode = _WORKDIR.value, _MODE.value
+  os.makedirs(workdir, exist_ok=True)
+  if mode in ('flops', 'bench'):
+    run_decode_cost(config, config_name, workdir, mode)
+  else:
+    run_stages(config, workdir, mode)
 
 
 if __name__ == '__main__':

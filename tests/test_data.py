@@ -25,7 +25,8 @@ def assert_same_batches(first, second):
 
 def indexed_source(size=100):
   """Each example's label is its index, so batches show which examples they hold."""
-  return pipeline.ArraySource(np.zeros((size, 4, 4, 1), np.uint8), np.arange(size), 'indexed')
+  return pipeline.ArraySource('indexed', image=np.zeros((size, 4, 4, 1), np.uint8),
+                              label=np.arange(size))
 
 
 class AddNoise(grain.RandomMapTransform):

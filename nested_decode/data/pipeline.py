@@ -22,24 +22,25 @@ Transform = grain.MapTransform | grain.RandomMapTransform
 
 
 class ArraySource:
-  """In-memory source over ``images [N, H, W, C]`` uint8 and ``labels [N]``.
+  """In-memory source over equally long arrays, e.g. ``image`` uint8 ``[N, H, W, C]`` and
+  ``label [N]``, or ``tokens [N, L]`` and ``label [N]``.
 
   ``name`` is the ``repr``: grain checks it against the one saved in an iterator state, so it
   must describe the data, not the object's address.
   """
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray, name: str):
-    if len(images) != len(labels):
-      raise ValueError(f'{name}: {len(images)} images but {len(labels)} labels')
-    self._images = images
-    self._labels = np.asarray(labels, np.int32)
+  def __init__(self, name: str, **features: np.ndarray):
+    lengths = {key: len(value) for key, value in features.items()}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(f'{name}: features have different lengths {lengths}')
+    self._features = features
     self._name = name
 
   def __len__(self) -> int:
-    return len(self._images)
+    return len(next(iter(self._features.values())))
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {'image': self._images[index], 'label': self._labels[index]}
+    return {key: value[index] for key, value in self._features.items()}
 
   def __repr__(self) -> str:
     return f'ArraySource({self._name}, n={len(self)})'
@@ -50,17 +51,21 @@ def mnist_sources(image_size: int = 28) -> tuple[ArraySource, ArraySource]:
   sources = []
   for split in mnist.SPLITS:
     images, labels = mnist.load_mnist(split)
-    sources.append(ArraySource(mnist.fit_to_size(images, image_size), labels,
-                               f'mnist/{split}/{image_size}px'))
+    sources.append(ArraySource(f'mnist/{split}/{image_size}px',
+                               image=mnist.fit_to_size(images, image_size),
+                               label=np.asarray(labels, np.int32)))
   return sources[0], sources[1]
 
 
 class ToFloat(grain.MapTransform):
-  """uint8 image to float32 in ``[-1, 1]``, label to int32; other features are dropped."""
+  """uint8 image to float32 in ``[-1, 1]``; label and tokens to int32; other features dropped."""
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-    image = np.asarray(element['image'], np.float32) / 127.5 - 1.0
-    return {'image': image, 'label': np.asarray(element['label'], np.int32)}
+    out = {key: np.asarray(element[key], np.int32) for key in ('label', 'tokens')
+           if key in element}
+    if 'image' in element:
+      out['image'] = np.asarray(element['image'], np.float32) / 127.5 - 1.0
+    return out
 
 
 def make_loader(source: Any, *, batch_size: int, seed: int, train: bool,

@@ -1,0 +1,211 @@
+"""The stages of the main job, each resumable and skipped when its final output exists:
+
+tokenizer -> token dataset -> transformer -> samples -> eval (plus the MNIST scoring classifier).
+Outputs live under ``workdir``; only process 0 writes samples and metrics.
+"""
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from nested_decode import config_lib
+from nested_decode import io_utils
+from nested_decode.data import pipeline
+from nested_decode.decoding.sampler import make_decoder
+from nested_decode.evaluation import decode_benchmark
+from nested_decode.evaluation import mnist_classifier
+from nested_decode.evaluation import sample_writer
+from nested_decode.models.transformer import NestedMaskedTransformer
+from nested_decode.training import train_tokenizer
+from nested_decode.training import train_transformer
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+def image_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, Any]:
+  """``(train_source, eval_source, train_transform)`` for ``config.data.name``."""
+  data = config.data
+  if data.name == 'mnist':
+    train, evaluation = pipeline.mnist_sources(data.image_size)
+    return train, evaluation, None
+  if data.name == 'imagenet2012':
+    from nested_decode.data import imagenet  # TFDS: only for real runs
+    train = imagenet.imagenet_source('train', data.get('data_dir'), data.get('manual_dir'))
+    evaluation = imagenet.imagenet_source('validation', data.get('data_dir'))
+    return train, evaluation, imagenet.TrainTransform(data.image_size)
+  raise ValueError(f"config.data.name={data.name!r} is invalid: allowed values are "
+                   f"('mnist', 'imagenet2012')")
+
+
+def resumable_batches(source: Any, transform: Any, batch_size: int, seed: int):
+  """``(make_iterator, iterator_state)`` over this process's shard, for the trainers."""
+  loader = pipeline.make_loader(source, batch_size=batch_size, seed=seed, train=True,
+                                transform=transform, shard_index=jax.process_index(),
+                                shard_count=jax.process_count())
+
+  def make_iterator(state):
+    return iter(loader) if state is None else pipeline.restore_iterator(loader, state)
+
+  return make_iterator, pipeline.iterator_state
+
+
+def all_images(source: Any) -> tuple[np.ndarray, np.ndarray]:
+  """Every example of a (small, in-memory) source as uint8 images and labels."""
+  examples = [source[i] for i in range(len(source))]
+  return (np.stack([e['image'] for e in examples]),
+          np.asarray([e['label'] for e in examples], np.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+
+def tokenizer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  if not train_tokenizer.is_trained(config, workdir):
+    train, _, transform = image_sources(config)
+    batches = resumable_batches(train, transform, config.tokenizer_training.batch_size,
+                                config.seed)
+    train_tokenizer.train(config, workdir, *batches)
+  return train_tokenizer.load_params(config, workdir)
+
+
+def token_dataset(config: ml_collections.ConfigDict, workdir: str, split: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """``(tokens [n, N], labels [n])`` of a split, encoded once and stored in the workdir."""
+  path = os.path.join(workdir, 'tokens', f'{split}.npz')
+  if not os.path.exists(path):
+    params = tokenizer_stage(config, workdir)
+    train, evaluation, _ = image_sources(config)
+    images, labels = all_images(train if split == 'train' else evaluation)
+    tokens = train_tokenizer.encode_images(config, params, images)
+    if jax.process_index() == 0:
+      io_utils.write_npz(path, tokens=tokens, labels=labels)
+    return tokens, labels
+  with np.load(path) as stored:
+    return stored['tokens'], stored['labels']
+
+
+def transformer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  if not train_transformer.is_trained(config, workdir):
+    tokens, labels = token_dataset(config, workdir, 'train')
+    source = pipeline.ArraySource(f'tokens/train/{config.data.name}', tokens=tokens,
+                                  label=labels)
+    batches = resumable_batches(source, None, config.training.batch_size, config.seed)
+    train_transformer.train(config, workdir, *batches)
+  return train_transformer.load_params(config, workdir)
+
+
+def classifier_path(workdir: str) -> str:
+  return os.path.join(workdir, 'classifier', 'params.msgpack')
+
+
+def classifier_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """The MNIST digit classifier that scores samples, trained on the training split."""
+  path = classifier_path(workdir)
+  if not os.path.exists(path):
+    train, _, _ = image_sources(config)
+    images, labels = all_images(train)
+    params = mnist_classifier.train_classifier(
+        images, labels, steps=config.classifier.steps, batch_size=config.classifier.batch_size,
+        seed=config.seed, log=logging.info)
+    if jax.process_index() == 0:
+      mnist_classifier.save_classifier(path, params)
+    return params
+  return mnist_classifier.load_classifier(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and evaluation
+# ----------------------------------------------------------------------------------------------
+
+def generate_tokens(config: ml_collections.ConfigDict, params: Any,
+                    schedule: ml_collections.ConfigDict, labels: np.ndarray,
+                    seed: int) -> np.ndarray:
+  """Class-conditional token samples for ``labels``, decoded in batches of eval.batch_size."""
+  model = NestedMaskedTransformer(config_lib.transformer_config(config))
+  decode = make_decoder(model, config_lib.decode_plan(config, schedule),
+                        config_lib.sampling_options(config))
+  batch = config.eval.batch_size
+  rng = jax.random.PRNGKey(seed)
+  out = []
+  for start in range(0, len(labels), batch):
+    chunk = jnp.asarray(labels[start:start + batch], jnp.int32)
+    init = jnp.full((len(chunk), model.config.seq_len), model.config.mask_id, jnp.int32)
+    out.append(np.asarray(decode(params, init, chunk, jax.random.fold_in(rng, start)).tokens))
+  return np.concatenate(out)
+
+
+def sample_labels(config: ml_collections.ConfigDict) -> np.ndarray:
+  return np.arange(config.eval.num_samples, dtype=np.int32) % max(config.tokens.num_classes, 1)
+
+
+def samples_path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, 'samples', f'{name}.npz')
+
+
+def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+  """Per schedule: ``samples/<name>.npz`` (images, labels) and a PNG grid, one row per class."""
+  transformer = transformer_stage(config, workdir)
+  tokenizer = tokenizer_stage(config, workdir)
+  rows = {row['schedule']: row for row in decode_benchmark.flops_rows(config)}
+  labels = sample_labels(config)
+  for name, schedule in config_lib.schedules_with_baseline(config).items():
+    path = samples_path(workdir, name)
+    if os.path.exists(path):
+      continue
+    logging.info('Sampling %d images with schedule %s', len(labels), name)
+    tokens = generate_tokens(config, transformer, schedule, labels, config.seed)
+    images = train_tokenizer.decode_tokens(config, tokenizer, tokens)
+    if jax.process_index() == 0:
+      sample_writer.save_samples_npz(path, images, labels)
+      widths = ' '.join(f'{p}x{s}' for p, s in schedule.widths)
+      title = (f"{name} ({widths}, cache {schedule.cache}): "
+               f"{rows[name]['gflops_per_sample']:.3g} GFLOPs/sample")
+      keep = np.concatenate([np.flatnonzero(labels == c)[:config.eval.grid_per_class]
+                             for c in np.unique(labels)])
+      sample_writer.save_grid_png(path.replace('.npz', '.png'), images[keep], labels[keep],
+                                  title=title, per_row=config.eval.grid_per_class)
+  return rows
+
+
+def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """``eval.json``: per schedule, FLOPs and classifier scores of its samples (MNIST)."""
+  if config.data.name != 'mnist':
+    raise NotImplementedError(
+        f'--mode=eval scores samples with the in-project MNIST classifier; config.data.name='
+        f'{config.data.name!r} needs FID, which is not implemented yet')
+  flops = sample_stage(config, workdir)
+  classifier = classifier_stage(config, workdir)
+  _, evaluation, _ = image_sources(config)
+  held_out, held_out_labels = all_images(evaluation)
+  rows = []
+  for name, schedule in config_lib.schedules_with_baseline(config).items():
+    with np.load(samples_path(workdir, name)) as samples:
+      scores = mnist_classifier.score_samples(classifier, samples['images'], samples['labels'],
+                                              held_out)
+    row = {key: flops[name][key] for key in ('schedule', 'cache', 'steps', 'gflops_per_sample',
+                                             'flop_ratio')}
+    row.update(scores, num_samples=len(sample_labels(config)))
+    rows.append(row)
+    logging.info('eval %s: %s', name, row)
+  tokenizer = tokenizer_stage(config, workdir)
+  eval_tokens, _ = token_dataset(config, workdir, 'eval')
+  reconstructions = train_tokenizer.decode_tokens(config, tokenizer, eval_tokens)
+  reference = mnist_classifier.score_samples(classifier, reconstructions, held_out_labels,
+                                             held_out)
+  reference['reconstruction_mse'] = float(np.mean(
+      (reconstructions.astype(np.float32) / 127.5 - held_out.astype(np.float32) / 127.5) ** 2))
+  report = dict(rows=rows, tokenizer_reconstructions_of_held_out=reference,
+                held_out_classifier_accuracy=mnist_classifier.class_accuracy(
+                    mnist_classifier.ClassifierScorer(classifier).predict(held_out),
+                    held_out_labels))
+  if jax.process_index() == 0:
+    io_utils.write_json(os.path.join(workdir, 'eval.json'), report)
+  return rows

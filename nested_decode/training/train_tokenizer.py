@@ -1,0 +1,215 @@
+"""VQGAN tokenizer training: L2 reconstruction, codebook and commitment losses, dead-code restarts,
+and an optional adversarial loss with an R1-penalised patch discriminator."""
+
+import functools
+import os
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from nested_decode.models import vqgan
+from nested_decode.training.checkpoints import Checkpointer, path_name
+from nested_decode.training.metrics import MetricLogger
+
+
+@flax.struct.dataclass
+class TokenizerState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  disc_params: Any      # empty when the adversarial loss is off
+  disc_opt_state: Any
+  usage_ema: jax.Array  # [K] picks per batch, for dead-code restarts
+  rng: jax.Array
+
+
+def tokenizer_config(config: ml_collections.ConfigDict) -> vqgan.TokenizerConfig:
+  t = config.tokenizer
+  return vqgan.TokenizerConfig(
+      image_channels=config.data.channels, base_channels=t.base_channels,
+      channel_multipliers=tuple(t.channel_multipliers), num_res_blocks=t.num_res_blocks,
+      embedding_dim=t.embedding_dim, codebook_size=config.tokens.codebook_size,
+      commitment_cost=t.commitment_cost, num_groups=t.num_groups)
+
+
+def _optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, training.learning_rate, min(training.warmup_steps, training.num_steps - 1),
+      training.num_steps, training.learning_rate * 0.1)
+  return optax.chain(optax.clip_by_global_norm(training.grad_clip),
+                     optax.adam(schedule, b1=training.b1, b2=training.b2))
+
+
+def _discriminator(training: ml_collections.ConfigDict) -> vqgan.PatchDiscriminator:
+  return vqgan.PatchDiscriminator(base_channels=training.discriminator_channels)
+
+
+def create_state(config: ml_collections.ConfigDict) -> TokenizerState:
+  training = config.tokenizer_training
+  model = vqgan.VQGAN(tokenizer_config(config))
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, disc_rng, train_rng = jax.random.split(rng, 3)
+  size = config.data.image_size
+  images = jnp.zeros((1, size, size, config.data.channels), jnp.float32)
+  params = {'params': model.init(init_rng, images)['params']}  # not the sown intermediates
+  optimizer = _optimizer(training)
+  disc_params, disc_opt_state = {}, {}
+  if training.adversarial_weight > 0:
+    disc_params = _discriminator(training).init(disc_rng, images)
+    disc_opt_state = optimizer.init(disc_params)
+  return TokenizerState(
+      step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params),
+      disc_params=disc_params, disc_opt_state=disc_opt_state,
+      usage_ema=jnp.full((config.tokens.codebook_size,), training.dead_code_threshold * 2,
+                         jnp.float32),
+      rng=train_rng)
+
+
+def with_codebook(params: Any, codebook: jax.Array) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: codebook if path_name(path) == 'params/quantizer/codebook' else x, params)
+
+
+def make_train_step(config: ml_collections.ConfigDict):
+  training = config.tokenizer_training
+  model = vqgan.VQGAN(tokenizer_config(config))
+  optimizer = _optimizer(training)
+  discriminator = _discriminator(training)
+  adversarial = training.adversarial_weight > 0
+  codebook_size = config.tokens.codebook_size
+
+  def generator_loss(params, disc_params, images):
+    (reconstruction, ids, stats), state = model.apply(params, images,
+                                                      mutable=['intermediates'])
+    loss, metrics = vqgan.tokenizer_loss(reconstruction, images, stats,
+                                         model.config.commitment_cost)
+    if adversarial:
+      fake_logits = discriminator.apply(disc_params, reconstruction)
+      adversarial_loss = vqgan.generator_adversarial_loss(fake_logits)
+      loss = loss + training.adversarial_weight * adversarial_loss
+      metrics['generator_adversarial_loss'] = adversarial_loss
+    encodings = state['intermediates']['encodings'][0]
+    return loss, (metrics, ids, reconstruction, encodings)
+
+  def discriminator_loss(disc_params, images, reconstruction):
+    apply = discriminator.apply
+    loss = vqgan.discriminator_loss(apply(disc_params, images),
+                                    apply(disc_params, jax.lax.stop_gradient(reconstruction)))
+    r1 = vqgan.r1_penalty(apply, disc_params, images)
+    return loss + training.r1_gamma / 2 * r1, {'discriminator_loss': loss, 'r1_penalty': r1}
+
+  def train_step(state: TokenizerState, images: jax.Array):
+    rng, restart_rng = jax.random.split(state.rng)
+    grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
+    (loss, (metrics, ids, reconstruction, encodings)), grads = grad_fn(
+        state.params, state.disc_params, images)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    usage = vqgan.update_usage_ema(state.usage_ema, ids, codebook_size, training.usage_decay)
+    restart_now = (state.step + 1) % training.restart_every == 0
+    codebook = params['params']['quantizer']['codebook']
+    restarted = vqgan.restart_dead_codes(codebook, usage,
+                                         encodings.reshape(-1, encodings.shape[-1]),
+                                         restart_rng, training.dead_code_threshold)
+    dead = usage < training.dead_code_threshold
+    metrics['dead_codes'] = jnp.sum(dead)
+    params = with_codebook(params, jnp.where(restart_now, restarted, codebook))
+    # A restarted code gets a fresh usage estimate, so it is not restarted again at once.
+    usage = jnp.where(restart_now & dead, training.dead_code_threshold * 2, usage)
+
+    disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+    if adversarial:
+      (_, disc_metrics), disc_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
+          disc_params, images, reconstruction)
+      disc_updates, disc_opt_state = optimizer.update(disc_grads, disc_opt_state, disc_params)
+      disc_params = optax.apply_updates(disc_params, disc_updates)
+      metrics.update(disc_metrics)
+    metrics['loss'] = loss
+    new_state = TokenizerState(state.step + 1, params, opt_state, disc_params, disc_opt_state,
+                               usage, rng)
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'tokenizer')
+
+
+def is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  directory = checkpoint_dir(workdir)
+  return os.path.isdir(directory) and Checkpointer(directory).latest_step() == \
+      config.tokenizer_training.num_steps
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  abstract = jax.eval_shape(lambda: create_state(config))
+  state, _, _ = Checkpointer(checkpoint_dir(workdir)).restore(abstract)
+  return state.params
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          make_iterator: Callable[[Any], Iterator[dict]],
+          iterator_state: Callable[[Iterator[dict]], Any]) -> TokenizerState:
+  """Trains to ``config.tokenizer_training.num_steps``, resuming from the latest checkpoint."""
+  training = config.tokenizer_training
+  checkpointer = Checkpointer(checkpoint_dir(workdir), max_to_keep=2)
+  state = create_state(config)
+  data_state = None
+  if checkpointer.latest_step() is not None:
+    state, data_state, _ = checkpointer.restore(jax.eval_shape(lambda: state))
+    logging.info('Resuming tokenizer training from step %d', int(state.step))
+  iterator = make_iterator(data_state)
+  train_step = make_train_step(config)
+  logger = MetricLogger(workdir, 'tokenizer', training.num_steps)
+  for step in range(int(state.step) + 1, training.num_steps + 1):
+    state, metrics = train_step(state, jnp.asarray(next(iterator)['image']))
+    logger.accumulate(metrics)
+    if not np.isfinite(float(metrics['loss'])):
+      raise FloatingPointError(f'Tokenizer loss became {float(metrics["loss"])} at step {step}')
+    if step % training.log_every == 0 or step == training.num_steps:
+      logger.write(step)
+    if step % training.checkpoint_every == 0 or step == training.num_steps:
+      checkpointer.save(step, state, iterator_state(iterator), config)
+  checkpointer.close()
+  return state
+
+
+@functools.cache
+def _coder(tokenizer: vqgan.TokenizerConfig):
+  model = vqgan.VQGAN(tokenizer)
+  encode = jax.jit(lambda p, x: model.apply(p, x, method=model.encode)[0])
+  decode = jax.jit(lambda p, ids: model.apply(p, ids, method=model.decode_ids))
+  return encode, decode
+
+
+def encode_images(config: ml_collections.ConfigDict, params: Any, images: np.ndarray,
+                  batch_size: int = 256) -> np.ndarray:
+  """uint8 images ``[n, H, W, C]`` -> token ids ``[n, h * w]``, batched and jit-compiled."""
+  encode, _ = _coder(tokenizer_config(config))
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = np.asarray(images[start:start + batch_size], np.float32) / 127.5 - 1.0
+    ids = np.asarray(encode(params, jnp.asarray(chunk)))
+    out.append(ids.reshape(len(chunk), -1))
+  return np.concatenate(out).astype(np.int32)
+
+
+def decode_tokens(config: ml_collections.ConfigDict, params: Any, tokens: np.ndarray,
+                  batch_size: int = 256) -> np.ndarray:
+  """Token ids ``[n, h * w]`` -> uint8 images ``[n, H, W, C]``."""
+  _, decode = _coder(tokenizer_config(config))
+  shape = tuple(config.tokens.shape)
+  out = []
+  for start in range(0, len(tokens), batch_size):
+    ids = jnp.asarray(tokens[start:start + batch_size]).reshape((-1,) + shape)
+    images = np.asarray(decode(params, ids))
+    out.append(np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8))
+  return np.concatenate(out)
