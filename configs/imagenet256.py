@@ -4,16 +4,41 @@ r"""Class-conditional ImageNet 256x256 (MaskGIT transformer: 24 layers x 768, 16
   python -m nested_decode.main --config=configs/imagenet256.py:tiny --workdir=runs/tiny --mode=bench
 """
 
+import ml_collections
+
 from nested_decode import config_lib
 
 
 def get_config(arg=None):
   if arg == 'tiny':
-    return config_lib.base_config(
+    config = config_lib.base_config(
         num_layers=4, width=256, num_heads=8, token_shape=(16, 16), codebook_size=512,
         num_classes=10, guidance_scale=1.0, batch_size=8)
+    return with_image_pipeline(config, image_size=64, channel_multipliers=(1, 2, 4),
+                               base_channels=32, embedding_dim=64)
   if arg is not None:
     raise ValueError(f'Unknown variant {arg!r} of configs/imagenet256.py; allowed: tiny')
-  return config_lib.base_config(
+  config = config_lib.base_config(
       num_layers=24, width=768, num_heads=16, token_shape=(16, 16), codebook_size=1024,
       num_classes=1000, guidance_scale=1.0, batch_size=128, dtype='bfloat16')
+  return with_image_pipeline(config, image_size=256, channel_multipliers=(1, 1, 2, 2, 4),
+                             base_channels=128, embedding_dim=256)
+
+
+def with_image_pipeline(config, *, image_size, channel_multipliers, base_channels,
+                        embedding_dim):
+  """ImageNet through TFDS and a MaskGIT-style VQGAN tokenizer for real runs."""
+  config.data = ml_collections.ConfigDict(dict(
+      name='imagenet2012', image_size=image_size, channels=3, data_dir=None, manual_dir=None))
+  config.tokenizer = ml_collections.ConfigDict(dict(
+      base_channels=base_channels, channel_multipliers=channel_multipliers, num_res_blocks=2,
+      embedding_dim=embedding_dim, commitment_cost=0.25, num_groups=32))
+  config.tokenizer_training = ml_collections.ConfigDict(dict(
+      num_steps=500_000, batch_size=256, learning_rate=1e-4, warmup_steps=5000, b1=0.5,
+      b2=0.9, grad_clip=1.0, adversarial_weight=0.1, discriminator_channels=64, r1_gamma=10.0,
+      usage_decay=0.99, dead_code_threshold=0.01, restart_every=1000, log_every=100,
+      checkpoint_every=5000))
+  config.eval.num_samples = 50_000
+  config.eval.batch_size = 250
+  config.eval.grid_per_class = 8
+  return config

@@ -57,6 +57,26 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   return config
 
 
+MAGVIT_SIZES = {
+    None: dict(num_layers=24, width=1024, num_heads=16),  # MAGVIT-L
+    'base': dict(num_layers=12, width=768, num_heads=16),  # MAGVIT-B width, 16 heads to nest by 8
+}
+
+
+def video_config(arg: str | None, *, config_file: str, num_classes: int,
+                 guidance_scale: float) -> ml_collections.ConfigDict:
+  """16x128x128 clips as 4x16x16 tokens, MAGVIT-L sized (``:base``: MAGVIT-B, ``:tiny``)."""
+  if arg == 'tiny':
+    return base_config(num_layers=4, width=256, num_heads=8, token_shape=(2, 8, 8),
+                       codebook_size=512, num_classes=num_classes,
+                       guidance_scale=guidance_scale, batch_size=8)
+  if arg not in MAGVIT_SIZES:
+    raise ValueError(f'Unknown variant {arg!r} of {config_file}; allowed: base, tiny')
+  return base_config(**MAGVIT_SIZES[arg], token_shape=(4, 16, 16), codebook_size=1024,
+                     num_classes=num_classes, guidance_scale=guidance_scale, batch_size=32,
+                     dtype='bfloat16')
+
+
 def training_config(**overrides) -> ml_collections.ConfigDict:
   """MaskGIT's recipe (Adam 0.9/0.96, weight decay 0.045, lr 1e-4, 5000 warmup, batch 256),
   nested over every width with distillation weight on the labels going 1 -> 0."""
@@ -112,6 +132,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.tokens.num_classes < 0:
     _fail('tokens.num_classes', config.tokens.num_classes, 'must be >= 0')
 
+  if 'tokenizer' in config:
+    levels = len(config.tokenizer.channel_multipliers)
+    side = config.data.image_size // 2 ** (levels - 1)
+    if tuple(config.tokens.shape) != (side, side):
+      _fail('tokens.shape', tuple(config.tokens.shape),
+            f'config.data.image_size={config.data.image_size} downsampled {levels - 1} times '
+            f'(config.tokenizer.channel_multipliers) gives {(side, side)} tokens')
   training = config.training
   for key in ('training.num_steps', 'training.batch_size', 'training.log_every',
               'training.checkpoint_every', 'training.keep_checkpoints'):

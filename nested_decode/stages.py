@@ -29,17 +29,18 @@ from nested_decode.training import train_transformer
 # Data
 # ----------------------------------------------------------------------------------------------
 
-def image_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, Any]:
-  """``(train_source, eval_source, train_transform)`` for ``config.data.name``."""
+def image_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, Any, Any]:
+  """``(train_source, eval_source, train_transform, eval_transform)`` of ``config.data``."""
   data = config.data
   if data.name == 'mnist':
     train, evaluation = pipeline.mnist_sources(data.image_size)
-    return train, evaluation, None
+    return train, evaluation, None, None
   if data.name == 'imagenet2012':
     from nested_decode.data import imagenet  # TFDS: only for real runs
     train = imagenet.imagenet_source('train', data.get('data_dir'), data.get('manual_dir'))
     evaluation = imagenet.imagenet_source('validation', data.get('data_dir'))
-    return train, evaluation, imagenet.TrainTransform(data.image_size)
+    return (train, evaluation, imagenet.TrainTransform(data.image_size),
+            imagenet.EvalTransform(data.image_size))
   raise ValueError(f"config.data.name={data.name!r} is invalid: allowed values are "
                    f"('mnist', 'imagenet2012')")
 
@@ -69,7 +70,7 @@ def all_images(source: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def tokenizer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
   if not train_tokenizer.is_trained(config, workdir):
-    train, _, transform = image_sources(config)
+    train, _, transform, _ = image_sources(config)
     batches = resumable_batches(train, transform, config.tokenizer_training.batch_size,
                                 config.seed)
     train_tokenizer.train(config, workdir, *batches)
@@ -78,13 +79,20 @@ def tokenizer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
 def token_dataset(config: ml_collections.ConfigDict, workdir: str, split: str
                   ) -> tuple[np.ndarray, np.ndarray]:
-  """``(tokens [n, N], labels [n])`` of a split, encoded once and stored in the workdir."""
+  """``(tokens [n, N], labels [n])`` of a split, encoded once (center crops, in order) and
+  stored in the workdir."""
   path = os.path.join(workdir, 'tokens', f'{split}.npz')
   if not os.path.exists(path):
     params = tokenizer_stage(config, workdir)
-    train, evaluation, _ = image_sources(config)
-    images, labels = all_images(train if split == 'train' else evaluation)
-    tokens = train_tokenizer.encode_images(config, params, images)
+    train, evaluation, _, eval_transform = image_sources(config)
+    loader = pipeline.make_loader(train if split == 'train' else evaluation,
+                                  batch_size=config.eval.batch_size, seed=config.seed,
+                                  train=False, transform=eval_transform)
+    tokens, labels = [], []
+    for batch in loader:
+      tokens.append(train_tokenizer.encode_batch(config, params, batch['image']))
+      labels.append(batch['label'])
+    tokens, labels = np.concatenate(tokens).astype(np.int32), np.concatenate(labels)
     if jax.process_index() == 0:
       io_utils.write_npz(path, tokens=tokens, labels=labels)
     return tokens, labels
@@ -110,7 +118,7 @@ def classifier_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """The MNIST digit classifier that scores samples, trained on the training split."""
   path = classifier_path(workdir)
   if not os.path.exists(path):
-    train, _, _ = image_sources(config)
+    train, _, _, _ = image_sources(config)
     images, labels = all_images(train)
     params = mnist_classifier.train_classifier(
         images, labels, steps=config.classifier.steps, batch_size=config.classifier.batch_size,
@@ -183,7 +191,7 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         f'{config.data.name!r} needs FID, which is not implemented yet')
   flops = sample_stage(config, workdir)
   classifier = classifier_stage(config, workdir)
-  _, evaluation, _ = image_sources(config)
+  _, evaluation, _, _ = image_sources(config)
   held_out, held_out_labels = all_images(evaluation)
   rows = []
   for name, schedule in config_lib.schedules_with_baseline(config).items():

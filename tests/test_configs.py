@@ -8,7 +8,8 @@ from nested_decode.config_lib import ConfigError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
 VARIANTS = [('imagenet256', None), ('imagenet256', 'tiny'), ('ucf101', None), ('ucf101', 'base'),
-            ('ucf101', 'tiny'), ('k600', None), ('k600', 'base'), ('k600', 'tiny')]
+            ('ucf101', 'tiny'), ('k600', None), ('k600', 'base'), ('k600', 'tiny'),
+            ('mnist', None), ('mnist', 'tiny')]
 
 
 def load(name, arg=None):
@@ -102,3 +103,15 @@ def test_reserved_schedule_name():
   config.eval.schedules.baseline = config_lib.schedule(((1, 12),))
   with pytest.raises(ConfigError, match='reserved'):
     config_lib.validate(config)
+
+
+def test_token_grid_that_does_not_match_the_tokenizer():
+  config = load('mnist')
+  config.data.image_size = 32
+  with pytest.raises(ConfigError, match=r'config.tokens.shape=\(7, 7\).*image_size=32.*\(8, 8\)'):
+    config_lib.validate(config)
+
+
+def test_nested_training_needs_the_teacher():
+  message = bad(training__widths=(2, 4))
+  assert 'config.training.widths' in message and 'include 1' in message

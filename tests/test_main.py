@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -51,3 +52,24 @@ def test_bad_config_value_fails_before_running(tmp_path):
   assert result.returncode != 0
   assert "config.eval.schedules.magnets.cache='sometimes'" in result.stderr
   assert not (tmp_path / 'flops.json').exists()
+
+
+def test_main_job_on_tiny_mnist_writes_samples_and_eval_then_skips_finished_stages(tmp_path):
+  result = run_main('--config=configs/mnist.py:tiny', f'--workdir={tmp_path}')
+  assert result.returncode == 0, result.stderr
+  report = json.loads((tmp_path / 'eval.json').read_text())
+  names = [row['schedule'] for row in report['rows']]
+  assert names[0] == 'baseline' and 'magnets' in names
+  for row in report['rows']:
+    assert ROW_KEYS | {'class_accuracy', 'fd'} <= set(row)
+    assert 0.0 <= row['class_accuracy'] <= 1.0 and row['fd'] >= 0.0
+  for name in names:
+    with np.load(tmp_path / 'samples' / f'{name}.npz') as samples:
+      assert samples['images'].dtype == np.uint8 and samples['images'].shape[1:] == (28, 28, 1)
+      assert len(samples['labels']) == len(samples['images'])
+    assert (tmp_path / 'samples' / f'{name}.png').stat().st_size > 0
+  assert (tmp_path / 'transformer_metrics.jsonl').exists()
+
+  again = run_main('--config=configs/mnist.py:tiny', f'--workdir={tmp_path}')
+  assert again.returncode == 0, again.stderr
+  assert 'Sampling' not in again.stderr and '[transformer] step' not in again.stderr

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from nested_decode import config_lib
+from nested_decode import stages
+from nested_decode.data import pipeline
 from nested_decode.training import objective
 from nested_decode.training import train_transformer
-from nested_decode.training.checkpoints import CheckpointShapeError
+from nested_decode.training.checkpoints import Checkpointer, CheckpointShapeError
 
 
 def tiny_config(num_steps=8):
@@ -92,14 +94,23 @@ def test_a_few_steps_lower_the_loss_of_every_width(tmp_path):
     assert last < 0.9 * first, (factor, first, last)
 
 
+def grain_batches():
+  """The real input path: a shuffled grain loader whose position goes into the checkpoint."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, 200).astype(np.int32)
+  tokens = ((labels[:, None] * 5 + np.arange(16)[None]) % 16).astype(np.int32)
+  source = pipeline.ArraySource('synthetic-tokens', tokens=tokens, label=labels)
+  return stages.resumable_batches(source, None, batch_size=8, seed=0)
+
+
 def test_killed_and_resumed_run_matches_an_uninterrupted_run(tmp_path):
   config = tiny_config(num_steps=8)
   straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-  train_transformer.train(config, str(straight), make_iterator, position)
+  train_transformer.train(config, str(straight), *grain_batches())
   # Preempted after 4 steps: the last checkpoint is step 3, so step 4 is redone on resume.
-  train_transformer.train(config, str(resumed), make_iterator, position, stop_after=4)
-  assert train_transformer.Checkpointer(str(resumed / 'transformer')).latest_step() == 3
-  final = train_transformer.train(config, str(resumed), make_iterator, position)
+  train_transformer.train(config, str(resumed), *grain_batches(), stop_after=4)
+  assert Checkpointer(str(resumed / 'transformer')).latest_step() == 3
+  final = train_transformer.train(config, str(resumed), *grain_batches())
   assert int(final.step) == 8
   a, b = read_metrics(straight), read_metrics(resumed)
   for step in range(4, 9):

@@ -2,8 +2,7 @@
 and an optional adversarial loss with an R1-penalised patch discriminator."""
 
 import functools
-import os
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import flax
 import jax
@@ -11,11 +10,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from nested_decode.models import vqgan
-from nested_decode.training.checkpoints import Checkpointer, path_name
-from nested_decode.training.metrics import MetricLogger
+from nested_decode.training import loop
+from nested_decode.training.checkpoints import path_name
 
 
 @flax.struct.dataclass
@@ -139,47 +137,28 @@ def make_train_step(config: ml_collections.ConfigDict):
   return jax.jit(train_step, donate_argnums=(0,))
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'tokenizer')
+NAME = 'tokenizer'
 
 
 def is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
-  directory = checkpoint_dir(workdir)
-  return os.path.isdir(directory) and Checkpointer(directory).latest_step() == \
-      config.tokenizer_training.num_steps
+  return loop.is_finished(workdir, NAME, config.tokenizer_training.num_steps)
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
   abstract = jax.eval_shape(lambda: create_state(config))
-  state, _, _ = Checkpointer(checkpoint_dir(workdir)).restore(abstract)
-  return state.params
+  return loop.restore_state(workdir, NAME, abstract).params
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          make_iterator: Callable[[Any], Iterator[dict]],
-          iterator_state: Callable[[Iterator[dict]], Any]) -> TokenizerState:
+def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.MakeIterator,
+          iterator_state: loop.IteratorState) -> TokenizerState:
   """Trains to ``config.tokenizer_training.num_steps``, resuming from the latest checkpoint."""
   training = config.tokenizer_training
-  checkpointer = Checkpointer(checkpoint_dir(workdir), max_to_keep=2)
-  state = create_state(config)
-  data_state = None
-  if checkpointer.latest_step() is not None:
-    state, data_state, _ = checkpointer.restore(jax.eval_shape(lambda: state))
-    logging.info('Resuming tokenizer training from step %d', int(state.step))
-  iterator = make_iterator(data_state)
-  train_step = make_train_step(config)
-  logger = MetricLogger(workdir, 'tokenizer', training.num_steps)
-  for step in range(int(state.step) + 1, training.num_steps + 1):
-    state, metrics = train_step(state, jnp.asarray(next(iterator)['image']))
-    logger.accumulate(metrics)
-    if not np.isfinite(float(metrics['loss'])):
-      raise FloatingPointError(f'Tokenizer loss became {float(metrics["loss"])} at step {step}')
-    if step % training.log_every == 0 or step == training.num_steps:
-      logger.write(step)
-    if step % training.checkpoint_every == 0 or step == training.num_steps:
-      checkpointer.save(step, state, iterator_state(iterator), config)
-  checkpointer.close()
-  return state
+  return loop.run(
+      name=NAME, config=config, workdir=workdir, initial_state=create_state(config),
+      train_step=make_train_step(config), batches=(make_iterator, iterator_state),
+      prepare=lambda batch: jnp.asarray(batch['image']), num_steps=training.num_steps,
+      log_every=training.log_every, checkpoint_every=training.checkpoint_every,
+      keep_checkpoints=2)
 
 
 @functools.cache
@@ -190,16 +169,11 @@ def _coder(tokenizer: vqgan.TokenizerConfig):
   return encode, decode
 
 
-def encode_images(config: ml_collections.ConfigDict, params: Any, images: np.ndarray,
-                  batch_size: int = 256) -> np.ndarray:
-  """uint8 images ``[n, H, W, C]`` -> token ids ``[n, h * w]``, batched and jit-compiled."""
+def encode_batch(config: ml_collections.ConfigDict, params: Any, images: np.ndarray
+                 ) -> np.ndarray:
+  """Float images ``[b, H, W, C]`` in [-1, 1] -> token ids ``[b, h * w]`` (jit-compiled)."""
   encode, _ = _coder(tokenizer_config(config))
-  out = []
-  for start in range(0, len(images), batch_size):
-    chunk = np.asarray(images[start:start + batch_size], np.float32) / 127.5 - 1.0
-    ids = np.asarray(encode(params, jnp.asarray(chunk)))
-    out.append(ids.reshape(len(chunk), -1))
-  return np.concatenate(out).astype(np.int32)
+  return np.asarray(encode(params, jnp.asarray(images))).reshape(len(images), -1)
 
 
 def decode_tokens(config: ml_collections.ConfigDict, params: Any, tokens: np.ndarray,

@@ -1,22 +1,18 @@
 """Nested joint training of the masked transformer on VQ tokens, resumable from checkpoints."""
 
-import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from absl import logging
 
 from nested_decode import config_lib
 from nested_decode.models.transformer import NestedMaskedTransformer
+from nested_decode.training import loop
 from nested_decode.training import objective
-from nested_decode.training.checkpoints import Checkpointer
-from nested_decode.training.metrics import MetricLogger
 
 
 @flax.struct.dataclass
@@ -84,59 +80,30 @@ def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransf
   return jax.jit(train_step, donate_argnums=(0,))
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'transformer')
+NAME = 'transformer'
 
 
 def is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
-  directory = checkpoint_dir(workdir)
-  return os.path.isdir(directory) and Checkpointer(directory).latest_step() == \
-      config.training.num_steps
+  return loop.is_finished(workdir, NAME, config.training.num_steps)
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Parameters of the latest transformer checkpoint in ``workdir``."""
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
   abstract = jax.eval_shape(lambda: create_train_state(config, model))
-  state, _, _ = Checkpointer(checkpoint_dir(workdir)).restore(abstract)
-  return state.params
+  return loop.restore_state(workdir, NAME, abstract).params
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          make_iterator: Callable[[Any], Iterator[dict]],
-          iterator_state: Callable[[Iterator[dict]], Any],
-          stop_after: int | None = None) -> TrainState:
-  """Trains to ``config.training.num_steps``, resuming from the latest checkpoint.
-
-  ``make_iterator(state_or_None)`` gives the batch iterator (restored to a saved position when
-  given one) and ``iterator_state(it)`` its JSON-serialisable position. ``stop_after`` ends the
-  run early after that many steps of this call, as a preemption would (used by tests).
-  """
+def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.MakeIterator,
+          iterator_state: loop.IteratorState, stop_after: int | None = None) -> TrainState:
+  """Trains to ``config.training.num_steps``, resuming from the latest checkpoint."""
   training = config.training
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
-  checkpointer = Checkpointer(checkpoint_dir(workdir), max_to_keep=training.keep_checkpoints)
-  state = create_train_state(config, model)
-  data_state = None
-  if checkpointer.latest_step() is not None:
-    state, data_state, _ = checkpointer.restore(jax.eval_shape(lambda: state))
-    logging.info('Resuming transformer training from step %d', int(state.step))
-  iterator = make_iterator(data_state)
-  train_step = make_train_step(config, model)
-  logger = MetricLogger(workdir, 'transformer', training.num_steps)
-  start = int(state.step)
-  for step in range(start + 1, training.num_steps + 1):
-    batch = next(iterator)
-    state, metrics = train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
-    logger.accumulate(metrics)
-    loss = float(metrics['loss'])
-    if not np.isfinite(loss):
-      raise FloatingPointError(f'Transformer loss became {loss} at step {step}; the last good '
-                               f'checkpoint in {checkpointer.directory} is kept')
-    if step % training.log_every == 0 or step == training.num_steps:
-      logger.write(step)
-    if step % training.checkpoint_every == 0 or step == training.num_steps:
-      checkpointer.save(step, state, iterator_state(iterator), config)
-    if stop_after is not None and step - start >= stop_after:
-      break
-  checkpointer.close()
-  return state
+  return loop.run(
+      name=NAME, config=config, workdir=workdir,
+      initial_state=create_train_state(config, model),
+      train_step=make_train_step(config, model), batches=(make_iterator, iterator_state),
+      prepare=lambda batch: {k: jnp.asarray(v) for k, v in batch.items()},
+      num_steps=training.num_steps, log_every=training.log_every,
+      checkpoint_every=training.checkpoint_every, keep_checkpoints=training.keep_checkpoints,
+      stop_after=stop_after)

@@ -1,0 +1,39 @@
+import importlib.util
+import json
+import os
+
+import numpy as np
+
+from nested_decode import stages
+from nested_decode.training import train_tokenizer
+
+CONFIG_PATH = os.path.join(os.path.dirname(__file__), '..', 'configs', 'mnist.py')
+
+
+def mnist_tiny():
+  spec = importlib.util.spec_from_file_location('mnist_config', CONFIG_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config('tiny')
+
+
+def test_tokenizer_training_lowers_reconstruction_error_on_real_digits(tmp_path):
+  config = mnist_tiny()
+  config.tokenizer_training.num_steps = 40
+  config.tokenizer_training.log_every = 10
+  config.tokenizer_training.checkpoint_every = 40
+  train, _, _, _ = stages.image_sources(config)
+  train_tokenizer.train(config, str(tmp_path),
+                        *stages.resumable_batches(train, None, 16, config.seed))
+  lines = (tmp_path / 'tokenizer_metrics.jsonl').read_text().splitlines()
+  first, last = json.loads(lines[0]), json.loads(lines[-1])
+  assert last['reconstruction_mse'] < 0.7 * first['reconstruction_mse']
+  assert train_tokenizer.is_trained(config, str(tmp_path))
+
+  params = train_tokenizer.load_params(config, str(tmp_path))
+  images, _ = stages.all_images(train)
+  tokens = train_tokenizer.encode_batch(config, params, images[:10] / 127.5 - 1.0)
+  assert tokens.shape == (10, 49) and tokens.dtype == np.int32
+  assert tokens.min() >= 0 and tokens.max() < config.tokens.codebook_size
+  decoded = train_tokenizer.decode_tokens(config, params, tokens)
+  assert decoded.shape == (10, 28, 28, 1) and decoded.dtype == np.uint8
