@@ -2,6 +2,7 @@ import importlib.util
 import json
 import os
 
+import jax
 import numpy as np
 
 from nested_decode import stages
@@ -37,3 +38,20 @@ def test_tokenizer_training_lowers_reconstruction_error_on_real_digits(tmp_path)
   assert tokens.min() >= 0 and tokens.max() < config.tokens.codebook_size
   decoded = train_tokenizer.decode_tokens(config, params, tokens)
   assert decoded.shape == (10, 28, 28, 1) and decoded.dtype == np.uint8
+
+
+def test_adversarial_loss_trains_the_discriminator_too(tmp_path):
+  config = mnist_tiny()
+  config.tokenizer_training.adversarial_weight = 0.1
+  config.tokenizer_training.discriminator_channels = 8
+  train, _, _, _ = stages.image_sources(config)
+  state = train_tokenizer.train(config, str(tmp_path),
+                                *stages.resumable_batches(train, None, 16, config.seed))
+  rows = [json.loads(line) for line in
+          (tmp_path / 'tokenizer_metrics.jsonl').read_text().splitlines()]
+  for key in ('discriminator_loss', 'r1_penalty', 'generator_adversarial_loss'):
+    assert np.isfinite(rows[-1][key]), key
+  initial = train_tokenizer.create_state(config).disc_params
+  moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+           zip(jax.tree.leaves(initial), jax.tree.leaves(state.disc_params))]
+  assert max(moved) > 0
