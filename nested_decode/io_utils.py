@@ -9,6 +9,12 @@ from typing import IO, Iterator
 import numpy as np
 
 
+def _current_umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def _replaced_on_success(path: str, mode: str) -> Iterator[IO]:
   """Opens a temporary file next to ``path`` that replaces ``path`` once the block succeeds."""
@@ -18,6 +24,7 @@ def _replaced_on_success(path: str, mode: str) -> Iterator[IO]:
   try:
     with os.fdopen(fd, mode) as f:
       yield f
+    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; outputs are shared
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)

@@ -164,3 +164,11 @@ def test_atomic_writes_clean_up_on_failure(tmp_path):
   assert os.listdir(tmp_path) == ['out.json']
   with open(path) as f:
     assert f.read() == '{\n  "a": 1\n}\n'
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+  import stat
+  from nested_decode import io_utils
+  io_utils.write_json(str(tmp_path / 'a.json'), {'x': 1})
+  mode = stat.S_IMODE(os.stat(tmp_path / 'a.json').st_mode)
+  assert mode & 0o044, oct(mode)  # readable by group/others, as open() would make it
