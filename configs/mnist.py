@@ -38,4 +38,10 @@ def get_config(arg=None):
   config.eval.num_samples = 20 if tiny else 1000
   config.eval.batch_size = 20 if tiny else 250
   config.eval.grid_per_class = 2 if tiny else 10
+  config.study = ml_collections.ConfigDict(dict(seeds=2 if tiny else 3,
+                                                num_samples=20 if tiny else 1000))
+  config.search = ml_collections.ConfigDict(dict(
+      max_gflops_per_sample=0.0, max_fd_increase=0.10, cache='refresh_on_switch',
+      beam_width=2 if tiny else 3, proxy_samples=20 if tiny else 300,
+      max_rounds=2 if tiny else 30, compare_with='magnets'))
   return config

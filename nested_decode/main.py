@@ -9,7 +9,11 @@ Modes:
   sample           per schedule in config.eval.schedules (and the baseline): DIR/samples/;
   eval             DIR/eval.json: GFLOPs, class accuracy and Fréchet distance per schedule;
   flops            analytic GFLOPs per sample of each decode, DIR/flops.json;
-  bench            the same rows plus measured seconds per batch decode, DIR/bench.json.
+  bench            the same rows plus measured seconds per batch decode, DIR/bench.json;
+  study            quality against compute for a grid of decodes, nested against separate
+                   models, DIR/study/ (MNIST);
+  search_schedule  beam search for the best schedule within config.search's budget,
+                   DIR/search/ (MNIST).
 """
 
 import logging as pylogging
@@ -22,7 +26,8 @@ from ml_collections import config_flags
 from nested_decode import config_lib
 from nested_decode import io_utils
 
-MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'flops', 'bench')
+MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'flops', 'bench', 'study',
+         'search_schedule')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/k600.py:tiny')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for outputs.')
@@ -61,6 +66,14 @@ def run_stages(config, workdir: str, mode: str) -> None:
     stages.transformer_stage(config, workdir)
   elif mode == 'sample':
     stages.sample_stage(config, workdir)
+  elif mode == 'study':
+    from nested_decode.evaluation import study
+    study.run_study(config, workdir)
+    print(f'Wrote {os.path.join(workdir, "study")}/results.json, results.md, fd_vs_gflops.png')
+  elif mode == 'search_schedule':
+    from nested_decode.evaluation import schedule_search
+    report = schedule_search.search(config, workdir)
+    print(f"Found {report['found']} ({report['cache']}); see {workdir}/search/")
   else:  # 'eval' and the whole job: every stage up to the evaluation
     rows = stages.eval_stage(config, workdir)
     print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',

@@ -5,6 +5,7 @@ Outputs live under ``workdir``; only process 0 writes samples and metrics.
 """
 
 import os
+import time
 from typing import Any
 
 import jax
@@ -133,20 +134,30 @@ def classifier_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
 # Sampling and evaluation
 # ----------------------------------------------------------------------------------------------
 
-def generate_tokens(config: ml_collections.ConfigDict, params: Any,
-                    schedule: ml_collections.ConfigDict, labels: np.ndarray,
-                    seed: int) -> np.ndarray:
-  """Class-conditional token samples for ``labels``, decoded in batches of eval.batch_size."""
+def schedule_decoder(config: ml_collections.ConfigDict, schedule: ml_collections.ConfigDict):
+  """The jit-compiled decode of one schedule (compiled on first use, then reused)."""
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
-  decode = make_decoder(model, config_lib.decode_plan(config, schedule),
-                        config_lib.sampling_options(config))
+  return make_decoder(model, config_lib.decode_plan(config, schedule),
+                      config_lib.sampling_options(config))
+
+
+def generate_tokens(config: ml_collections.ConfigDict, params: Any, decode: Any,
+                    labels: np.ndarray, seed: int,
+                    batch_seconds: list[float] | None = None) -> np.ndarray:
+  """Class-conditional token samples for ``labels``, decoded in batches of eval.batch_size;
+  appends each batch's wall time to ``batch_seconds`` when given."""
+  model_config = config_lib.transformer_config(config)
   batch = config.eval.batch_size
   rng = jax.random.PRNGKey(seed)
   out = []
   for start in range(0, len(labels), batch):
     chunk = jnp.asarray(labels[start:start + batch], jnp.int32)
-    init = jnp.full((len(chunk), model.config.seq_len), model.config.mask_id, jnp.int32)
-    out.append(np.asarray(decode(params, init, chunk, jax.random.fold_in(rng, start)).tokens))
+    init = jnp.full((len(chunk), model_config.seq_len), model_config.mask_id, jnp.int32)
+    began = time.perf_counter()
+    tokens = np.asarray(decode(params, init, chunk, jax.random.fold_in(rng, start)).tokens)
+    if batch_seconds is not None:
+      batch_seconds.append(time.perf_counter() - began)
+    out.append(tokens)
   return np.concatenate(out)
 
 
@@ -169,7 +180,8 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, d
     if os.path.exists(path):
       continue
     logging.info('Sampling %d images with schedule %s', len(labels), name)
-    tokens = generate_tokens(config, transformer, schedule, labels, config.seed)
+    tokens = generate_tokens(config, transformer, schedule_decoder(config, schedule), labels,
+                             config.seed)
     images = train_tokenizer.decode_tokens(config, tokenizer, tokens)
     if jax.process_index() == 0:
       sample_writer.save_samples_npz(path, images, labels)

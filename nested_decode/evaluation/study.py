@@ -1,0 +1,242 @@
+"""``--mode=study``: quality against compute for a grid of decodes of one trained nested model,
+and what nesting and distillation cost, on the offline MNIST task.
+
+Every row is scored on the held-out digits with several sampling seeds (mean and standard
+deviation); its time comes from the same sampling runs (median batch time after the first,
+compiled, batch), so speedups are measured in one process.
+"""
+
+import dataclasses
+import json
+import os
+import statistics
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from nested_decode import config_lib
+from nested_decode import io_utils
+from nested_decode import stages
+from nested_decode.data import pipeline
+from nested_decode.evaluation import frechet
+from nested_decode.evaluation import mnist_classifier
+from nested_decode.evaluation.flops import decode_flops
+from nested_decode.models.transformer import NestedMaskedTransformer
+from nested_decode.training import objective
+from nested_decode.training import train_tokenizer
+from nested_decode.training import train_transformer
+
+CACHES = ('none', 'refresh_on_switch')
+
+
+def decode_grid(steps: int = 12) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
+  """(name, widths) of the study: baselines at T in {8, 12, 16}, each width alone, small-to-large
+  splits of the T steps and, as controls, large-to-small ones."""
+  grid = [(f'baseline_T{t}', ((1, t),)) for t in (8, 12, 16)]
+  grid += [(f'alone_p{p}', ((p, steps),)) for p in (2, 4, 8)]
+  splits = [((8, 3), (4, 3), (2, 3), (1, 3)), ((8, 4), (4, 4), (2, 2), (1, 2)),
+            ((8, 2), (4, 2), (2, 4), (1, 4)), ((8, 6), (1, 6)), ((4, 6), (1, 6)),
+            ((2, 6), (1, 6)), ((8, 8), (1, 4)), ((4, 4), (2, 4), (1, 4))]
+  grid += [('up_' + '_'.join(f'{p}x{n}' for p, n in s), s) for s in splits]
+  controls = [((1, 3), (2, 3), (4, 3), (8, 3)), ((1, 6), (8, 6))]
+  grid += [('down_' + '_'.join(f'{p}x{n}' for p, n in s), s) for s in controls]
+  return grid
+
+
+@dataclasses.dataclass
+class Scorer:
+  """Samples a decode of a trained model and scores it against reference digits."""
+  config: ml_collections.ConfigDict
+  transformer: Any
+  tokenizer: Any
+  classifier: mnist_classifier.ClassifierScorer
+  reference_stats: tuple[np.ndarray, np.ndarray]
+
+  def score(self, widths, cache: str, seeds: list[int], num_samples: int) -> dict:
+    schedule = config_lib.schedule(widths, cache=cache)
+    plan = config_lib.decode_plan(self.config, schedule)
+    decode = stages.schedule_decoder(self.config, schedule)
+    labels = np.arange(num_samples, dtype=np.int32) % self.config.tokens.num_classes
+    accuracies, distances, seconds = [], [], []
+    for seed in seeds:
+      tokens = stages.generate_tokens(self.config, self.transformer, decode, labels, seed,
+                                      seconds)
+      images = train_tokenizer.decode_tokens(self.config, self.tokenizer, tokens)
+      logits, features = self.classifier.logits_and_features(images)
+      accuracies.append(mnist_classifier.class_accuracy(logits.argmax(-1), labels))
+      distances.append(frechet.frechet_distance(*frechet.feature_statistics(features),
+                                                *self.reference_stats))
+    guided = self.config.sampling.guidance_scale > 0
+    model_config = config_lib.transformer_config(self.config)
+    return dict(
+        widths=[list(s) for s in widths], cache=cache, steps=len(plan),
+        gflops_per_sample=sum(decode_flops(model_config, plan, guided)) / 1e9,
+        seconds_per_batch=statistics.median(seconds[1:] or seconds),  # [0] includes compiling
+        class_accuracy_mean=float(np.mean(accuracies)),
+        class_accuracy_std=float(np.std(accuracies)),
+        fd_mean=float(np.mean(distances)), fd_std=float(np.std(distances)),
+        num_samples=num_samples, seeds=len(seeds))
+
+
+def make_scorer(config: ml_collections.ConfigDict, workdir: str, transformer: Any,
+                reference_split: str = 'eval') -> Scorer:
+  """A scorer whose reference digits are the held-out split (or, for calibration, the first
+  1000 training digits, disjoint from it)."""
+  classifier = mnist_classifier.ClassifierScorer(stages.classifier_stage(config, workdir))
+  train, evaluation, _, _ = stages.image_sources(config)
+  images, _ = stages.all_images(evaluation if reference_split == 'eval' else train)
+  if reference_split != 'eval':
+    images = images[:1000]
+  stats = frechet.feature_statistics(classifier.features(images))
+  return Scorer(config, transformer, stages.tokenizer_stage(config, workdir), classifier, stats)
+
+
+def heldout_token_accuracy(config: ml_collections.ConfigDict, params: Any, workdir: str,
+                           factors: tuple[int, ...]) -> dict[str, float]:
+  """Masked-token accuracy per width on the held-out tokens, with fixed training-style masks."""
+  tokens, labels = stages.token_dataset(config, workdir, 'eval')
+  model = NestedMaskedTransformer(config_lib.transformer_config(config))
+  mask = objective.random_mask(jax.random.PRNGKey(1234), *tokens.shape)
+  inputs = np.where(mask, model.config.mask_id, tokens)
+  result = {}
+  for factor in factors:
+    logits, _ = jax.jit(lambda p, x, y, f=factor: model.apply(p, x, y, width_factor=f))(
+        params, inputs, labels)
+    result[f'p{factor}'] = float(objective.masked_mean(logits.argmax(-1) == tokens, mask))
+  return result
+
+
+def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """Separately trained plain models of each sub-width, and the nested model without
+  distillation, all with the nested model's training budget (steps and batch)."""
+  variants = {}
+  for factor in config.model.nesting_factors:
+    separate = ml_collections.ConfigDict(config.to_dict())
+    separate.model.width = config.model.width // factor
+    separate.model.num_heads = config.model.num_heads // factor
+    separate.model.mlp_dim = config.model.mlp_dim // factor
+    separate.model.nesting_factors = (1,)
+    separate.training.widths = (1,)
+    separate.eval.schedules = ml_collections.ConfigDict()
+    variants[f'separate_width{separate.model.width}'] = separate
+  no_distill = ml_collections.ConfigDict(config.to_dict())
+  no_distill.training.distill_lambda_start = no_distill.training.distill_lambda_end = 1.0
+  variants['nested_no_distillation'] = no_distill
+  return variants
+
+
+def train_variant(config: ml_collections.ConfigDict, workdir: str, variant_dir: str) -> Any:
+  if not train_transformer.is_trained(config, variant_dir):
+    tokens, labels = stages.token_dataset(config, workdir, 'train')
+    source = pipeline.ArraySource(f'tokens/train/{config.data.name}', tokens=tokens,
+                                   label=labels)
+    batches = stages.resumable_batches(source, None, config.training.batch_size, config.seed)
+    train_transformer.train(config, variant_dir, *batches)
+  return train_transformer.load_params(config, variant_dir)
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: str,
+              log: Callable[[str], None] = logging.info) -> dict:
+  out_dir = os.path.join(workdir, 'study')
+  study = config.study
+  seeds = list(range(study.seeds))
+  params = stages.transformer_stage(config, workdir)
+  scorer = make_scorer(config, workdir, params)
+  rows = []
+  for name, widths in decode_grid(config.sampling.steps):
+    for cache in CACHES:
+      row = dict(schedule=name, model='nested', **scorer.score(widths, cache, seeds,
+                                                                study.num_samples))
+      rows.append(row)
+      log(f"study {name} {cache}: {row['gflops_per_sample']:.3g} GFLOPs, "
+          f"acc {row['class_accuracy_mean']:.3f}, fd {row['fd_mean']:.1f}")
+  baseline = next(r for r in rows if r['schedule'] == 'baseline_T12' and r['cache'] == 'none')
+  for row in rows:
+    row['flop_ratio'] = baseline['gflops_per_sample'] / row['gflops_per_sample']
+    row['speedup'] = baseline['seconds_per_batch'] / row['seconds_per_batch']
+
+  factors = tuple(config.model.nesting_factors)
+  comparisons = [dict(model='nested', token_accuracy=heldout_token_accuracy(
+      config, params, workdir, factors))]
+  for name, variant in variant_configs(config).items():
+    variant_params = train_variant(variant, workdir, os.path.join(out_dir, name))
+    own_factors = tuple(variant.model.nesting_factors)
+    entry = dict(model=name, token_accuracy=heldout_token_accuracy(
+        variant, variant_params, workdir, own_factors))
+    variant_scorer = dataclasses.replace(scorer, config=variant, transformer=variant_params)
+    for factor in own_factors:
+      entry[f'samples_p{factor}'] = variant_scorer.score(
+          ((factor, config.sampling.steps),), 'none', seeds, study.num_samples)
+    comparisons.append(entry)
+    log(f'study variant {name}: {entry}')
+
+  report = dict(rows=rows, models=comparisons, config=json_config(config))
+  io_utils.write_json(os.path.join(out_dir, 'results.json'), report)
+  io_utils.write_bytes(os.path.join(out_dir, 'results.md'), markdown(report).encode())
+  plot_pareto(rows, os.path.join(out_dir, 'fd_vs_gflops.png'))
+  return report
+
+
+def json_config(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json())
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+  """Rows not beaten by any row that is both cheaper (or equal) and better in fd."""
+  ordered = sorted(rows, key=lambda r: (r['gflops_per_sample'], r['fd_mean']))
+  front, best = [], float('inf')
+  for row in ordered:
+    if row['fd_mean'] < best:
+      front.append(row)
+      best = row['fd_mean']
+  return front
+
+
+def markdown(report: dict) -> str:
+  front = {id(r) for r in pareto_front(report['rows'])}
+  lines = ['| schedule | cache | GFLOPs | flop_ratio | speedup | class acc | fd | Pareto |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- |']
+  for r in report['rows']:
+    lines.append(
+        f"| {r['schedule']} | {r['cache']} | {r['gflops_per_sample']:.3f} | "
+        f"{r['flop_ratio']:.2f} | {r['speedup']:.2f} | "
+        f"{r['class_accuracy_mean']:.3f} ± {r['class_accuracy_std']:.3f} | "
+        f"{r['fd_mean']:.1f} ± {r['fd_std']:.1f} | {'*' if id(r) in front else ''} |")
+  lines += ['', '| model | masked-token accuracy (held out) | samples: class acc / fd |',
+            '| --- | --- | --- |']
+  for m in report['models']:
+    samples = '; '.join(f"{k[8:]}: {v['class_accuracy_mean']:.3f} / {v['fd_mean']:.1f}"
+                        for k, v in m.items() if k.startswith('samples_'))
+    accuracy = ', '.join(f'{k} {v:.3f}' for k, v in m['token_accuracy'].items())
+    lines.append(f"| {m['model']} | {accuracy} | {samples or 'see the rows above'} |")
+  return '\n'.join(lines) + '\n'
+
+
+def plot_pareto(rows: list[dict], path: str) -> None:
+  import io
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 5.5))
+  for cache, marker in zip(CACHES, ('o', 's')):
+    sel = [r for r in rows if r['cache'] == cache]
+    ax.errorbar([r['gflops_per_sample'] for r in sel], [r['fd_mean'] for r in sel],
+                yerr=[r['fd_std'] for r in sel], fmt=marker, alpha=0.75, label=f'cache {cache}')
+  front = pareto_front(rows)
+  ax.plot([r['gflops_per_sample'] for r in front], [r['fd_mean'] for r in front], 'k--',
+          label='Pareto front')
+  for r in front:
+    ax.annotate(f"{r['schedule']} ({r['cache'][:7]})", (r['gflops_per_sample'], r['fd_mean']),
+                fontsize=7, xytext=(4, 4), textcoords='offset points')
+  ax.set_xscale('log')
+  ax.set_xlabel('GFLOPs per sample (log)')
+  ax.set_ylabel('Fréchet distance to held-out digits (lower is better)')
+  ax.set_title('Quality against decode compute, one nested model')
+  ax.legend()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=120, bbox_inches='tight')
+  plt.close(fig)
+  io_utils.write_bytes(path, buffer.getvalue())
