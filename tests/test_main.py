@@ -73,3 +73,13 @@ def test_main_job_on_tiny_mnist_writes_samples_and_eval_then_skips_finished_stag
   again = run_main('--config=configs/mnist.py:tiny', f'--workdir={tmp_path}')
   assert again.returncode == 0, again.stderr
   assert 'Sampling' not in again.stderr and '[transformer] step' not in again.stderr
+
+  search = run_main('--config=configs/mnist.py:tiny', f'--workdir={tmp_path}',
+                    '--mode=search_schedule', '--config.search.max_rounds=1',
+                    '--config.search.proxy_samples=10', '--config.study.seeds=1')
+  assert search.returncode == 0, search.stderr
+  found = json.loads((tmp_path / 'search' / 'result.json').read_text())
+  assert found['proxy']['reference'] == 'first 1000 training digits'
+  assert {'searched', 'magnets', 'baseline'} <= set(found['heldout'])
+  snippet = (tmp_path / 'search' / 'best_schedule.py').read_text()
+  assert snippet.startswith('config.eval.schedules.searched = config_lib.schedule(')
