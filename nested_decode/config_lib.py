@@ -218,8 +218,9 @@ def schedules_with_baseline(config: ml_collections.ConfigDict) -> dict:
   return result
 
 
-def decode_plan(config: ml_collections.ConfigDict, sched: ml_collections.ConfigDict,
-                num_unknown: int | None = None) -> tuple[DecodeStep, ...]:
+def decode_plan(config: ml_collections.ConfigDict, sched: ml_collections.ConfigDict
+                ) -> tuple[DecodeStep, ...]:
+  """The plan of generating all ``seq_len`` tokens with schedule ``sched``."""
   n = seq_len(config)
-  return make_plan(n, n if num_unknown is None else num_unknown, sched.widths, sched.cache,
-                   sched.get('refresh_every', 1), config.sampling.mask_schedule)
+  return make_plan(n, n, sched.widths, sched.cache, sched.get('refresh_every', 1),
+                   config.sampling.mask_schedule)
