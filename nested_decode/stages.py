@@ -205,11 +205,11 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   classifier = classifier_stage(config, workdir)
   _, evaluation, _, _ = image_sources(config)
   held_out, held_out_labels = all_images(evaluation)
+  scorer = mnist_classifier.SampleScorer(classifier, held_out)
   rows = []
-  for name, schedule in config_lib.schedules_with_baseline(config).items():
+  for name in config_lib.schedules_with_baseline(config):
     with np.load(samples_path(workdir, name)) as samples:
-      scores = mnist_classifier.score_samples(classifier, samples['images'], samples['labels'],
-                                              held_out)
+      scores = scorer.score(samples['images'], samples['labels'])
     row = {key: flops[name][key] for key in ('schedule', 'cache', 'steps', 'gflops_per_sample',
                                              'flop_ratio')}
     row.update(scores, num_samples=len(sample_labels(config)))
@@ -218,13 +218,12 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   tokenizer = tokenizer_stage(config, workdir)
   eval_tokens, _ = token_dataset(config, workdir, 'eval')
   reconstructions = train_tokenizer.decode_tokens(config, tokenizer, eval_tokens)
-  reference = mnist_classifier.score_samples(classifier, reconstructions, held_out_labels,
-                                             held_out)
+  reference = scorer.score(reconstructions, held_out_labels)
   reference['reconstruction_mse'] = float(np.mean(
       (reconstructions.astype(np.float32) / 127.5 - held_out.astype(np.float32) / 127.5) ** 2))
   report = dict(rows=rows, tokenizer_reconstructions_of_held_out=reference,
                 held_out_classifier_accuracy=mnist_classifier.class_accuracy(
-                    mnist_classifier.ClassifierScorer(classifier).predict(held_out),
+                    scorer.classifier.predict(held_out),
                     held_out_labels))
   if jax.process_index() == 0:
     io_utils.write_json(os.path.join(workdir, 'eval.json'), report)

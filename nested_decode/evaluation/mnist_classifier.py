@@ -169,12 +169,22 @@ def class_accuracy(predicted: np.ndarray, wanted: np.ndarray) -> float:
   return float((predicted == wanted).mean())
 
 
+class SampleScorer:
+  """Scores sample sets against fixed reference digits, whose statistics are computed once."""
+
+  def __init__(self, params, reference_images: np.ndarray):
+    self.classifier = ClassifierScorer(params)
+    self._reference = frechet.feature_statistics(self.classifier.features(reference_images))
+
+  def score(self, sample_images: np.ndarray, sample_labels: np.ndarray) -> dict[str, float]:
+    """Class accuracy of the samples and the Fréchet distance of their features."""
+    logits, features = self.classifier.logits_and_features(sample_images)
+    return dict(
+        class_accuracy=class_accuracy(logits.argmax(-1), sample_labels),
+        fd=frechet.frechet_distance(*frechet.feature_statistics(features), *self._reference))
+
+
 def score_samples(params, sample_images: np.ndarray, sample_labels: np.ndarray,
                   reference_images: np.ndarray) -> dict[str, float]:
   """Class accuracy of samples and Fréchet distance of their features to reference digits."""
-  scorer = ClassifierScorer(params)
-  logits, sample_features = scorer.logits_and_features(sample_images)
-  return dict(
-      class_accuracy=class_accuracy(logits.argmax(-1), sample_labels),
-      fd=frechet.frechet_distance_from_features(sample_features,
-                                                scorer.features(reference_images)))
+  return SampleScorer(params, reference_images).score(sample_images, sample_labels)

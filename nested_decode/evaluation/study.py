@@ -21,7 +21,6 @@ from nested_decode import config_lib
 from nested_decode import io_utils
 from nested_decode import stages
 from nested_decode.data import pipeline
-from nested_decode.evaluation import frechet
 from nested_decode.evaluation import mnist_classifier
 from nested_decode.evaluation.flops import decode_flops
 from nested_decode.models.transformer import NestedMaskedTransformer
@@ -52,8 +51,7 @@ class Scorer:
   config: ml_collections.ConfigDict
   transformer: Any
   tokenizer: Any
-  classifier: mnist_classifier.ClassifierScorer
-  reference_stats: tuple[np.ndarray, np.ndarray]
+  samples: mnist_classifier.SampleScorer
 
   def score(self, widths, cache: str, seeds: list[int], num_samples: int) -> dict:
     schedule = config_lib.schedule(widths, cache=cache)
@@ -65,10 +63,9 @@ class Scorer:
       tokens = stages.generate_tokens(self.config, self.transformer, decode, labels, seed,
                                       seconds)
       images = train_tokenizer.decode_tokens(self.config, self.tokenizer, tokens)
-      logits, features = self.classifier.logits_and_features(images)
-      accuracies.append(mnist_classifier.class_accuracy(logits.argmax(-1), labels))
-      distances.append(frechet.frechet_distance(*frechet.feature_statistics(features),
-                                                *self.reference_stats))
+      scores = self.samples.score(images, labels)
+      accuracies.append(scores['class_accuracy'])
+      distances.append(scores['fd'])
     guided = self.config.sampling.guidance_scale > 0
     model_config = config_lib.transformer_config(self.config)
     return dict(
@@ -85,13 +82,12 @@ def make_scorer(config: ml_collections.ConfigDict, workdir: str, transformer: An
                 reference_split: str = 'eval') -> Scorer:
   """A scorer whose reference digits are the held-out split (or, for calibration, the first
   1000 training digits, disjoint from it)."""
-  classifier = mnist_classifier.ClassifierScorer(stages.classifier_stage(config, workdir))
   train, evaluation, _, _ = stages.image_sources(config)
   images, _ = stages.all_images(evaluation if reference_split == 'eval' else train)
   if reference_split != 'eval':
     images = images[:1000]
-  stats = frechet.feature_statistics(classifier.features(images))
-  return Scorer(config, transformer, stages.tokenizer_stage(config, workdir), classifier, stats)
+  samples = mnist_classifier.SampleScorer(stages.classifier_stage(config, workdir), images)
+  return Scorer(config, transformer, stages.tokenizer_stage(config, workdir), samples)
 
 
 def heldout_token_accuracy(config: ml_collections.ConfigDict, params: Any, workdir: str,
