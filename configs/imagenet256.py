@@ -34,8 +34,9 @@ def with_image_pipeline(config, *, image_size, channel_multipliers, base_channel
       base_channels=base_channels, channel_multipliers=channel_multipliers, num_res_blocks=2,
       embedding_dim=embedding_dim, commitment_cost=0.25, num_groups=32))
   config.tokenizer_training = ml_collections.ConfigDict(dict(
-      num_steps=500_000, batch_size=256, learning_rate=1e-4, warmup_steps=5000, b1=0.5,
-      b2=0.9, grad_clip=1.0, adversarial_weight=0.1, discriminator_channels=64, r1_gamma=10.0,
+      num_steps=500_000, batch_size=256, learning_rate=1e-4, warmup_steps=5000,
+      final_lr_fraction=0.1, b1=0.5, b2=0.9, grad_clip=1.0, adversarial_weight=0.1,
+      discriminator_channels=64, r1_gamma=10.0,
       usage_decay=0.99, dead_code_threshold=0.01, restart_every=1000, log_every=100,
       checkpoint_every=5000))
   config.eval.num_samples = 50_000

@@ -27,7 +27,7 @@ def get_config(arg=None):
       embedding_dim=16 if tiny else 32, commitment_cost=0.25, num_groups=8))
   config.tokenizer_training = ml_collections.ConfigDict(dict(
       num_steps=4 if tiny else 600, batch_size=16 if tiny else 64, learning_rate=1e-3,
-      warmup_steps=100, b1=0.9, b2=0.99, grad_clip=1.0,
+      warmup_steps=100, final_lr_fraction=0.1, b1=0.9, b2=0.99, grad_clip=1.0,
       adversarial_weight=0.0, discriminator_channels=32, r1_gamma=10.0,
       usage_decay=0.99, dead_code_threshold=0.05, restart_every=50,
       log_every=2 if tiny else 100, checkpoint_every=4 if tiny else 500))

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 from nested_decode.training.checkpoints import Checkpointer
@@ -17,6 +18,14 @@ from nested_decode.training.metrics import MetricLogger
 
 MakeIterator = Callable[[Any], Iterator[dict]]
 IteratorState = Callable[[Iterator[dict]], Any]
+
+
+def lr_schedule(training: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to ``learning_rate``, then cosine decay to ``final_lr_fraction`` of it."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=training.learning_rate,
+      warmup_steps=min(training.warmup_steps, training.num_steps - 1),
+      decay_steps=training.num_steps, end_value=training.learning_rate * training.final_lr_fraction)
 
 
 def checkpoint_dir(workdir: str, name: str) -> str:

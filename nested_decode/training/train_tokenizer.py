@@ -37,11 +37,8 @@ def tokenizer_config(config: ml_collections.ConfigDict) -> vqgan.TokenizerConfig
 
 
 def _optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, training.learning_rate, min(training.warmup_steps, training.num_steps - 1),
-      training.num_steps, training.learning_rate * 0.1)
   return optax.chain(optax.clip_by_global_norm(training.grad_clip),
-                     optax.adam(schedule, b1=training.b1, b2=training.b2))
+                     optax.adam(loop.lr_schedule(training), b1=training.b1, b2=training.b2))
 
 
 def _discriminator(training: ml_collections.ConfigDict) -> vqgan.PatchDiscriminator:

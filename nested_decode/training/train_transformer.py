@@ -23,17 +23,10 @@ class TrainState:
   rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
 
 
-def lr_schedule(training: ml_collections.ConfigDict) -> optax.Schedule:
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=training.learning_rate,
-      warmup_steps=min(training.warmup_steps, training.num_steps - 1),
-      decay_steps=training.num_steps, end_value=training.learning_rate * training.final_lr_fraction)
-
-
 def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(training.grad_clip),
-      optax.adamw(lr_schedule(training), b1=training.b1, b2=training.b2,
+      optax.adamw(loop.lr_schedule(training), b1=training.b1, b2=training.b2,
                   weight_decay=training.weight_decay))
 
 
@@ -74,7 +67,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransf
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics.update(loss=loss, distill_lambda=lam, grad_norm=optax.tree.norm(grads),
-                   learning_rate=lr_schedule(training)(state.step))
+                   learning_rate=loop.lr_schedule(training)(state.step))
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
   return jax.jit(train_step, donate_argnums=(0,))
