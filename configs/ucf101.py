@@ -1,11 +1,22 @@
-r"""Class-conditional UCF101 video, 16x128x128 frames as 4x16x16 tokens (MAGVIT-L sized).
+r"""Class-conditional UCF101: 16 frames of 128x128, 101 classes, every token generated.
 
-`:base` gives the MAGVIT-B transformer (12 layers x 768), `:tiny` one for a 2-core machine.
+  python -m nested_decode.main --config=configs/ucf101.py --workdir=gs://BUCKET/ucf101
+
+UCF101 comes through TFDS (prepare it once with `pip install -e ".[tf]"`; set
+`--config.data.data_dir` where it lives). The causal 3D tokenizer turns 16 frames (padded to 17)
+into 5x16x16 tokens. `:base` gives the MAGVIT-B transformer (12 layers x 768), `:tiny` a small
+model on the same data for smoke runs and benchmarks.
 """
+
+import ml_collections
 
 from nested_decode import config_lib
 
 
 def get_config(arg=None):
-  return config_lib.video_config(arg, config_file='configs/ucf101.py', num_classes=101,
-                                 guidance_scale=1.0)
+  data = ml_collections.ConfigDict(dict(
+      name='ucf101', data_dir=None, num_frames=16, frame_stride=1,
+      image_size=32 if arg == 'tiny' else 128, channels=3))
+  task = ml_collections.ConfigDict(dict(name='class_conditional'))
+  return config_lib.video_config(arg, config_file='configs/ucf101.py', data=data, task=task,
+                                 num_classes=101, guidance_scale=1.0)

@@ -8,6 +8,7 @@ import math
 
 import ml_collections
 
+from nested_decode import tasks
 from nested_decode.decoding.mask_schedule import MASK_SCHEDULES
 from nested_decode.decoding.plan import CACHE_POLICIES, DecodeStep, make_plan
 from nested_decode.decoding.sampler import GUIDANCE_SCHEDULES, SamplingOptions
@@ -63,18 +64,56 @@ MAGVIT_SIZES = {
 }
 
 
-def video_config(arg: str | None, *, config_file: str, num_classes: int,
+def video_config(arg: str | None, *, config_file: str, data: ml_collections.ConfigDict,
+                 task: ml_collections.ConfigDict, num_classes: int,
                  guidance_scale: float) -> ml_collections.ConfigDict:
-  """16x128x128 clips as 4x16x16 tokens, MAGVIT-L sized (``:base``: MAGVIT-B, ``:tiny``)."""
-  if arg == 'tiny':
-    return base_config(num_layers=4, width=256, num_heads=8, token_shape=(2, 8, 8),
-                       codebook_size=512, num_classes=num_classes,
-                       guidance_scale=guidance_scale, batch_size=8)
-  if arg not in MAGVIT_SIZES:
+  """16x128x128 clips as 5x16x16 tokens of a causal 3D tokenizer (17 frames: the 16 and a copy
+  of the last), MAGVIT-L sized (``:base``: MAGVIT-B; ``:tiny``: a model for a 2-core machine)."""
+  if arg not in (*MAGVIT_SIZES, 'tiny'):
     raise ValueError(f'Unknown variant {arg!r} of {config_file}; allowed: base, tiny')
-  return base_config(**MAGVIT_SIZES[arg], token_shape=(4, 16, 16), codebook_size=1024,
-                     num_classes=num_classes, guidance_scale=guidance_scale, batch_size=32,
-                     dtype='bfloat16')
+  tiny = arg == 'tiny'
+  tokenizer = video_tokenizer(base_channels=8 if tiny else 64,
+                              channel_multipliers=(1, 2, 4) if tiny else (1, 2, 2, 4),
+                              num_res_blocks=1 if tiny else 2,
+                              embedding_dim=16 if tiny else 256, num_groups=8 if tiny else 32)
+  token_shape = video_token_shape(data, tokenizer)
+  if tiny:
+    config = base_config(num_layers=4, width=128, num_heads=8, token_shape=token_shape,
+                         codebook_size=256, num_classes=num_classes,
+                         guidance_scale=guidance_scale, batch_size=8)
+  else:
+    config = base_config(**MAGVIT_SIZES[arg], token_shape=token_shape, codebook_size=1024,
+                         num_classes=num_classes, guidance_scale=guidance_scale, batch_size=32,
+                         dtype='bfloat16')
+  config.data = data
+  config.task = task
+  config.tokenizer = tokenizer
+  config.tokenizer_training = ml_collections.ConfigDict(dict(
+      num_steps=500_000, batch_size=64, num_frames=data.num_frames, learning_rate=1e-4,
+      warmup_steps=5000, final_lr_fraction=0.1, b1=0.5, b2=0.9, grad_clip=1.0,
+      adversarial_weight=0.1, discriminator_channels=64, r1_gamma=10.0, usage_decay=0.99,
+      dead_code_threshold=0.01, restart_every=1000, log_every=100, checkpoint_every=5000))
+  config.eval.num_samples = 50_000
+  config.eval.batch_size = 64
+  config.eval.fvd_batch_size = 16
+  config.eval.gif_clips = 8
+  return config
+
+
+def video_tokenizer(**fields) -> ml_collections.ConfigDict:
+  """A causal 3D VQ tokenizer halving time at the first two downsampling levels (t = 4)."""
+  levels = len(fields['channel_multipliers']) - 1
+  return ml_collections.ConfigDict(dict(
+      commitment_cost=0.25, temporal_downsample=tuple(i < 2 for i in range(levels)), **fields))
+
+
+def video_token_shape(data: ml_collections.ConfigDict, tokenizer: ml_collections.ConfigDict
+                      ) -> tuple[int, int, int]:
+  """``(t, h, w)`` latent grid of ``data.num_frames`` frames of ``data.image_size`` pixels."""
+  levels = len(tokenizer.channel_multipliers) - 1
+  temporal = 2 ** sum(bool(t) for t in tokenizer.temporal_downsample)
+  side = data.image_size // 2 ** levels
+  return (1 + -(-(data.num_frames - 1) // temporal), side, side)
 
 
 def training_config(**overrides) -> ml_collections.ConfigDict:
@@ -135,10 +174,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if 'tokenizer' in config:
     levels = len(config.tokenizer.channel_multipliers)
     side = config.data.image_size // 2 ** (levels - 1)
-    if tuple(config.tokens.shape) != (side, side):
+    expected = (side, side)
+    if config.data.get('num_frames'):
+      expected = video_token_shape(config.data, config.tokenizer)
+    if tuple(config.tokens.shape) != expected:
       _fail('tokens.shape', tuple(config.tokens.shape),
             f'config.data.image_size={config.data.image_size} downsampled {levels - 1} times '
-            f'(config.tokenizer.channel_multipliers) gives {(side, side)} tokens')
+            f'(config.tokenizer.channel_multipliers) gives {expected} tokens')
+  if 'task' in config:
+    try:
+      task = tasks.task_of(config)
+    except ValueError as error:
+      raise ConfigError(f'config.task: {error}') from error
+    if task.num_generated <= 0:
+      _fail('task.condition_frames', config.task.condition_frames,
+            'leaves no latent frames to generate')
   training = config.training
   for key in ('training.num_steps', 'training.batch_size', 'training.log_every',
               'training.checkpoint_every', 'training.keep_checkpoints'):
@@ -220,7 +270,7 @@ def schedules_with_baseline(config: ml_collections.ConfigDict) -> dict:
 
 def decode_plan(config: ml_collections.ConfigDict, sched: ml_collections.ConfigDict
                 ) -> tuple[DecodeStep, ...]:
-  """The plan of generating all ``seq_len`` tokens with schedule ``sched``."""
-  n = seq_len(config)
-  return make_plan(n, n, sched.widths, sched.cache, sched.get('refresh_every', 1),
+  """The plan of generating the task's tokens (all ``seq_len`` for class-conditional tasks)
+  with schedule ``sched``."""
+  return make_plan(seq_len(config), tasks.task_of(config).num_generated, sched.widths, sched.cache, sched.get('refresh_every', 1),
                    config.sampling.mask_schedule)

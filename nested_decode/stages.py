@@ -91,7 +91,7 @@ def token_dataset(config: ml_collections.ConfigDict, workdir: str, split: str
                                   train=False, transform=eval_transform)
     tokens, labels = [], []
     for batch in loader:
-      tokens.append(train_tokenizer.encode_batch(config, params, batch['image']))
+      tokens.append(train_tokenizer.encode_batch(config, params, batch))
       labels.append(batch['label'])
     tokens, labels = np.concatenate(tokens).astype(np.int32), np.concatenate(labels)
     if jax.process_index() == 0:

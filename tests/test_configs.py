@@ -30,7 +30,9 @@ def test_paper_scale_sizes():
   assert config_lib.seq_len(image) == 256 and image.tokens.codebook_size == 1024
   video = load('k600')
   assert (video.model.num_layers, video.model.width) == (24, 1024)
-  assert tuple(video.tokens.shape) == (4, 16, 16) and video.tokens.num_classes == 0
+  # 16 frames padded to 17 for the causal tokenizer: 5 latent frames, the first 2 given.
+  assert tuple(video.tokens.shape) == (5, 16, 16) and video.tokens.num_classes == 0
+  assert video.task.condition_frames == 5 and video.data.num_frames == 16
   assert load('ucf101').tokens.num_classes == 101
   assert load('k600', 'base').model.num_layers == 12
 

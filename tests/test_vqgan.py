@@ -224,3 +224,57 @@ def test_adversarial_losses_and_r1():
   assert discriminator.apply(params, images).shape == (2, 4, 4, 1)
   assert penalty > 0
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+VIDEO = MNIST._replace(video=True, temporal_downsample=(True, True))  # t = 4, 4x spatial
+
+
+def test_video_tokenizer_shapes_17_frames_to_5_latent_frames():
+  assert VIDEO.latent_shape(17, 16, 16) == (5, 4, 4)
+  assert vqgan.causal_frames(16, 4) == 17 and vqgan.causal_frames(9, 4) == 9
+  with pytest.raises(ValueError, match='16 frames do not fit'):
+    VIDEO.latent_shape(16, 16, 16)
+  videos = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 9, 16, 16, 1)), jnp.float32)
+  params = init_params(VIDEO, (9, 16, 16, 1))
+  assert params['params']['encoder']['conv_in']['kernel'].shape == (3, 3, 3, 1, 8)
+  reconstruction, ids, _ = jax.jit(VQGAN(VIDEO).apply)(params, videos)
+  assert reconstruction.shape == videos.shape and ids.shape == (2, 3, 4, 4)
+  decoded = jax.jit(functools.partial(VQGAN(VIDEO).apply, method='decode_ids'))(params, ids)
+  assert decoded.shape == videos.shape
+
+
+def test_video_tokens_of_the_first_frames_do_not_depend_on_later_frames():
+  """Causality: what frame prediction relies on to give the condition as known tokens."""
+  videos = np.random.default_rng(1).uniform(-1, 1, (2, 9, 16, 16, 1)).astype(np.float32)
+  changed = videos.copy()
+  changed[:, 5:] = np.random.default_rng(2).uniform(-1, 1, changed[:, 5:].shape)
+  params = init_params(VIDEO, (9, 16, 16, 1))
+  encode = jax.jit(functools.partial(VQGAN(VIDEO).apply, method='encode'))
+  ids, _, _ = encode(params, videos)
+  ids_changed, _, _ = encode(params, changed)
+  ids_alone, _, _ = encode(params, videos[:, :5])
+  np.testing.assert_array_equal(ids[:, :2], ids_changed[:, :2])
+  np.testing.assert_array_equal(ids[:, :2], ids_alone)
+  assert np.any(np.asarray(ids[:, 2:]) != np.asarray(ids_changed[:, 2:]))
+
+
+def test_video_tokenizer_gradients_reach_every_parameter():
+  videos = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (2, 5, 16, 16, 1)), jnp.float32)
+  params = init_params(VIDEO, (5, 16, 16, 1))
+  model = VQGAN(VIDEO)
+
+  def loss(p):
+    reconstruction, _, stats = model.apply(p, videos)
+    return vqgan.tokenizer_loss(reconstruction, videos, stats, VIDEO.commitment_cost)[0]
+
+  grads = jax.jit(jax.grad(loss))(params)
+  norms = {jax.tree_util.keystr(path): float(jnp.linalg.norm(g))
+           for path, g in jax.tree_util.tree_leaves_with_path(grads)}
+  assert all(np.isfinite(n) and n > 0 for n in norms.values()), norms
+
+
+def test_video_discriminator_gives_patch_logits():
+  videos = jnp.zeros((1, 8, 16, 16, 1))
+  disc = vqgan.PatchDiscriminator(base_channels=8, num_layers=2)
+  logits = disc.apply(disc.init(rbg_key(0), videos), videos)
+  assert logits.shape == (1, 2, 4, 4, 1)

@@ -1,9 +1,18 @@
-"""A MaskGIT-style VQGAN image tokenizer.
+"""MaskGIT-style VQGAN image tokenizers and MAGVIT-style causal 3D video tokenizers.
 
 Images are float32 NHWC in [-1, 1]. The encoder halves the resolution between consecutive
 channel levels, so ``H x W`` images become ``H/f x W/f`` grids of codebook ids with
 ``f = 2 ** (len(channel_multipliers) - 1)``: 28x28 -> 7x7 with three levels, 256x256 -> 16x16
 with the paper's five (multipliers (1, 1, 2, 2, 4), 2 res blocks, 1024 codes of 256 dims).
+
+Videos are float32 ``[B, T, H, W, C]``; with ``video=True`` every convolution is 3D and
+causal in time (padded only at the front with copies of the first frame), and the levels
+flagged in ``temporal_downsample`` also halve time. ``T = 1 + t*k`` frames become ``1 + k``
+latent frames (``t = 2 ** sum(temporal_downsample)``): latent frame 0 encodes frame 0 alone and
+latent frame ``j > 0`` frames ``t*(j-1)+1 .. t*j``, and no latent frame sees a later frame.
+So the tokens of the first ``1 + t*c`` frames of a clip are the tokens of those frames alone:
+frame prediction can give them as known tokens. 17 frames -> 5 latent frames with
+``t = 4`` (two temporally downsampling levels), as in MAGVIT-v2.
 
 The training pieces are pure functions: ``tokenizer_loss`` (L2 reconstruction + codebook +
 commitment), dead-code restarts (``update_usage_ema`` and ``restart_dead_codes``) and an optional
@@ -27,22 +36,40 @@ class TokenizerConfig(NamedTuple):
   codebook_size: int
   commitment_cost: float = 0.25
   num_groups: int = 8  # GroupNorm groups; must divide every channel count
+  video: bool = False  # 3D causal convolutions over [B, T, H, W, C]
+  temporal_downsample: tuple[bool, ...] = ()  # video: per downsampling level, halve time too
 
   @property
   def downsample_factor(self) -> int:
     return 2 ** (len(self.channel_multipliers) - 1)
 
   @property
+  def temporal_factor(self) -> int:
+    return 2 ** sum(bool(t) for t in self.temporal_downsample)
+
+  @property
   def level_channels(self) -> tuple[int, ...]:
     return tuple(self.base_channels * m for m in self.channel_multipliers)
 
-  def latent_shape(self, height: int, width: int) -> tuple[int, int]:
-    """The ``(h, w)`` id grid of ``height x width`` images; raises if the factor does not divide."""
+  def latent_shape(self, *sizes: int) -> tuple[int, ...]:
+    """The id grid of ``(height, width)`` images or ``(frames, height, width)`` clips; raises if
+    the sizes do not fit the downsampling."""
+    *frames, height, width = sizes
+    if len(sizes) != (3 if self.video else 2):
+      raise ValueError(f'{"Video" if self.video else "Image"} tokenizer got sizes {sizes}; '
+                       f'expected {"(frames, height, width)" if self.video else "(height, width)"}')
     f = self.downsample_factor
     if height % f or width % f:
-      raise ValueError(f'Image size {height}x{width} is not divisible by the downsampling factor '
+      raise ValueError(f'Frame size {height}x{width} is not divisible by the downsampling factor '
                        f'{f} (2**(len(channel_multipliers) - 1)).')
-    return height // f, width // f
+    spatial = (height // f, width // f)
+    if not self.video:
+      return spatial
+    t = self.temporal_factor
+    if (frames[0] - 1) % t:
+      raise ValueError(f'{frames[0]} frames do not fit the causal temporal factor {t}: need '
+                       f'1 + {t}*k frames (pad clips with causal_frames)')
+    return (1 + (frames[0] - 1) // t,) + spatial
 
   def validate(self) -> None:
     """Raises ValueError for configs the modules cannot build."""
@@ -51,6 +78,52 @@ class TokenizerConfig(NamedTuple):
     bad = [c for c in self.level_channels if c % self.num_groups]
     if bad:
       raise ValueError(f'num_groups={self.num_groups} does not divide the channel counts {bad}.')
+    levels = len(self.channel_multipliers) - 1
+    if self.temporal_downsample and (not self.video or len(self.temporal_downsample) != levels):
+      raise ValueError(f'temporal_downsample={self.temporal_downsample} needs video=True and one '
+                       f'flag per downsampling level ({levels}).')
+
+
+def causal_frames(num_frames: int, temporal_factor: int) -> int:
+  """Frames a causal tokenizer encodes for a ``num_frames`` clip: the next ``1 + t*k``."""
+  return 1 + -(-(num_frames - 1) // temporal_factor) * temporal_factor
+
+
+def pad_to_causal(videos: jax.Array, temporal_factor: int) -> jax.Array:
+  """``[B, T, ...]`` -> ``[B, causal_frames(T), ...]`` by repeating the last frame."""
+  extra = causal_frames(videos.shape[1], temporal_factor) - videos.shape[1]
+  return jnp.concatenate([videos] + [videos[:, -1:]] * extra, axis=1) if extra else videos
+
+
+def conv(x: jax.Array, features: int, kernel: int, name: str, stride: int = 1,
+         temporal_stride: int = 1) -> jax.Array:
+  """``nn.Conv`` with 'SAME' padding over ``[B, H, W, C]``; over ``[B, T, H, W, C]`` a 3D conv
+  with the same kernel size in time, causal: time is front-padded with the first frame.
+
+  Call inside a compact method: the convolution becomes the caller's submodule ``name``.
+  """
+  if x.ndim == 4:
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), name=name)(x)
+  if kernel > 1:
+    x = jnp.concatenate([x[:, :1]] * (kernel - 1) + [x], axis=1)
+  pads = [_same_padding(size, kernel, stride) for size in x.shape[2:4]]
+  return nn.Conv(features, (kernel,) * 3, strides=(temporal_stride, stride, stride),
+                 padding=[(0, 0)] + pads, name=name)(x)
+
+
+def group_norm(x: jax.Array, num_groups: int, name: str) -> jax.Array:
+  """``nn.GroupNorm``; videos are normalised frame by frame, so that no statistic mixes a frame
+  with later ones (the encoder stays causal)."""
+  norm = nn.GroupNorm(num_groups, name=name)
+  if x.ndim == 4:
+    return norm(x)
+  return norm(x.reshape((-1,) + x.shape[2:])).reshape(x.shape)
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """XLA's 'SAME' padding of one axis (the extra pixel goes at the end)."""
+  total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
 
 
 class ResBlock(nn.Module):
@@ -63,16 +136,19 @@ class ResBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     h = x
     for i in range(2):
-      h = nn.swish(nn.GroupNorm(self.num_groups, name=f'norm_{i}')(h))
-      h = nn.Conv(self.features, (3, 3), name=f'conv_{i}')(h)
+      h = nn.swish(group_norm(h, self.num_groups, name=f'norm_{i}'))
+      h = conv(h, self.features, 3, name=f'conv_{i}')
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), name='shortcut')(x)
+      x = conv(x, self.features, 1, name='shortcut')
     return x + h
 
 
-def upsample_nearest(x: jax.Array) -> jax.Array:
-  """``[B, H, W, C] -> [B, 2H, 2W, C]`` by repeating pixels."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+def upsample_nearest(x: jax.Array, temporal: bool = False) -> jax.Array:
+  """Doubles ``H`` and ``W`` of ``[B, (T,) H, W, C]`` by repeating pixels; ``temporal`` also
+  takes ``1 + k`` frames to ``1 + 2k`` (each frame twice, then the first copy dropped), the
+  inverse of a causal stride-2 downsampling."""
+  x = jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
+  return jnp.repeat(x, 2, axis=1)[:, 1:] if temporal else x
 
 
 class Encoder(nn.Module):
@@ -84,16 +160,17 @@ class Encoder(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     cfg = self.config
     channels = cfg.level_channels
-    x = nn.Conv(channels[0], (3, 3), name='conv_in')(images)
+    x = conv(images, channels[0], 3, name='conv_in')
     for level, features in enumerate(channels):
       for i in range(cfg.num_res_blocks):
         x = ResBlock(features, cfg.num_groups, name=f'level_{level}_block_{i}')(x)
       if level < len(channels) - 1:
-        x = nn.Conv(features, (3, 3), strides=(2, 2), name=f'downsample_{level}')(x)
+        x = conv(x, features, 3, stride=2, temporal_stride=2 if _halves_time(cfg, level) else 1,
+                 name=f'downsample_{level}')
     for i in range(cfg.num_res_blocks):
       x = ResBlock(channels[-1], cfg.num_groups, name=f'bottom_block_{i}')(x)
-    x = nn.swish(nn.GroupNorm(cfg.num_groups, name='norm_out')(x))
-    return nn.Conv(cfg.embedding_dim, (1, 1), name='conv_out')(x)
+    x = nn.swish(group_norm(x, cfg.num_groups, name='norm_out'))
+    return conv(x, cfg.embedding_dim, 1, name='conv_out')
 
 
 class Decoder(nn.Module):
@@ -105,16 +182,21 @@ class Decoder(nn.Module):
   def __call__(self, latents: jax.Array) -> jax.Array:
     cfg = self.config
     channels = cfg.level_channels
-    x = nn.Conv(channels[-1], (3, 3), name='conv_in')(latents)
+    x = conv(latents, channels[-1], 3, name='conv_in')
     for i in range(cfg.num_res_blocks):
       x = ResBlock(channels[-1], cfg.num_groups, name=f'bottom_block_{i}')(x)
     for level in reversed(range(len(channels))):
       for i in range(cfg.num_res_blocks):
         x = ResBlock(channels[level], cfg.num_groups, name=f'level_{level}_block_{i}')(x)
       if level > 0:
-        x = nn.Conv(channels[level], (3, 3), name=f'upsample_{level}')(upsample_nearest(x))
-    x = nn.swish(nn.GroupNorm(cfg.num_groups, name='norm_out')(x))
-    return nn.Conv(cfg.image_channels, (3, 3), name='conv_out')(x)
+        x = upsample_nearest(x, temporal=_halves_time(cfg, level - 1))
+        x = conv(x, channels[level], 3, name=f'upsample_{level}')
+    x = nn.swish(group_norm(x, cfg.num_groups, name='norm_out'))
+    return conv(x, cfg.image_channels, 3, name='conv_out')
+
+
+def _halves_time(cfg: TokenizerConfig, level: int) -> bool:
+  return bool(cfg.temporal_downsample) and bool(cfg.temporal_downsample[level])
 
 
 def nearest_codes(vectors: jax.Array, codebook: jax.Array) -> jax.Array:
@@ -183,15 +265,16 @@ class VQGAN(nn.Module):
     self.decoder = Decoder(cfg)
 
   def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """``images [B, H, W, C]`` -> ``(ids [B, h, w], quantized [B, h, w, D], stats)``."""
-    self.config.latent_shape(images.shape[1], images.shape[2])  # raises on indivisible sizes
+    """``images [B, H, W, C]`` (or videos ``[B, T, H, W, C]``) -> ``(ids [B, h, w],
+    quantized [B, h, w, D], stats)`` (``[B, t, h, w]`` ids for videos)."""
+    self.config.latent_shape(*images.shape[1:-1])  # raises on sizes that do not fit
     z = self.encoder(images)
     self.sow('intermediates', 'encodings', z)
     quantized, ids, stats = self.quantizer(z)
     return ids, quantized, stats
 
   def decode_ids(self, ids: jax.Array) -> jax.Array:
-    """``ids [B, h, w]`` -> images ``[B, fh, fw, C]`` (unclipped)."""
+    """``ids [B, (t,) h, w]`` -> images ``[B, fh, fw, C]`` or videos (unclipped)."""
     return self.decoder(self.quantizer.lookup(ids))
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
@@ -242,8 +325,9 @@ def restart_dead_codes(codebook: jax.Array, usage_ema: jax.Array, encodings_flat
 class PatchDiscriminator(nn.Module):
   """PatchGAN discriminator: stride-2 4x4 convs with leaky ReLU, one logit per patch.
 
-  ``images [B, H, W, C]`` -> logits ``[B, ceil(H / 2**L), ceil(W / 2**L), 1]``. GroupNorm (off
-  with ``num_groups=None``) keeps images independent, as the per-image R1 penalty needs.
+  ``images [B, H, W, C]`` -> logits ``[B, ceil(H / 2**L), ceil(W / 2**L), 1]``; videos
+  ``[B, T, H, W, C]`` get 4x4x4 convs (stride 2 in time too). GroupNorm (off with
+  ``num_groups=None``) keeps images independent, as the per-image R1 penalty needs.
   """
 
   base_channels: int = 64
@@ -253,13 +337,14 @@ class PatchDiscriminator(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     x = images
+    dims = images.ndim - 2
     for i in range(self.num_layers):
-      x = nn.Conv(self.base_channels * 2 ** min(i, 3), (4, 4), strides=(2, 2),
+      x = nn.Conv(self.base_channels * 2 ** min(i, 3), (4,) * dims, strides=(2,) * dims,
                   name=f'conv_{i}')(x)
       if i > 0 and self.num_groups:
         x = nn.GroupNorm(self.num_groups, name=f'norm_{i}')(x)
       x = nn.leaky_relu(x, 0.2)
-    return nn.Conv(1, (4, 4), name='logits')(x)
+    return nn.Conv(1, (4,) * dims, name='logits')(x)
 
 
 def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:

@@ -1,7 +1,8 @@
 """The masked-token objective with nested joint training and online distillation.
 
-Per example r ~ U(0, 1) and ceil(cos(pi/2 r) * N) random tokens are masked (MaskGIT); the loss is
-cross-entropy on masked positions only, with label smoothing. Every configured width sees the same
+Per example r ~ U(0, 1) and ceil(cos(pi/2 r) * N) random tokens are masked (MaskGIT), drawn among
+the tokens the task generates (given tokens are never masked); the loss is cross-entropy on masked
+positions only, with label smoothing. Every configured width sees the same
 masked batch; the full model is the teacher, and a sub-model's loss is
 ``lam * CE(labels) + (1 - lam) * CE(stop_gradient(teacher probabilities))``.
 """
@@ -10,14 +11,19 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def random_mask(rng: jax.Array, batch: int, length: int) -> jax.Array:
-  """Boolean [B, N]: per row, ceil(cos(pi/2 * r) * N) random positions with r ~ U(0, 1)."""
+def random_mask(rng: jax.Array, batch: int, length: int,
+                maskable: np.ndarray | None = None) -> jax.Array:
+  """Boolean [B, N]: per row, ceil(cos(pi/2 * r) * M) random positions with r ~ U(0, 1), drawn
+  among the ``M`` positions where ``maskable [N]`` is True (all of them by default)."""
+  maskable = np.ones(length, bool) if maskable is None else np.asarray(maskable, bool)
+  num_maskable = int(maskable.sum())
   ratio_rng, order_rng = jax.random.split(rng)
   ratio = jax.random.uniform(ratio_rng, (batch, 1))
-  count = jnp.clip(jnp.ceil(jnp.cos(jnp.pi / 2 * ratio) * length), 1, length)
-  scores = jax.random.uniform(order_rng, (batch, length))
+  count = jnp.clip(jnp.ceil(jnp.cos(jnp.pi / 2 * ratio) * num_maskable), 1, num_maskable)
+  scores = jnp.where(maskable, jax.random.uniform(order_rng, (batch, length)), 2.0)
   ranks = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)
   return ranks < count
 

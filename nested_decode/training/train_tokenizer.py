@@ -33,7 +33,30 @@ def tokenizer_config(config: ml_collections.ConfigDict) -> vqgan.TokenizerConfig
       image_channels=config.data.channels, base_channels=t.base_channels,
       channel_multipliers=tuple(t.channel_multipliers), num_res_blocks=t.num_res_blocks,
       embedding_dim=t.embedding_dim, codebook_size=config.tokens.codebook_size,
-      commitment_cost=t.commitment_cost, num_groups=t.num_groups)
+      commitment_cost=t.commitment_cost, num_groups=t.num_groups,
+      video=is_video(config), temporal_downsample=tuple(t.get('temporal_downsample', ())))
+
+
+def is_video(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.data.get('num_frames'))
+
+
+def example_shape(config: ml_collections.ConfigDict, num_frames: int) -> tuple[int, ...]:
+  """The tokenizer's input shape of one example: ``(S, S, C)`` or ``(T', S, S, C)`` with
+  ``T' = causal_frames(num_frames)``."""
+  size, channels = config.data.image_size, config.data.channels
+  if not is_video(config):
+    return (size, size, channels)
+  frames = vqgan.causal_frames(num_frames, tokenizer_config(config).temporal_factor)
+  return (frames, size, size, channels)
+
+
+def model_inputs(config: ml_collections.ConfigDict, batch: dict) -> jax.Array:
+  """A loader batch's ``image`` or ``video`` as the tokenizer's input (videos causally padded)."""
+  if not is_video(config):
+    return jnp.asarray(batch['image'])
+  return vqgan.pad_to_causal(jnp.asarray(batch['video']),
+                             tokenizer_config(config).temporal_factor)
 
 
 def _optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -50,8 +73,7 @@ def create_state(config: ml_collections.ConfigDict) -> TokenizerState:
   model = vqgan.VQGAN(tokenizer_config(config))
   rng = jax.random.PRNGKey(config.seed)
   init_rng, disc_rng, train_rng = jax.random.split(rng, 3)
-  size = config.data.image_size
-  images = jnp.zeros((1, size, size, config.data.channels), jnp.float32)
+  images = jnp.zeros((1,) + example_shape(config, training.get('num_frames', 1)), jnp.float32)
   params = {'params': model.init(init_rng, images)['params']}  # not the sown intermediates
   optimizer = _optimizer(training)
   disc_params, disc_opt_state = {}, {}
@@ -153,7 +175,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.M
   return loop.run(
       name=NAME, config=config, workdir=workdir, initial_state=create_state(config),
       train_step=make_train_step(config), batches=(make_iterator, iterator_state),
-      prepare=lambda batch: jnp.asarray(batch['image']), num_steps=training.num_steps,
+      prepare=functools.partial(model_inputs, config), num_steps=training.num_steps,
       log_every=training.log_every, checkpoint_every=training.checkpoint_every,
       keep_checkpoints=2)
 
@@ -166,21 +188,25 @@ def _coder(tokenizer: vqgan.TokenizerConfig):
   return encode, decode
 
 
-def encode_batch(config: ml_collections.ConfigDict, params: Any, images: np.ndarray
-                 ) -> np.ndarray:
-  """Float images ``[b, H, W, C]`` in [-1, 1] -> token ids ``[b, h * w]`` (jit-compiled)."""
+def encode_batch(config: ml_collections.ConfigDict, params: Any, batch: dict) -> np.ndarray:
+  """A loader batch (float images ``[b, H, W, C]`` or videos ``[b, T, H, W, C]`` in [-1, 1])
+  -> token ids ``[b, N]`` (jit-compiled)."""
   encode, _ = _coder(tokenizer_config(config))
-  return np.asarray(encode(params, jnp.asarray(images))).reshape(len(images), -1)
+  inputs = model_inputs(config, batch)
+  return np.asarray(encode(params, inputs)).reshape(len(inputs), -1)
 
 
 def decode_tokens(config: ml_collections.ConfigDict, params: Any, tokens: np.ndarray,
                   batch_size: int = 256) -> np.ndarray:
-  """Token ids ``[n, h * w]`` -> uint8 images ``[n, H, W, C]``."""
+  """Token ids ``[n, N]`` -> uint8 images ``[n, H, W, C]`` or videos ``[n, T, H, W, C]`` (the
+  causal padding frames dropped)."""
   _, decode = _coder(tokenizer_config(config))
   shape = tuple(config.tokens.shape)
   out = []
   for start in range(0, len(tokens), batch_size):
     ids = jnp.asarray(tokens[start:start + batch_size]).reshape((-1,) + shape)
     images = np.asarray(decode(params, ids))
+    if is_video(config):
+      images = images[:, :config.data.num_frames]
     out.append(np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8))
   return np.concatenate(out)

@@ -10,6 +10,7 @@ import ml_collections
 import optax
 
 from nested_decode import config_lib
+from nested_decode import tasks
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import loop
 from nested_decode.training import objective
@@ -48,11 +49,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransf
   optimizer = make_optimizer(training)
   widths = objective.widths_in_order(training.widths)
   mc = model.config
+  generated = ~tasks.task_of(config).given_mask()
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng, mask_rng, drop_rng = jax.random.split(state.rng, 3)
     tokens, labels = batch['tokens'], batch['label']
-    mask = objective.random_mask(mask_rng, *tokens.shape)
+    mask = objective.random_mask(mask_rng, *tokens.shape, maskable=generated)
     inputs = jnp.where(mask, mc.mask_id, tokens)
     dropped = jax.random.uniform(drop_rng, labels.shape) < training.label_dropout
     labels = jnp.where(dropped, mc.unconditional_id, labels)
