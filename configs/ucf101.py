@@ -9,13 +9,14 @@ model on the same data for smoke runs and benchmarks.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from nested_decode import config_lib
 
 
 def get_config(arg=None):
   data = ml_collections.ConfigDict(dict(
-      name='ucf101', data_dir=None, num_frames=16, frame_stride=1,
+      name='ucf101', data_dir=config_dict.placeholder(str), num_frames=16, frame_stride=1,
       image_size=32 if arg == 'tiny' else 128, channels=3))
   task = ml_collections.ConfigDict(dict(name='class_conditional'))
   return config_lib.video_config(arg, config_file='configs/ucf101.py', data=data, task=task,

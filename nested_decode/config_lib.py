@@ -55,6 +55,8 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   config.bench = ml_collections.ConfigDict(dict(batch_size=batch_size, warmup_runs=1,
                                                 timed_runs=5))
   config.training = training_config()
+  # Device mesh (nested_decode/parallel.py); -1: the devices the other axes leave.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return config
 
 
@@ -95,7 +97,7 @@ def video_config(arg: str | None, *, config_file: str, data: ml_collections.Conf
       dead_code_threshold=0.01, restart_every=1000, log_every=100, checkpoint_every=5000))
   config.eval.num_samples = 50_000
   config.eval.batch_size = 64
-  config.eval.fvd_batch_size = 16
+  config.eval.saved_clips = 64
   config.eval.gif_clips = 8
   return config
 
@@ -202,6 +204,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= training[key] <= 1.0:
       _fail(f'training.{key}', training[key], 'must be in [0, 1]')
 
+  if 'mesh' in config:
+    validate_mesh(config.mesh)
+
   sampling = config.sampling
   _check_choice(config, 'sampling.mask_schedule', MASK_SCHEDULES)
   _check_choice(config, 'sampling.guidance_schedule', GUIDANCE_SCHEDULES)
@@ -222,7 +227,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     key = f'eval.schedules.{name}'
     if name == BASELINE:
       _fail(key, name, f'the name {BASELINE!r} is reserved for the full-width baseline')
-    widths = tuple(tuple(s) for s in sched.widths)
+    try:
+      widths = tuple(tuple(s) for s in sched.widths)
+    except TypeError:
+      _fail(f'{key}.widths', sched.widths, 'must be a tuple of (nesting_factor, steps) pairs')
     if any(len(s) != 2 for s in widths):
       _fail(f'{key}.widths', widths, 'must be a tuple of (nesting_factor, steps) pairs')
     unknown = [f for f, _ in widths if f not in factors]
@@ -239,6 +247,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail(f'{key}.cache', sched.cache, f'allowed values are {CACHE_POLICIES}')
     if sched.cache == 'refresh_every_k' and sched.get('refresh_every', 0) <= 0:
       _fail(f'{key}.refresh_every', sched.get('refresh_every'), 'must be a positive integer')
+
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def validate_mesh(mesh: ml_collections.ConfigDict) -> None:
+  """Checks ``config.mesh`` without looking at devices (``parallel.make_mesh`` does that)."""
+  unknown = [key for key in mesh.keys() if key not in (*MESH_AXES, 'rules')]
+  if unknown:
+    _fail(f'mesh.{unknown[0]}', mesh[unknown[0]], f'unknown key; allowed: {MESH_AXES} and rules')
+  for axis in MESH_AXES:
+    size = mesh.get(axis, 1)
+    if not isinstance(size, int) or isinstance(size, bool) or (size <= 0 and size != -1):
+      _fail(f'mesh.{axis}', size, 'must be a positive integer or -1 (the devices the other '
+            'axes leave)')
+  rest = [axis for axis in MESH_AXES if mesh.get(axis, 1) == -1]
+  if len(rest) > 1:
+    _fail(f'mesh.{rest[1]}', -1, f'only one mesh axis may be -1 (config.mesh.{rest[0]} is)')
+  for rule in mesh.get('rules') or ():
+    axes = rule[1] if len(rule) == 2 else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if len(rule) != 2 or any(a not in MESH_AXES for a in axes):
+      _fail('mesh.rules', rule, f'each rule is (logical_name, mesh axes or None) over '
+            f'{MESH_AXES}')
 
 
 def seq_len(config: ml_collections.ConfigDict) -> int:

@@ -9,6 +9,27 @@ from typing import IO, Iterator
 import numpy as np
 
 
+class CorruptDataError(ValueError):
+  """An input file or record cannot be decoded; the message names it and says what to do."""
+
+
+def ensure_writable_dir(path: str) -> None:
+  """Creates directory ``path`` if needed and checks a file can be written in it.
+
+  Raises:
+    OSError: naming ``path`` and the reason (a parent or ``path`` itself is a file, no
+      permission, a read-only file system). The check writes a file rather than asking
+      ``os.access``, which says yes to root even where the file system refuses.
+  """
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path, prefix='.write_test')
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as error:
+    raise OSError(f'{path} is not a writable directory: {error}') from error
+
+
 def _current_umask() -> int:
   mask = os.umask(0)
   os.umask(mask)

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from nested_decode import config_lib
 from nested_decode import io_utils
+from nested_decode import parallel
 
 MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'flops', 'bench', 'study',
          'search_schedule')
@@ -89,23 +90,70 @@ def quiet_library_info_logs() -> None:
   logging.get_absl_handler().addFilter(keep)
 
 
+def _innermost_message(error: BaseException) -> str:
+  message = error
+  while isinstance(message, BaseException) and message.args:
+    message = message.args[0]
+  return str(message)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an override of a key the config lacks as one line, not a
+  traceback: ``--config.model.widht=3`` names the flag and the key, and suggests one."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as error:
+    message = _innermost_message(error)
+    key = message.splitlines()[0].strip('\'"')
+    given = [arg.split('=')[0] for arg in argv[1:]
+             if arg.startswith('--config.') and key in arg.split('=')[0].split('.')]
+    flag = given[0] if given else 'a --config override'
+    hint = ' '.join(message.splitlines()[1:])
+    sys.exit(f'FATAL Flags parsing error: {flag}: the config has no key {key!r}. {hint}'.strip())
+
+
+def run_reporting_faults(run, *args) -> None:
+  """``run(*args)``; a fault of the input or the environment ends the process with one line
+  naming it instead of a traceback. A preempted trainer (SIGTERM; see training/loop.py) exits
+  with status 143 after its checkpoint is written, so schedulers restart the job, and the same
+  command resumes it."""
+  from nested_decode.training import loop
+  from nested_decode.training.checkpoints import CheckpointShapeError
+  try:
+    run(*args)
+  except loop.Preempted as error:
+    logging.flush()
+    print(f'Preempted: {error}', file=sys.stderr, flush=True)
+    sys.exit(error.exit_code)
+  except (CheckpointShapeError, FileNotFoundError, NotADirectoryError, PermissionError,
+          io_utils.CorruptDataError, FloatingPointError) as error:
+    logging.flush()
+    sys.exit(f'{type(error).__name__}: {error}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   quiet_library_info_logs()
+  parallel.initialize_distributed()  # on several hosts; before anything else touches JAX
   config = _CONFIG.value
   config_name = config_flags.get_config_filename(flags.FLAGS['config'])
   try:
     config_lib.validate(config)
   except config_lib.ConfigError as error:
     sys.exit(f'Invalid config {config_name}: {error}')
+  except (TypeError, ValueError, KeyError, AttributeError) as error:  # a value of a wrong shape
+    sys.exit(f'Invalid config {config_name}: {type(error).__name__}: {error}')
   workdir, mode = _WORKDIR.value, _MODE.value
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    io_utils.ensure_writable_dir(workdir)
+  except OSError as error:
+    sys.exit(f'--workdir: {error}')
   if mode in ('flops', 'bench'):
-    run_decode_cost(config, config_name, workdir, mode)
+    run_reporting_faults(run_decode_cost, config, config_name, workdir, mode)
   else:
-    run_stages(config, workdir, mode)
+    run_reporting_faults(run_stages, config, workdir, mode)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -6,7 +6,7 @@ Outputs live under ``workdir``; only process 0 writes samples and metrics.
 
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,9 @@ from absl import logging
 
 from nested_decode import config_lib
 from nested_decode import io_utils
+from nested_decode import tasks
+from nested_decode.data import clips
+from nested_decode.data import moving_mnist
 from nested_decode.data import pipeline
 from nested_decode.decoding.sampler import make_decoder
 from nested_decode.evaluation import decode_benchmark
@@ -26,12 +29,18 @@ from nested_decode.training import train_tokenizer
 from nested_decode.training import train_transformer
 
 
+DATASETS = ('mnist', 'imagenet2012', 'moving_mnist', 'ucf101', 'kinetics600')
+
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
 
-def image_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, Any, Any]:
-  """``(train_source, eval_source, train_transform, eval_transform)`` of ``config.data``."""
+def data_sources(config: ml_collections.ConfigDict, num_frames: int | None = None
+                 ) -> tuple[Any, Any, Any, Any]:
+  """``(train_source, eval_source, train_transform, eval_transform)`` of ``config.data``.
+
+  Video transforms cut clips of ``num_frames`` (default ``config.data.num_frames``) frames.
+  """
   data = config.data
   if data.name == 'mnist':
     train, evaluation = pipeline.mnist_sources(data.image_size)
@@ -42,8 +51,32 @@ def image_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, Any, Any
     evaluation = imagenet.imagenet_source('validation', data.get('data_dir'))
     return (train, evaluation, imagenet.TrainTransform(data.image_size),
             imagenet.EvalTransform(data.image_size))
-  raise ValueError(f"config.data.name={data.name!r} is invalid: allowed values are "
-                   f"('mnist', 'imagenet2012')")
+  frames = num_frames or data.num_frames
+  stride = data.get('frame_stride', 1)
+  if data.name == 'moving_mnist':
+    train, evaluation = moving_mnist.moving_mnist_sources(data.num_train_clips,
+                                                          data.num_eval_clips)
+  elif data.name == 'ucf101':
+    from nested_decode.data import ucf101  # TFDS: only for real runs
+    train = ucf101.ucf101_source('train', data.get('data_dir'))
+    evaluation = ucf101.ucf101_source('test', data.get('data_dir'))
+  elif data.name == 'kinetics600':
+    from nested_decode.data import video_files  # PyAV: only for real runs
+    for key in ('video_dir', 'train_csv', 'eval_csv'):
+      if not data.get(key):
+        raise ValueError(f'config.data.{key} is empty: Kinetics-600 reads the official CSVs '
+                         f'and a folder of the video files')
+    common = dict(num_frames=data.num_frames, stride=stride, image_size=data.image_size)
+    train = video_files.VideoFileSource(data.video_dir, data.train_csv, **common)
+    evaluation = video_files.VideoFileSource(data.video_dir, data.eval_csv,
+                                             class_names=train.class_names, **common)
+    return (train, evaluation, video_files.TrainClip(frames, stride, data.image_size),
+            video_files.EvalClip(data.num_frames, stride, data.image_size))
+  else:
+    raise ValueError(f"config.data.name={data.name!r} is invalid: allowed values are "
+                     f"{DATASETS}")
+  return (train, evaluation, clips.RandomClip(frames, stride, data.image_size),
+          clips.FirstClip(data.num_frames, stride, data.image_size))
 
 
 def resumable_batches(source: Any, transform: Any, batch_size: int, seed: int):
@@ -71,7 +104,8 @@ def all_images(source: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def tokenizer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
   if not train_tokenizer.is_trained(config, workdir):
-    train, _, transform, _ = image_sources(config)
+    train, _, transform, _ = data_sources(config,
+                                          config.tokenizer_training.get('num_frames'))
     batches = resumable_batches(train, transform, config.tokenizer_training.batch_size,
                                 config.seed)
     train_tokenizer.train(config, workdir, *batches)
@@ -85,7 +119,7 @@ def token_dataset(config: ml_collections.ConfigDict, workdir: str, split: str
   path = os.path.join(workdir, 'tokens', f'{split}.npz')
   if not os.path.exists(path):
     params = tokenizer_stage(config, workdir)
-    train, evaluation, _, eval_transform = image_sources(config)
+    train, evaluation, _, eval_transform = data_sources(config)
     loader = pipeline.make_loader(train if split == 'train' else evaluation,
                                   batch_size=config.eval.batch_size, seed=config.seed,
                                   train=False, transform=eval_transform)
@@ -119,7 +153,7 @@ def classifier_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """The MNIST digit classifier that scores samples, trained on the training split."""
   path = classifier_path(workdir)
   if not os.path.exists(path):
-    train, _, _, _ = image_sources(config)
+    train, _, _, _ = data_sources(config)
     images, labels = all_images(train)
     params = mnist_classifier.train_classifier(
         images, labels, steps=config.classifier.steps, batch_size=config.classifier.batch_size,
@@ -141,24 +175,41 @@ def schedule_decoder(config: ml_collections.ConfigDict, schedule: ml_collections
                       config_lib.sampling_options(config))
 
 
+def token_batches(config: ml_collections.ConfigDict, params: Any, decode: Any,
+                  labels: np.ndarray, seed: int, given_tokens: np.ndarray | None = None,
+                  batch_seconds: list[float] | None = None) -> Iterator[np.ndarray]:
+  """Token samples for ``labels``, decoded and yielded in batches of ``eval.batch_size``.
+
+  ``given_tokens [n, N]`` holds the task's known tokens (frame prediction: the condition's
+  latent frames of clip ``i`` for sample ``i``); without it every token is generated. Each
+  batch's wall time is appended to ``batch_seconds`` when given.
+  """
+  model_config = config_lib.transformer_config(config)
+  task = tasks.task_of(config)
+  if task.num_given and (given_tokens is None or len(given_tokens) < len(labels)):
+    raise ValueError(f'{task.name} needs given tokens for each of the {len(labels)} samples')
+  batch = config.eval.batch_size
+  rng = jax.random.PRNGKey(seed)
+  for start in range(0, len(labels), batch):
+    chunk = jnp.asarray(labels[start:start + batch], jnp.int32)
+    if task.num_given:
+      init = task.initial_tokens(given_tokens[start:start + len(chunk)], model_config.mask_id)
+    else:
+      init = np.full((len(chunk), model_config.seq_len), model_config.mask_id, np.int32)
+    began = time.perf_counter()
+    tokens = np.asarray(decode(params, jnp.asarray(init), chunk,
+                               jax.random.fold_in(rng, start)).tokens)
+    if batch_seconds is not None:
+      batch_seconds.append(time.perf_counter() - began)
+    yield tokens
+
+
 def generate_tokens(config: ml_collections.ConfigDict, params: Any, decode: Any,
                     labels: np.ndarray, seed: int,
                     batch_seconds: list[float] | None = None) -> np.ndarray:
-  """Class-conditional token samples for ``labels``, decoded in batches of eval.batch_size;
-  appends each batch's wall time to ``batch_seconds`` when given."""
-  model_config = config_lib.transformer_config(config)
-  batch = config.eval.batch_size
-  rng = jax.random.PRNGKey(seed)
-  out = []
-  for start in range(0, len(labels), batch):
-    chunk = jnp.asarray(labels[start:start + batch], jnp.int32)
-    init = jnp.full((len(chunk), model_config.seq_len), model_config.mask_id, jnp.int32)
-    began = time.perf_counter()
-    tokens = np.asarray(decode(params, init, chunk, jax.random.fold_in(rng, start)).tokens)
-    if batch_seconds is not None:
-      batch_seconds.append(time.perf_counter() - began)
-    out.append(tokens)
-  return np.concatenate(out)
+  """Class-conditional token samples ``[n, N]`` for ``labels`` (see ``token_batches``)."""
+  return np.concatenate(list(token_batches(config, params, decode, labels, seed,
+                                           batch_seconds=batch_seconds)))
 
 
 def sample_labels(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -170,7 +221,12 @@ def samples_path(workdir: str, name: str) -> str:
 
 
 def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
-  """Per schedule: ``samples/<name>.npz`` (images, labels) and a PNG grid, one row per class."""
+  """Per schedule: ``samples/<name>.npz`` (images, labels) and a PNG grid, one row per class
+  (videos: see ``video_stages``)."""
+  if train_tokenizer.is_video(config):
+    from nested_decode import video_stages
+    video_stages.sample_stage(config, workdir)
+    return {row['schedule']: row for row in decode_benchmark.flops_rows(config)}
   transformer = transformer_stage(config, workdir)
   tokenizer = tokenizer_stage(config, workdir)
   rows = {row['schedule']: row for row in decode_benchmark.flops_rows(config)}
@@ -196,14 +252,18 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, d
 
 
 def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """``eval.json``: per schedule, FLOPs and classifier scores of its samples (MNIST)."""
+  """``eval.json``: per schedule, FLOPs and classifier scores of its samples (MNIST) or FVD
+  (videos)."""
+  if train_tokenizer.is_video(config):
+    from nested_decode import video_stages
+    return video_stages.eval_stage(config, workdir)
   if config.data.name != 'mnist':
     raise NotImplementedError(
         f'--mode=eval scores samples with the in-project MNIST classifier; config.data.name='
         f'{config.data.name!r} needs FID, which is not implemented yet')
   flops = sample_stage(config, workdir)
   classifier = classifier_stage(config, workdir)
-  _, evaluation, _, _ = image_sources(config)
+  _, evaluation, _, _ = data_sources(config)
   held_out, held_out_labels = all_images(evaluation)
   scorer = mnist_classifier.SampleScorer(classifier, held_out)
   rows = []

@@ -9,7 +9,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tarfile
 
 import pytest
 

@@ -23,7 +23,7 @@ def test_tokenizer_training_lowers_reconstruction_error_on_real_digits(tmp_path)
   config.tokenizer_training.num_steps = 40
   config.tokenizer_training.log_every = 10
   config.tokenizer_training.checkpoint_every = 40
-  train, _, _, _ = stages.image_sources(config)
+  train, _, _, _ = stages.data_sources(config)
   train_tokenizer.train(config, str(tmp_path),
                         *stages.resumable_batches(train, None, 16, config.seed))
   lines = (tmp_path / 'tokenizer_metrics.jsonl').read_text().splitlines()
@@ -44,7 +44,7 @@ def test_adversarial_loss_trains_the_discriminator_too(tmp_path):
   config = mnist_tiny()
   config.tokenizer_training.adversarial_weight = 0.1
   config.tokenizer_training.discriminator_channels = 8
-  train, _, _, _ = stages.image_sources(config)
+  train, _, _, _ = stages.data_sources(config)
   state = train_tokenizer.train(config, str(tmp_path),
                                 *stages.resumable_batches(train, None, 16, config.seed))
   rows = [json.loads(line) for line in

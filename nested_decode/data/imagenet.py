@@ -4,6 +4,11 @@
 example in Python: ``{'image': uint8 [H, W, 3], 'label': int64, 'file_name': str}``. The
 transforms here turn such an example into ``{'image': uint8 [S, S, 3], 'label'}``; the loader in
 ``pipeline`` then scales to ``[-1, 1]`` and batches.
+
+An image that cannot be decoded stops the run with ``io_utils.CorruptDataError`` naming the
+split and example (or file): preparing the dataset already decoded every image, so a bad one
+means damaged files to rebuild, and skipping it would silently change which examples make up
+each batch of a resumable, seeded stream.
 """
 
 import dataclasses
@@ -14,6 +19,12 @@ from typing import Any, Optional, Sequence
 import grain.python as grain
 import numpy as np
 from PIL import Image
+
+from nested_decode.io_utils import CorruptDataError
+
+# What PIL and TFDS's decoders raise for bytes that are not a (whole) image; OpenCV's decoder
+# returns None, which TFDS then fails on with AttributeError.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, AttributeError)
 
 DATASET = 'imagenet2012'
 NUM_CLASSES = 1000
@@ -40,10 +51,11 @@ def imagenet_source(split: str, data_dir: Optional[str] = None,
   if manual_dir is not None:
     prepare_kwargs = {'download_config': tfds.download.DownloadConfig(manual_dir=manual_dir)}
   try:
-    return tfds.data_source(DATASET, split=split, data_dir=data_dir,
-                            download=manual_dir is not None,
-                            builder_kwargs={'file_format': 'array_record'},
-                            download_and_prepare_kwargs=prepare_kwargs)
+    source = tfds.data_source(DATASET, split=split, data_dir=data_dir,
+                              download=manual_dir is not None,
+                              builder_kwargs={'file_format': 'array_record'},
+                              download_and_prepare_kwargs=prepare_kwargs)
+    return DecodeCheckedSource(source, f'{DATASET} {split} in {data_dir or "the TFDS data_dir"}')
   except (KeyError, FileNotFoundError, NotImplementedError) as err:
     if manual_dir is not None:
       raise
@@ -52,14 +64,53 @@ def imagenet_source(split: str, data_dir: Optional[str] = None,
         f'No prepared {DATASET} (ArrayRecord) in data_dir {where}. Download '
         'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org into a manual '
         f'dir, then run `tfds build {DATASET} --data_dir={where} --manual_dir=<manual dir> '
-        '--file_format=array_record` (needs TensorFlow), or pass manual_dir= here.') from err
+        '--file_format=array_record` (needs TensorFlow), or set manual_dir '
+        '(--config.data.manual_dir) to prepare it on first use.') from err
 
 
-def to_rgb(image: Any) -> np.ndarray:
-  """uint8 ``[H, W, 3]`` from encoded bytes or decoded ``[H, W]`` / ``[H, W, 1|3|4]`` pixels."""
+class DecodeCheckedSource:
+  """A random-access source whose decoding errors name the example they come from.
+
+  The ``repr`` is the wrapped source's: grain checks it against saved iterator states.
+  """
+
+  def __init__(self, source: Sequence[dict[str, Any]], description: str):
+    self._source = source
+    self._description = description
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    try:
+      return self._source[index]
+    except DECODE_ERRORS as err:
+      raise CorruptDataError(
+          f'Example {index} of {self._description} cannot be decoded '
+          f'({type(err).__name__}: {err}); the prepared dataset is damaged: delete it and run '
+          '`tfds build` again') from err
+
+  def __repr__(self) -> str:
+    return repr(self._source)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._source, name)
+
+
+def to_rgb(image: Any, name: str = 'image') -> np.ndarray:
+  """uint8 ``[H, W, 3]`` from encoded bytes or decoded ``[H, W]`` / ``[H, W, 1|3|4]`` pixels.
+
+  Raises:
+    CorruptDataError: ``image`` is bytes that do not decode; the message names ``name``.
+  """
   if isinstance(image, (bytes, np.bytes_)):
-    with Image.open(io.BytesIO(image)) as decoded:
-      return np.asarray(decoded.convert('RGB'))
+    try:
+      with Image.open(io.BytesIO(image)) as decoded:
+        return np.asarray(decoded.convert('RGB'))
+    except DECODE_ERRORS as err:
+      raise CorruptDataError(f'{name} cannot be decoded ({type(err).__name__}: {err}); the '
+                             'prepared dataset is damaged: delete it and run `tfds build` '
+                             'again') from err
   image = np.asarray(image, np.uint8)
   if image.ndim == 2:
     image = image[..., None]
@@ -96,6 +147,13 @@ def sample_crop(height: int, width: int, rng: np.random.Generator,
   return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
+def _example_name(element: dict[str, Any]) -> str:
+  file_name = element.get('file_name')
+  if isinstance(file_name, (bytes, np.bytes_)):
+    file_name = file_name.decode(errors='replace')
+  return f'{DATASET} image {file_name}' if file_name else f'{DATASET} image'
+
+
 def _crop_resize(image: np.ndarray, box: tuple[float, float, float, float],
                  image_size: int) -> np.ndarray:
   """Resizes the ``(left, top, right, bottom)`` box of ``image`` to ``image_size`` squared."""
@@ -116,7 +174,7 @@ class TrainTransform(grain.RandomMapTransform):
   ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    image = to_rgb(element['image'])
+    image = to_rgb(element['image'], _example_name(element))
     top, left, height, width = sample_crop(*image.shape[:2], rng, self.scale, self.ratio)
     image = _crop_resize(image, (left, top, left + width, top + height), self.image_size)
     if rng.random() < 0.5:
@@ -133,7 +191,7 @@ class EvalTransform(grain.MapTransform):
   image_size: int
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    image = to_rgb(element['image'])
+    image = to_rgb(element['image'], _example_name(element))
     height, width = image.shape[:2]
     side = min(height, width)
     top, left = (height - side) / 2, (width - side) / 2

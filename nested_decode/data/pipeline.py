@@ -58,13 +58,14 @@ def mnist_sources(image_size: int = 28) -> tuple[ArraySource, ArraySource]:
 
 
 class ToFloat(grain.MapTransform):
-  """uint8 image to float32 in ``[-1, 1]``; label and tokens to int32; other features dropped."""
+  """uint8 image or video to float32 in ``[-1, 1]``; label and tokens to int32; rest dropped."""
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
     out = {key: np.asarray(element[key], np.int32) for key in ('label', 'tokens')
            if key in element}
-    if 'image' in element:
-      out['image'] = np.asarray(element['image'], np.float32) / 127.5 - 1.0
+    for key in ('image', 'video'):
+      if key in element:
+        out[key] = np.asarray(element[key], np.float32) / 127.5 - 1.0
     return out
 
 

@@ -75,12 +75,25 @@ def scatter(base: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
   return base.at[batch, index].set(rows, unique_indices=True, indices_are_sorted=True)
 
 
+def _masked_per_row(tokens, mask_id: int) -> np.ndarray:
+  """Masked positions per row; of this process's rows only when ``tokens`` is a global array
+  split over several hosts (each process checks its own)."""
+  if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
+    return np.concatenate([np.asarray(shard.data == mask_id).sum(axis=-1)
+                           for shard in tokens.addressable_shards])
+  return np.asarray(tokens == mask_id).sum(axis=-1)
+
+
 def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
                  options: SamplingOptions) -> Callable[..., DecodeOutput]:
   """Returns ``decode(params, init_tokens [B, N], labels [B], rng) -> DecodeOutput``.
 
   ``init_tokens`` holds ``mask_id`` at the positions to generate and given tokens elsewhere;
   every row must have ``plan[0].masked_before`` masked positions.
+
+  On a mesh, pass ``init_tokens`` and ``labels`` split over the batch (``parallel.shard_batch``)
+  and the parameters replicated or sharded as trained: the decode runs where its inputs live
+  and returns ``tokens`` split like ``init_tokens`` (same tokens as on one device).
   """
   cfg = model.config
   guided = options.guidance_scale > 0
@@ -133,7 +146,7 @@ def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
 
   def checked_decode(params, init_tokens, labels, rng) -> DecodeOutput:
     if not isinstance(init_tokens, jax.core.Tracer):
-      unknown = np.asarray(init_tokens == cfg.mask_id).sum(axis=-1)
+      unknown = _masked_per_row(init_tokens, cfg.mask_id)
       if np.any(unknown != plan[0].masked_before):
         raise ValueError(f'init_tokens rows have {sorted(set(unknown.tolist()))} masked tokens; '
                          f'the plan expects {plan[0].masked_before} in every row')

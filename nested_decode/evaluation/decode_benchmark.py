@@ -12,8 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from nested_decode import config_lib
+from nested_decode import tasks
 from nested_decode.decoding.sampler import make_decoder
 from nested_decode.evaluation.flops import decode_flops
 from nested_decode.models.transformer import NestedMaskedTransformer
@@ -81,7 +83,11 @@ def bench_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] = p
   params_rng, label_rng, decode_rng = jax.random.split(rng, 3)
   params = random_inference_params(config, model, params_rng)
   batch = config.bench.batch_size
-  init_tokens = jnp.full((batch, model_config.seq_len), model_config.mask_id, jnp.int32)
+  label_rng, given_rng = jax.random.split(label_rng)
+  given = jax.random.randint(given_rng, (batch, model_config.seq_len), 0,
+                             model_config.codebook_size)  # the task's known tokens, if any
+  init_tokens = jnp.asarray(tasks.task_of(config).initial_tokens(np.asarray(given),
+                                                                 model_config.mask_id))
   labels = jax.random.randint(label_rng, (batch,), 0, max(model_config.num_classes, 1))
   if model_config.num_classes == 0:
     labels = jnp.full((batch,), model_config.unconditional_id, jnp.int32)

@@ -82,7 +82,7 @@ def make_scorer(config: ml_collections.ConfigDict, workdir: str, transformer: An
                 reference_split: str = 'eval') -> Scorer:
   """A scorer whose reference digits are the held-out split (or, for calibration, the first
   1000 training digits, disjoint from it)."""
-  train, evaluation, _, _ = stages.image_sources(config)
+  train, evaluation, _, _ = stages.data_sources(config)
   images, _ = stages.all_images(evaluation if reference_split == 'eval' else train)
   if reference_split != 'eval':
     images = images[:1000]

@@ -1,8 +1,15 @@
 """Checkpoints with orbax: train state, data-iterator position and config, async, keep-N.
 
 A checkpoint holds three items: ``state`` (any pytree of arrays: parameters, optimizer state,
-step, RNG), ``data`` (the JSON state of the input iterator) and ``config`` (the run's config as
-JSON). Restoring into a state of another shape is an error that names both shapes.
+step, RNG), ``data`` (the JSON state of the input iterator of every process: each reads its own
+shard, and orbax writes JSON items from the primary process only, so the positions are gathered
+there first) and ``config`` (the run's config as JSON). Restoring into a state of another shape
+is an error that names both shapes.
+
+Writes are atomic: orbax writes step ``N`` into ``N.orbax-checkpoint-tmp`` and renames it to
+``N`` once every item is written, so a write killed half-way leaves only the temporary folder,
+which ``latest_step`` and ``restore`` never see; a writer made with ``cleanup_tmp=True`` (the
+training loop's) deletes such leftovers when it starts.
 """
 
 import json
@@ -11,7 +18,9 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class CheckpointShapeError(ValueError):
@@ -24,15 +33,29 @@ def path_name(path) -> str:
   return '/'.join(str(part) for part in parts)
 
 
+def gather_json(value: Any) -> list:
+  """Every process's JSON-able ``value`` in process order (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return [value]
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(len(encoded)))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[:len(encoded)] = encoded
+  rows = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:length]).decode()) for row, length in zip(rows, lengths)]
+
+
 class Checkpointer:
   """Saves and restores ``(state, data_state)`` under ``directory``."""
 
-  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True,
+               cleanup_tmp: bool = False):
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=async_save),
+                                             enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=cleanup_tmp),
         item_handlers=dict(state=ocp.StandardCheckpointHandler(),
                            data=ocp.JsonCheckpointHandler(),
                            config=ocp.JsonCheckpointHandler()))
@@ -44,7 +67,7 @@ class Checkpointer:
            config: ml_collections.ConfigDict) -> None:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
+        data=ocp.args.JsonSave({'by_process': gather_json(data_state)}),
         config=ocp.args.JsonSave(json.loads(config.to_json()))))
 
   def wait(self) -> None:
@@ -60,7 +83,18 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(),
         config=ocp.args.JsonRestore()))
-    return restored['state'], restored['data'], restored['config']
+    return restored['state'], self._own_data_state(step, restored['data']), restored['config']
+
+  def _own_data_state(self, step: int, data: Any) -> Any:
+    if not (isinstance(data, dict) and 'by_process' in data):
+      return data  # written before positions were kept per process
+    states = data['by_process']
+    if len(states) != jax.process_count():
+      raise ValueError(
+          f'Checkpoint {self.directory} step {step} holds the data positions of {len(states)} '
+          f'processes but this run has {jax.process_count()}; each process reads its own '
+          'shard, so resume with as many processes')
+    return states[jax.process_index()]
 
   def _check_shapes(self, step: int, abstract_state: Any) -> None:
     stored = self._manager.item_metadata(step)['state']

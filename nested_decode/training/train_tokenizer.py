@@ -2,7 +2,7 @@
 and an optional adversarial loss with an R1-penalised patch discriminator."""
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
+from nested_decode import parallel
 from nested_decode.models import vqgan
 from nested_decode.training import loop
 from nested_decode.training.checkpoints import path_name
@@ -59,6 +61,16 @@ def model_inputs(config: ml_collections.ConfigDict, batch: dict) -> jax.Array:
                              tokenizer_config(config).temporal_factor)
 
 
+def host_inputs(config: ml_collections.ConfigDict, batch: dict) -> np.ndarray:
+  """``model_inputs`` in numpy, before the batch is split over the mesh."""
+  if not is_video(config):
+    return np.asarray(batch['image'])
+  videos = np.asarray(batch['video'])
+  extra = vqgan.causal_frames(videos.shape[1], tokenizer_config(config).temporal_factor) - \
+      videos.shape[1]
+  return np.pad(videos, [(0, 0), (0, extra)] + [(0, 0)] * (videos.ndim - 2), mode='edge')
+
+
 def _optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(training.grad_clip),
                      optax.adam(loop.lr_schedule(training), b1=training.b1, b2=training.b2))
@@ -68,24 +80,40 @@ def _discriminator(training: ml_collections.ConfigDict) -> vqgan.PatchDiscrimina
   return vqgan.PatchDiscriminator(base_channels=training.discriminator_channels)
 
 
-def create_state(config: ml_collections.ConfigDict) -> TokenizerState:
+def _init_fn(config: ml_collections.ConfigDict) -> Callable[[], TokenizerState]:
   training = config.tokenizer_training
-  model = vqgan.VQGAN(tokenizer_config(config))
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, disc_rng, train_rng = jax.random.split(rng, 3)
-  images = jnp.zeros((1,) + example_shape(config, training.get('num_frames', 1)), jnp.float32)
-  params = {'params': model.init(init_rng, images)['params']}  # not the sown intermediates
-  optimizer = _optimizer(training)
-  disc_params, disc_opt_state = {}, {}
-  if training.adversarial_weight > 0:
-    disc_params = _discriminator(training).init(disc_rng, images)
-    disc_opt_state = optimizer.init(disc_params)
-  return TokenizerState(
-      step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params),
-      disc_params=disc_params, disc_opt_state=disc_opt_state,
-      usage_ema=jnp.full((config.tokens.codebook_size,), training.dead_code_threshold * 2,
-                         jnp.float32),
-      rng=train_rng)
+
+  def init() -> TokenizerState:
+    model = vqgan.VQGAN(tokenizer_config(config))
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, disc_rng, train_rng = jax.random.split(rng, 3)
+    images = jnp.zeros((1,) + example_shape(config, training.get('num_frames', 1)), jnp.float32)
+    params = {'params': model.init(init_rng, images)['params']}  # not the sown intermediates
+    optimizer = _optimizer(training)
+    disc_params, disc_opt_state = {}, {}
+    if training.adversarial_weight > 0:
+      disc_params = _discriminator(training).init(disc_rng, images)
+      disc_opt_state = optimizer.init(disc_params)
+    return TokenizerState(
+        step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params),
+        disc_params=disc_params, disc_opt_state=disc_opt_state,
+        usage_ema=jnp.full((config.tokens.codebook_size,), training.dead_code_threshold * 2,
+                           jnp.float32),
+        rng=train_rng)
+  return init
+
+
+def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> TokenizerState:
+  """The convolutions have no logical axis names: large arrays are split over ``fsdp``
+  (``parallel.fsdp_shardings``), the rest replicated; the batch goes over data x fsdp."""
+  return parallel.fsdp_shardings(jax.eval_shape(_init_fn(config)), mesh)
+
+
+def create_state(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> TokenizerState:
+  """The initial state, created directly sharded over ``mesh`` (default:
+  ``parallel.make_mesh(config)``)."""
+  mesh = parallel.make_mesh(config) if mesh is None else mesh
+  return parallel.sharded_init(_init_fn(config), state_shardings(config, mesh))
 
 
 def with_codebook(params: Any, codebook: jax.Array) -> Any:
@@ -93,7 +121,11 @@ def with_codebook(params: Any, codebook: jax.Array) -> Any:
       lambda path, x: codebook if path_name(path) == 'params/quantizer/codebook' else x, params)
 
 
-def make_train_step(config: ml_collections.ConfigDict):
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh | None = None):
+  """The compiled step over a batch split over data x fsdp (``parallel.shard_batch`` of
+  ``host_inputs``); the state keeps its shardings and is donated."""
+  mesh = parallel.make_mesh(config) if mesh is None else mesh
+  shardings = state_shardings(config, mesh)
   training = config.tokenizer_training
   model = vqgan.VQGAN(tokenizer_config(config))
   optimizer = _optimizer(training)
@@ -153,7 +185,8 @@ def make_train_step(config: ml_collections.ConfigDict):
                                usage, rng)
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  return jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
 
 
 NAME = 'tokenizer'
@@ -169,13 +202,17 @@ def load_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.MakeIterator,
-          iterator_state: loop.IteratorState) -> TokenizerState:
-  """Trains to ``config.tokenizer_training.num_steps``, resuming from the latest checkpoint."""
+          iterator_state: loop.IteratorState, mesh: Mesh | None = None) -> TokenizerState:
+  """Trains to ``config.tokenizer_training.num_steps``, resuming from the latest checkpoint, on
+  ``mesh`` (default: ``parallel.make_mesh(config)``, all devices)."""
   training = config.tokenizer_training
+  mesh = parallel.make_mesh(config) if mesh is None else mesh
+  parallel.check_batch_size(training.batch_size, mesh, 'tokenizer_training.batch_size')
   return loop.run(
-      name=NAME, config=config, workdir=workdir, initial_state=create_state(config),
-      train_step=make_train_step(config), batches=(make_iterator, iterator_state),
-      prepare=functools.partial(model_inputs, config), num_steps=training.num_steps,
+      name=NAME, config=config, workdir=workdir, initial_state=create_state(config, mesh),
+      train_step=make_train_step(config, mesh), batches=(make_iterator, iterator_state),
+      prepare=lambda batch: parallel.shard_batch(host_inputs(config, batch), mesh),
+      num_steps=training.num_steps,
       log_every=training.log_every, checkpoint_every=training.checkpoint_every,
       keep_checkpoints=2)
 

@@ -3,13 +3,14 @@
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import Mesh
 
 from nested_decode import config_lib
+from nested_decode import parallel
 from nested_decode import tasks
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import loop
@@ -31,20 +32,45 @@ def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransfo
                   weight_decay=training.weight_decay))
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: NestedMaskedTransformer
-                       ) -> TrainState:
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
-  tokens = jnp.zeros((1, model.config.seq_len), jnp.int32)
-  labels = jnp.zeros((1,), jnp.int32)
-  params = nn.unbox(model.init(init_rng, tokens, labels))
-  optimizer = make_optimizer(config.training)
-  return TrainState(step=jnp.array(0, jnp.int32), params=params,
-                    opt_state=optimizer.init(params), rng=train_rng)
+def boxed_init(config: ml_collections.ConfigDict, model: NestedMaskedTransformer
+               ) -> Callable[[], TrainState]:
+  """The initialiser of the train state, parameters and their optimizer state still boxed
+  with logical axis names (``parallel.state_shardings`` reads them)."""
+  def init() -> TrainState:
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, train_rng = jax.random.split(rng)
+    tokens = jnp.zeros((1, model.config.seq_len), jnp.int32)
+    labels = jnp.zeros((1,), jnp.int32)
+    params = model.init(init_rng, tokens, labels)
+    optimizer = make_optimizer(config.training)
+    return TrainState(step=jnp.array(0, jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=train_rng)
+  return init
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransformer
+def state_shardings(config: ml_collections.ConfigDict, model: NestedMaskedTransformer,
+                    mesh: Mesh) -> TrainState:
+  """Where each leaf of the train state lives on ``mesh`` (``parallel.RULES``)."""
+  return parallel.state_shardings(jax.eval_shape(boxed_init(config, model)), mesh,
+                                  parallel.logical_rules(config))
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: NestedMaskedTransformer,
+                       mesh: Mesh | None = None) -> TrainState:
+  """The initial train state, created directly sharded over ``mesh`` (default:
+  ``parallel.make_mesh(config)``)."""
+  mesh = parallel.make_mesh(config) if mesh is None else mesh
+  return parallel.sharded_init(boxed_init(config, model), state_shardings(config, model, mesh))
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransformer,
+                    mesh: Mesh | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The compiled step; the state keeps its shardings on ``mesh`` (default:
+  ``parallel.make_mesh(config)``) and is donated, batches come split over ``('data', 'fsdp')``
+  (``parallel.shard_batch``), metrics come back replicated."""
+  mesh = parallel.make_mesh(config) if mesh is None else mesh
+  shardings = state_shardings(config, model, mesh)
   training = config.training
   optimizer = make_optimizer(training)
   widths = objective.widths_in_order(training.widths)
@@ -72,7 +98,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransf
                    learning_rate=loop.lr_schedule(training)(state.step))
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  return jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
 
 
 NAME = 'transformer'
@@ -90,15 +117,19 @@ def load_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.MakeIterator,
-          iterator_state: loop.IteratorState, stop_after: int | None = None) -> TrainState:
-  """Trains to ``config.training.num_steps``, resuming from the latest checkpoint."""
+          iterator_state: loop.IteratorState, stop_after: int | None = None,
+          mesh: Mesh | None = None) -> TrainState:
+  """Trains to ``config.training.num_steps``, resuming from the latest checkpoint, on ``mesh``
+  (default: ``parallel.make_mesh(config)``, all devices)."""
   training = config.training
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
+  mesh = parallel.make_mesh(config) if mesh is None else mesh
+  parallel.check_batch_size(training.batch_size, mesh, 'training.batch_size')
   return loop.run(
       name=NAME, config=config, workdir=workdir,
-      initial_state=create_train_state(config, model),
-      train_step=make_train_step(config, model), batches=(make_iterator, iterator_state),
-      prepare=lambda batch: {k: jnp.asarray(v) for k, v in batch.items()},
+      initial_state=create_train_state(config, model, mesh),
+      train_step=make_train_step(config, model, mesh), batches=(make_iterator, iterator_state),
+      prepare=lambda batch: parallel.shard_batch(batch, mesh),
       num_steps=training.num_steps, log_every=training.log_every,
       checkpoint_every=training.checkpoint_every, keep_checkpoints=training.keep_checkpoints,
       stop_after=stop_after)

@@ -1,0 +1,294 @@
+"""Device meshes, logical-axis rules and shardings; multi-host start-up.
+
+The mesh has three axes, sized by ``config.mesh`` (``-1``: the devices the others leave):
+
+* ``data``: batch only (pure data parallelism, parameters replicated);
+* ``fsdp``: batch, and parameters sharded along their ``embed`` dimension (ZeRO-3 style);
+* ``tensor``: heads, MLP hidden units and the vocabulary (Megatron-style tensor parallelism).
+
+Every parameter of the transformer carries logical axis names (``nn.with_logical_partitioning``
+in ``models/nested_layers.py``; ``layers`` is added by ``nn.scan``). ``RULES`` maps them to mesh
+axes; a dimension whose size the mesh axes do not divide, or whose mesh axis another dimension of
+the same array already uses, is replicated instead. Optimizer state is sharded like the
+parameters it belongs to, scalars are replicated, batches are split over ``('data', 'fsdp')``.
+
+State is created directly sharded: ``sharded_init`` compiles the initialiser with
+``out_shardings``, so no device ever holds the whole unsharded model.
+"""
+
+import glob
+import importlib.util
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from nested_decode import config_lib
+from nested_decode.config_lib import ConfigError
+
+AXES = config_lib.MESH_AXES  # ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+# (logical name, mesh axes or None); the first rule of a name that fits the array is used.
+# 'batch' and 'length' are for activations (``nn.with_logical_constraint``; the model sets
+# none yet: XLA propagates the batch sharding of the inputs).
+RULES = (
+    ('batch', BATCH_AXES),
+    ('length', None),
+    ('layers', None),        # the nn.scan axis
+    ('embed', 'fsdp'),       # model width D
+    ('heads', 'tensor'),
+    ('kv', None),            # head_dim
+    ('mlp', 'tensor'),       # MLP hidden units
+    ('vocab', 'tensor'),     # codebook (+ mask id): token embedding rows, logits columns
+    ('position', None),      # position-embedding rows
+    ('classes', None),       # class-embedding rows
+)
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def default_mesh_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def mesh_shape(mesh_config: Mapping[str, int], device_count: int) -> tuple[int, ...]:
+  """``(data, fsdp, tensor)`` sizes with a ``-1`` entry resolved; ``ConfigError`` otherwise."""
+  config_lib.validate_mesh(mesh_config)
+  sizes = {axis: mesh_config.get(axis, 1) for axis in AXES}
+  rest = [axis for axis, size in sizes.items() if size == -1]
+  known = math.prod(size for size in sizes.values() if size != -1)
+  described = ', '.join(f'config.mesh.{a}={s}' for a, s in sizes.items())
+  if rest:
+    if device_count % known:
+      raise ConfigError(f'{described}: the fixed axes need a multiple of {known} devices, '
+                        f'but there are {device_count}')
+    sizes[rest[0]] = device_count // known
+  elif known != device_count:
+    raise ConfigError(f'{described}: the mesh has {known} devices but there are '
+                      f'{device_count}; make the product equal or set one axis to -1')
+  return tuple(sizes[axis] for axis in AXES)
+
+
+def mesh_config_of(config: ml_collections.ConfigDict) -> Mapping[str, int]:
+  return config.get('mesh') or default_mesh_config()
+
+
+def make_mesh(config: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The ``('data', 'fsdp', 'tensor')`` mesh over all devices (of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_config_of(config), len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def describe(mesh: Mesh) -> str:
+  return ' x '.join(f'{name}={size}' for name, size in mesh.shape.items())
+
+
+def logical_rules(config: ml_collections.ConfigDict | None = None) -> Rules:
+  """``config.mesh.rules`` when given (same form as ``RULES``), else ``RULES``."""
+  rules = None if config is None else mesh_config_of(config).get('rules')
+  return RULES if rules is None else tuple((name, axes) for name, axes in rules)
+
+
+def _mesh_axes(axes: Any) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                 rules: Rules) -> P:
+  """The mesh ``PartitionSpec`` of an array of ``shape`` whose dimensions are ``names``."""
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(names, shape):
+    chosen = None
+    for logical, axes in rules:
+      axes = _mesh_axes(axes)
+      if logical != name or not axes or used.intersection(axes):
+        continue
+      if size % math.prod(mesh.shape[a] for a in axes) == 0:
+        chosen = axes
+        break
+    if chosen:
+      used.update(chosen)
+      spec.append(chosen[0] if len(chosen) == 1 else chosen)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def _is_box(x: Any) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = RULES) -> Any:
+  """``NamedSharding`` of every leaf of a state whose parameters are boxed with logical names
+  (``jax.eval_shape`` of an initialiser that has not unboxed them); the result has the
+  structure of the *unboxed* state. Unnamed leaves (step, RNG, optimizer counts) replicate."""
+  def sharding(leaf):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, logical_spec(leaf.names, leaf.value.shape, mesh, rules))
+    if _is_box(leaf):  # already mesh axis names
+      return NamedSharding(mesh, P(*leaf.names))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(sharding, abstract_state, is_leaf=_is_box)
+
+
+def fsdp_shardings(abstract_tree: Any, mesh: Mesh, min_size: int = 2 ** 14) -> Any:
+  """For parameters without logical names (the VQGAN): shards the largest dimension that
+  ``fsdp`` divides of every array with at least ``min_size`` entries; replicates the rest."""
+  fsdp = mesh.shape['fsdp']
+
+  def sharding(leaf):
+    leaf = nn.unbox(leaf) if _is_box(leaf) else leaf
+    shape = tuple(getattr(leaf, 'shape', ()))
+    spec = [None] * len(shape)
+    if fsdp > 1 and math.prod(shape) >= min_size:
+      fits = [i for i, size in enumerate(shape) if size % fsdp == 0]
+      if fits:
+        spec[max(fits, key=lambda i: shape[i])] = 'fsdp'
+    return NamedSharding(mesh, P(*spec))
+  return jax.tree.map(sharding, abstract_tree, is_leaf=_is_box)
+
+
+def sharded_init(init: Callable[[], Any], shardings: Any) -> Any:
+  """Runs ``init`` (which may return boxed parameters) compiled, each leaf created directly
+  with its sharding; returns the unboxed state."""
+  return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension over ``('data', 'fsdp')``, everything else replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def local_batch_shards(mesh: Mesh) -> int:
+  """How many distinct batch slices this process's devices hold (its share of the
+  data-parallel degree): the per-process batch must be a multiple of it."""
+  indices = batch_sharding(mesh).addressable_devices_indices_map((data_parallel_size(mesh),))
+  return len({index[0].indices(data_parallel_size(mesh)) for index in indices.values()})
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, key: str) -> None:
+  """``ConfigError`` naming ``config.<key>`` unless each process's batch splits evenly."""
+  shards = local_batch_shards(mesh)
+  if batch_size % shards:
+    raise ConfigError(
+        f'config.{key}={batch_size} is invalid: the batch of each process must be divisible '
+        f'by the {shards} data-parallel shards on its devices (mesh {describe(mesh)}, '
+        f'batch over data x fsdp = {data_parallel_size(mesh)}, {jax.process_count()} '
+        f'process(es)); change config.{key} or config.mesh')
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+  """Every leaf of this process's ``batch`` (numpy, leading batch dimension) as one global
+  array split over ``('data', 'fsdp')``; on several hosts the global batch is the
+  concatenation of the processes' batches."""
+  sharding = batch_sharding(mesh)
+  shards = local_batch_shards(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] % shards:
+      raise ValueError(f'A batch of shape {x.shape} does not split over the {shards} '
+                       f'data-parallel shards of this process (mesh {describe(mesh)})')
+    return jax.make_array_from_process_local_data(sharding, x)
+  return jax.tree.map(put, batch)
+
+
+def local_rows(global_size: int, mesh: Mesh) -> slice:
+  """The rows of a global batch of ``global_size`` (the same on every process, e.g. the labels
+  to sample) that this process passes to ``shard_batch``."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_size,))
+  spans = sorted({index[0].indices(global_size)[:2] for index in index_map.values()})
+  start, stop = spans[0][0], spans[-1][1]
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError(f'This process holds rows {spans} of the batch, not one range')
+  return slice(start, stop)
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """The whole of a global array as numpy on every process (gathered across hosts)."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-host
+# ----------------------------------------------------------------------------------------------
+
+EXPLICIT_VARS = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
+SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+              'SLURM_LOCALID')
+SWITCH = 'NESTED_DECODE_DISTRIBUTED'  # 0: never initialise; 1: always (jax auto-detects)
+
+
+def _on_cloud_tpu_vm() -> bool:
+  has_chips = glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')
+  return bool(has_chips) and importlib.util.find_spec('libtpu') is not None
+
+
+def cluster_kind(environ: Mapping[str, str] = os.environ) -> str | None:
+  """``'explicit'``, ``'slurm'``, ``'tpu'``, ``'auto'`` (forced) or None (one process)."""
+  switch = environ.get(SWITCH)
+  if switch == '0':
+    return None
+  present = [name for name in EXPLICIT_VARS if environ.get(name)]
+  if present:
+    if len(present) < len(EXPLICIT_VARS):
+      missing = [name for name in EXPLICIT_VARS if name not in present]
+      raise ValueError(f'{", ".join(present)} set but {", ".join(missing)} not: set all of '
+                       f'{", ".join(EXPLICIT_VARS)} to start several processes by hand')
+    return 'explicit'
+  if all(name in environ for name in SLURM_VARS) and int(environ['SLURM_NTASKS']) > 1:
+    return 'slurm'
+  if len([h for h in environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1:
+    return 'tpu'
+  if switch == '1':
+    return 'auto'
+  if _on_cloud_tpu_vm():
+    return 'tpu'
+  return None
+
+
+def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
+  """Calls ``jax.distributed.initialize`` when this process is one of several: a Cloud TPU VM
+  (pod slice), a SLURM job of several tasks, or processes started by hand with
+  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
+  (``NESTED_DECODE_DISTRIBUTED=0``/``1`` turns detection off/forces it). Must run before any
+  other JAX call. Returns whether JAX runs distributed."""
+  if jax.distributed.is_initialized():
+    return True
+  kind = cluster_kind(environ)
+  if kind is None:
+    return False
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU-only clusters
+  if kind == 'explicit':
+    jax.distributed.initialize(coordinator_address=environ['JAX_COORDINATOR_ADDRESS'],
+                               num_processes=int(environ['JAX_NUM_PROCESSES']),
+                               process_id=int(environ['JAX_PROCESS_ID']))
+  else:
+    jax.distributed.initialize()
+  logging.info('JAX distributed (%s): process %d of %d, %d local of %d devices', kind,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return True

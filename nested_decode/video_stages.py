@@ -1,0 +1,186 @@
+"""Sampling and FVD evaluation of the video tasks (frame prediction, class-conditional video).
+
+Each schedule's clips are generated in batches and go straight through I3D, so memory does not
+grow with ``eval.num_samples`` (50,000 clips at paper scale): ``samples/<name>_i3d.npz`` keeps
+the features (a finished schedule is skipped when the job is resumed) and ``samples/<name>.npz``
+the first ``eval.saved_clips`` clips. Frame prediction conditions sample ``i`` on held-out clip
+``i``: its given tokens are the tokenizer's tokens of that clip's condition frames.
+
+``eval.json`` rows: ``fvd`` of each schedule's clips against the real held-out clips, with
+``gflops_per_sample`` and ``flop_ratio``. For scale it also scores the tokenizer's
+reconstructions of the real clips (the ceiling any sampler can reach through this tokenizer)
+and, for frame prediction, repeating the last condition frame (a model that learned nothing).
+"""
+
+import os
+from typing import Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from nested_decode import config_lib
+from nested_decode import io_utils
+from nested_decode import stages
+from nested_decode import tasks
+from nested_decode.data import pipeline
+from nested_decode.evaluation import decode_benchmark
+from nested_decode.evaluation import frechet
+from nested_decode.evaluation import fvd
+from nested_decode.evaluation import video_writer
+from nested_decode.training import train_tokenizer
+
+
+def to_uint8(videos: np.ndarray) -> np.ndarray:
+  return np.clip(np.round((np.asarray(videos) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def real_clips(config: ml_collections.ConfigDict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """The first ``eval.num_samples`` held-out clips in order, as (uint8 videos, labels) batches."""
+  _, evaluation, _, eval_transform = stages.data_sources(config)
+  loader = pipeline.make_loader(evaluation, batch_size=config.eval.batch_size, seed=config.seed,
+                                train=False, transform=eval_transform)
+  remaining = config.eval.num_samples
+  for batch in loader:
+    if remaining <= 0:
+      return
+    yield to_uint8(batch['video'][:remaining]), np.asarray(batch['label'][:remaining])
+    remaining -= len(batch['video'])
+
+
+def check_num_samples(config: ml_collections.ConfigDict, available: int) -> None:
+  if config.eval.num_samples > available:
+    raise ValueError(f'config.eval.num_samples={config.eval.num_samples} but the held-out split '
+                     f'has {available} clips')
+
+
+def condition(config: ml_collections.ConfigDict, workdir: str
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+  """``(labels [n], given_tokens [n, N] or None)`` of the ``eval.num_samples`` samples."""
+  if tasks.task_of(config).num_given == 0:
+    return stages.sample_labels(config), None
+  tokens, labels = stages.token_dataset(config, workdir, 'eval')
+  check_num_samples(config, len(tokens))
+  n = config.eval.num_samples
+  return labels[:n], tokens[:n]
+
+
+def features_path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, 'samples', f'{name}_i3d.npz')
+
+
+def streamed_features(path: str, batches: Callable[[], Iterator[np.ndarray]],
+                      saved_clips: int, i3d: fvd.I3DFeatures | None) -> np.ndarray:
+  """I3D features of uint8 clip batches, stored at ``path`` (and read from it when present);
+  the first ``saved_clips`` clips also go to ``path`` without the ``_i3d`` suffix."""
+  if os.path.exists(path):
+    with np.load(path) as stored:
+      return stored['features']
+  i3d = i3d or fvd.default_features()
+  features, kept = [], []
+  for videos in batches():
+    features.append(i3d(videos))
+    kept.append(videos[:max(saved_clips - sum(len(k) for k in kept), 0)])
+  features = np.concatenate(features)
+  if jax.process_index() == 0:
+    if saved_clips:
+      io_utils.write_npz(path.replace('_i3d.npz', '.npz'), videos=np.concatenate(kept))
+    io_utils.write_npz(path, features=features)
+  return features
+
+
+def schedule_clips(config, workdir, transformer, tokenizer, name, schedule, labels, given
+                   ) -> Callable[[], Iterator[np.ndarray]]:
+  def batches():
+    decode = stages.schedule_decoder(config, schedule)
+    for tokens in stages.token_batches(config, transformer, decode, labels, config.seed, given):
+      yield train_tokenizer.decode_tokens(config, tokenizer, tokens)
+    logging.info('Sampled %d clips with schedule %s', len(labels), name)
+  return batches
+
+
+def sample_stage(config: ml_collections.ConfigDict, workdir: str,
+                 i3d: fvd.I3DFeatures | None = None) -> dict[str, np.ndarray]:
+  """Per schedule and the baseline: I3D features of its clips, and the comparison GIF."""
+  transformer = stages.transformer_stage(config, workdir)
+  tokenizer = stages.tokenizer_stage(config, workdir)
+  labels, given = condition(config, workdir)
+  saved = config.eval.saved_clips
+  features = {}
+  for name, schedule in config_lib.schedules_with_baseline(config).items():
+    features[name] = streamed_features(
+        features_path(workdir, name),
+        schedule_clips(config, workdir, transformer, tokenizer, name, schedule, labels, given),
+        saved, i3d)
+  features['real'] = streamed_features(features_path(workdir, 'real'),
+                                       lambda: (v for v, _ in real_clips(config)), saved, i3d)
+  if jax.process_index() == 0:
+    write_comparison_gif(config, workdir)
+  return features
+
+
+def saved_videos(workdir: str, name: str) -> np.ndarray:
+  with np.load(os.path.join(workdir, 'samples', f'{name}.npz')) as stored:
+    return stored['videos']
+
+
+def write_comparison_gif(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """``samples/comparison.gif``: real clips | baseline | each schedule, condition frames framed
+  in green and generated frames in red."""
+  n = config.eval.gif_clips
+  columns = {'real': saved_videos(workdir, 'real')[:n]}
+  for name in config_lib.schedules_with_baseline(config):
+    columns[name] = saved_videos(workdir, name)[:n]
+  given = config.task.condition_frames if tasks.task_of(config).num_given else 0
+  video_writer.save_comparison_gif(os.path.join(workdir, 'samples', 'comparison.gif'), columns,
+                                   given_frames=given)
+
+
+def reference_batches(config, workdir) -> dict[str, Callable[[], Iterator[np.ndarray]]]:
+  """Clip sets that put the samples' FVD in context (see the module docstring)."""
+  tokenizer = stages.tokenizer_stage(config, workdir)
+  eval_tokens, _ = stages.token_dataset(config, workdir, 'eval')
+  check_num_samples(config, len(eval_tokens))
+  batch = config.eval.batch_size
+
+  def reconstructions():
+    for start in range(0, config.eval.num_samples, batch):
+      stop = min(start + batch, config.eval.num_samples)
+      yield train_tokenizer.decode_tokens(config, tokenizer, eval_tokens[start:stop])
+
+  references = {'tokenizer_reconstruction': reconstructions}
+  if tasks.task_of(config).num_given:
+    last = config.task.condition_frames - 1
+
+    def repeat_last_condition_frame():
+      for videos, _ in real_clips(config):
+        yield np.concatenate([videos[:, :last + 1]] + [videos[:, last:last + 1]]
+                             * (videos.shape[1] - last - 1), axis=1)
+    references['repeat_last_condition_frame'] = repeat_last_condition_frame
+  return references
+
+
+def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """``eval.json``: per schedule GFLOPs and FVD against the real held-out clips."""
+  i3d = fvd.default_features()
+  features = sample_stage(config, workdir, i3d)
+  real = features.pop('real')
+  flops = {row['schedule']: row for row in decode_benchmark.flops_rows(config)}
+  rows = []
+  for name, sample_features in features.items():
+    row = {key: flops[name][key] for key in ('schedule', 'cache', 'steps', 'gflops_per_sample',
+                                             'flop_ratio')}
+    row.update(fvd=frechet.frechet_distance_from_features(sample_features, real),
+               num_clips=len(sample_features))
+    rows.append(row)
+    logging.info('eval %s: %s', name, row)
+  references = {}
+  for name, batches in reference_batches(config, workdir).items():
+    reference = streamed_features(features_path(workdir, name), batches, 0, i3d)
+    references[name] = frechet.frechet_distance_from_features(reference, real)
+  report = dict(rows=rows, reference_fvd=references, num_real_clips=len(real),
+                task=tasks.task_of(config).name)
+  if jax.process_index() == 0:
+    io_utils.write_json(os.path.join(workdir, 'eval.json'), report)
+  return rows
