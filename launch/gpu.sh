@@ -56,42 +56,9 @@ Environment:
 EOF
 }
 
-die() {
-  printf 'gpu.sh: error: %s\n' "$*" >&2
-  exit 2
-}
-
-note() {
-  printf 'gpu.sh: %s\n' "$*" >&2
-}
-
-# Quote one word for display: bare when it is safe, single-quoted otherwise.
-shquote() {
-  case $1 in
-    '' | *[!A-Za-z0-9_@%+=:,./-]*)
-      printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"
-      ;;
-    *) printf '%s' "$1" ;;
-  esac
-}
-
-# A command as one line of shell words.
-join_words() {
-  local line='' word
-  for word in "$@"; do
-    line+="${line:+ }$(shquote "$word")"
-  done
-  printf '%s' "$line"
-}
-
-dry_run=0
-run() {
-  if ((dry_run)); then
-    printf '+ %s\n' "$(join_words "$@")"
-  else
-    "$@"
-  fi
-}
+LAUNCHER=gpu.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 if (($# == 0)); then
   usage >&2
@@ -102,12 +69,6 @@ mode=''
 config='' workdir='' nodes='' gpus_per_node='' partition='' time_limit='' account=''
 job_name=nested_decode cpus_per_task='' setup=''
 extra_args=()
-
-need_value() {
-  if [[ $# -lt 2 || -z ${2-} || ${2-} == --* ]]; then
-    die "$1 needs a value (see --help)"
-  fi
-}
 
 slurm_flags=''
 slurm_only() {

@@ -65,52 +65,13 @@ On the workers: code in ~/nested-decode (replaced on every launch), venv in
 EOF
 }
 
-die() {
-  printf 'tpu.sh: error: %s\n' "$*" >&2
-  exit 2
-}
-
-note() {
-  printf 'tpu.sh: %s\n' "$*" >&2
-}
-
-# Quote one word for display: bare when it is safe, single-quoted otherwise.
-shquote() {
-  case $1 in
-    '' | *[!A-Za-z0-9_@%+=:,./-]*)
-      printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"
-      ;;
-    *) printf '%s' "$1" ;;
-  esac
-}
-
-# Print a command as one copy-pasteable line prefixed with "+ ".
-show() {
-  local line='+' word
-  for word in "$@"; do
-    line+=" $(shquote "$word")"
-  done
-  printf '%s\n' "$line"
-}
-
-dry_run=0
-run() {
-  if ((dry_run)); then
-    show "$@"
-  else
-    "$@"
-  fi
-}
+LAUNCHER=tpu.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 name='' zone='' accelerator_type='' version='' project='' workdir='' config=''
 queued=0 spot=0 preemptible=0 delete=0 detach=0
 extra_args=()
-
-need_value() {
-  if [[ $# -lt 2 || -z ${2-} || ${2-} == --* ]]; then
-    die "$1 needs a value (see --help)"
-  fi
-}
 
 while (($#)); do
   case $1 in

