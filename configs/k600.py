@@ -38,11 +38,11 @@ def tiny_config(task):
   config = config_lib.video_config('tiny', config_file='configs/k600.py', data=data, task=task,
                                    num_classes=0, guidance_scale=0.0)
   config.tokenizer_training.update(dict(
-      num_steps=400, batch_size=8, num_frames=9, learning_rate=1e-3, warmup_steps=50,
+      num_steps=600, batch_size=8, num_frames=9, learning_rate=1e-3, warmup_steps=50,
       b1=0.9, b2=0.99, adversarial_weight=0.0, dead_code_threshold=0.05, restart_every=50,
       log_every=25, checkpoint_every=200))
   config.training = config_lib.training_config(
-      num_steps=600, batch_size=16, learning_rate=1e-3, warmup_steps=50, log_every=25,
+      num_steps=400, batch_size=16, learning_rate=1e-3, warmup_steps=50, log_every=25,
       checkpoint_every=200)
   config.eval.schedules = ml_collections.ConfigDict(
       dict(magnets=config_lib.default_schedules().magnets))
