@@ -90,8 +90,9 @@ def streamed_features(path: str, batches: Callable[[], Iterator[np.ndarray]],
   return features
 
 
-def schedule_clips(config, workdir, transformer, tokenizer, name, schedule, labels, given
+def schedule_clips(config, transformer, tokenizer, name, schedule, labels, given
                    ) -> Callable[[], Iterator[np.ndarray]]:
+  """A fresh iterator over the uint8 clips ``schedule`` decodes, batch by batch."""
   def batches():
     decode = stages.schedule_decoder(config, schedule)
     for tokens in stages.token_batches(config, transformer, decode, labels, config.seed, given):
@@ -111,7 +112,7 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str,
   for name, schedule in config_lib.schedules_with_baseline(config).items():
     features[name] = streamed_features(
         features_path(workdir, name),
-        schedule_clips(config, workdir, transformer, tokenizer, name, schedule, labels, given),
+        schedule_clips(config, transformer, tokenizer, name, schedule, labels, given),
         saved, i3d)
   features['real'] = streamed_features(features_path(workdir, 'real'),
                                        lambda: (v for v, _ in real_clips(config)), saved, i3d)
