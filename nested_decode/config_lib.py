@@ -12,6 +12,7 @@ from nested_decode import tasks
 from nested_decode.decoding.mask_schedule import MASK_SCHEDULES
 from nested_decode.decoding.plan import CACHE_POLICIES, DecodeStep, make_plan
 from nested_decode.decoding.sampler import GUIDANCE_SCHEDULES, SamplingOptions
+from nested_decode.models import vqgan
 from nested_decode.models.transformer import TransformerConfig
 
 DTYPES = ('float32', 'bfloat16')
@@ -113,7 +114,7 @@ def video_token_shape(data: ml_collections.ConfigDict, tokenizer: ml_collections
                       ) -> tuple[int, int, int]:
   """``(t, h, w)`` latent grid of ``data.num_frames`` frames of ``data.image_size`` pixels."""
   levels = len(tokenizer.channel_multipliers) - 1
-  temporal = 2 ** sum(bool(t) for t in tokenizer.temporal_downsample)
+  temporal = vqgan.temporal_factor(tokenizer.temporal_downsample)
   side = data.image_size // 2 ** levels
   return (1 + -(-(data.num_frames - 1) // temporal), side, side)
 

@@ -16,6 +16,7 @@ State is created directly sharded: ``sharded_init`` compiles the initialiser wit
 ``out_shardings``, so no device ever holds the whole unsharded model.
 """
 
+import functools
 import glob
 import importlib.util
 import math
@@ -180,6 +181,7 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
+@functools.cache  # shard_batch asks every step; a mesh's answer never changes
 def local_batch_shards(mesh: Mesh) -> int:
   """How many distinct batch slices this process's devices hold (its share of the
   data-parallel degree): the per-process batch must be a multiple of it."""

@@ -4,6 +4,7 @@ tokenizer -> token dataset -> transformer -> samples -> eval (plus the MNIST sco
 Outputs live under ``workdir``; only process 0 writes samples and metrics.
 """
 
+import functools
 import os
 import time
 from typing import Any, Iterator
@@ -29,11 +30,12 @@ from nested_decode.training import train_tokenizer
 from nested_decode.training import train_transformer
 
 
-DATASETS = ('mnist', 'imagenet2012', 'moving_mnist', 'ucf101', 'kinetics600')
-
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
+
+DATASETS = ('mnist', 'imagenet2012', 'moving_mnist', 'ucf101', 'kinetics600')
+
 
 def data_sources(config: ml_collections.ConfigDict, num_frames: int | None = None
                  ) -> tuple[Any, Any, Any, Any]:
@@ -66,10 +68,8 @@ def data_sources(config: ml_collections.ConfigDict, num_frames: int | None = Non
       if not data.get(key):
         raise ValueError(f'config.data.{key} is empty: Kinetics-600 reads the official CSVs '
                          f'and a folder of the video files')
-    common = dict(num_frames=data.num_frames, stride=stride, image_size=data.image_size)
-    train = video_files.VideoFileSource(data.video_dir, data.train_csv, **common)
-    evaluation = video_files.VideoFileSource(data.video_dir, data.eval_csv,
-                                             class_names=train.class_names, **common)
+    train, evaluation = kinetics_sources(data.video_dir, data.train_csv, data.eval_csv,
+                                         data.num_frames, stride, data.image_size)
     return (train, evaluation, video_files.TrainClip(frames, stride, data.image_size),
             video_files.EvalClip(data.num_frames, stride, data.image_size))
   else:
@@ -77,6 +77,17 @@ def data_sources(config: ml_collections.ConfigDict, num_frames: int | None = Non
                      f"{DATASETS}")
   return (train, evaluation, clips.RandomClip(frames, stride, data.image_size),
           clips.FirstClip(data.num_frames, stride, data.image_size))
+
+
+@functools.cache  # each stage asks for the sources; scan the video files once per process
+def kinetics_sources(video_dir: str, train_csv: str, eval_csv: str, num_frames: int,
+                     stride: int, image_size: int) -> tuple[Any, Any]:
+  from nested_decode.data import video_files  # PyAV: only for real runs
+  common = dict(num_frames=num_frames, stride=stride, image_size=image_size)
+  train = video_files.VideoFileSource(video_dir, train_csv, **common)
+  evaluation = video_files.VideoFileSource(video_dir, eval_csv, class_names=train.class_names,
+                                           **common)
+  return train, evaluation
 
 
 def resumable_batches(source: Any, transform: Any, batch_size: int, seed: int):

@@ -17,6 +17,8 @@ import math
 import ml_collections
 import numpy as np
 
+from nested_decode.models import vqgan
+
 TASKS = ('class_conditional', 'frame_prediction')
 
 
@@ -63,6 +65,6 @@ def task_of(config: ml_collections.ConfigDict) -> Task:
   if name == 'class_conditional':
     return Task(name, shape)
   if name == 'frame_prediction':
-    temporal_factor = 2 ** sum(bool(t) for t in config.tokenizer.temporal_downsample)
-    return Task(name, shape, given_latent_frames(task.condition_frames, temporal_factor))
+    factor = vqgan.temporal_factor(config.tokenizer.temporal_downsample)
+    return Task(name, shape, given_latent_frames(task.condition_frames, factor))
   raise ValueError(f'config.task.name={name!r} is invalid: allowed values are {TASKS}')

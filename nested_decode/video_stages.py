@@ -55,15 +55,14 @@ def check_num_samples(config: ml_collections.ConfigDict, available: int) -> None
                      f'has {available} clips')
 
 
-def condition(config: ml_collections.ConfigDict, workdir: str
-              ) -> tuple[np.ndarray, np.ndarray | None]:
+def condition(config: ml_collections.ConfigDict, eval_tokens: np.ndarray,
+              eval_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
   """``(labels [n], given_tokens [n, N] or None)`` of the ``eval.num_samples`` samples."""
   if tasks.task_of(config).num_given == 0:
     return stages.sample_labels(config), None
-  tokens, labels = stages.token_dataset(config, workdir, 'eval')
-  check_num_samples(config, len(tokens))
+  check_num_samples(config, len(eval_tokens))
   n = config.eval.num_samples
-  return labels[:n], tokens[:n]
+  return eval_labels[:n], eval_tokens[:n]
 
 
 def features_path(workdir: str, name: str) -> str:
@@ -71,13 +70,12 @@ def features_path(workdir: str, name: str) -> str:
 
 
 def streamed_features(path: str, batches: Callable[[], Iterator[np.ndarray]],
-                      saved_clips: int, i3d: fvd.I3DFeatures | None) -> np.ndarray:
+                      saved_clips: int, i3d: fvd.I3DFeatures) -> np.ndarray:
   """I3D features of uint8 clip batches, stored at ``path`` (and read from it when present);
   the first ``saved_clips`` clips also go to ``path`` without the ``_i3d`` suffix."""
   if os.path.exists(path):
     with np.load(path) as stored:
       return stored['features']
-  i3d = i3d or fvd.default_features()
   features, kept = [], []
   for videos in batches():
     features.append(i3d(videos))
@@ -101,12 +99,15 @@ def schedule_clips(config, transformer, tokenizer, name, schedule, labels, given
   return batches
 
 
-def sample_stage(config: ml_collections.ConfigDict, workdir: str,
-                 i3d: fvd.I3DFeatures | None = None) -> dict[str, np.ndarray]:
+def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray]:
   """Per schedule and the baseline: I3D features of its clips, and the comparison GIF."""
+  return sample_with(config, workdir, stages.tokenizer_stage(config, workdir),
+                     stages.token_dataset(config, workdir, 'eval'), fvd.default_features())
+
+
+def sample_with(config, workdir, tokenizer, eval_token_dataset, i3d) -> dict[str, np.ndarray]:
   transformer = stages.transformer_stage(config, workdir)
-  tokenizer = stages.tokenizer_stage(config, workdir)
-  labels, given = condition(config, workdir)
+  labels, given = condition(config, *eval_token_dataset)
   saved = config.eval.saved_clips
   features = {}
   for name, schedule in config_lib.schedules_with_baseline(config).items():
@@ -138,10 +139,9 @@ def write_comparison_gif(config: ml_collections.ConfigDict, workdir: str) -> Non
                                    given_frames=given)
 
 
-def reference_batches(config, workdir) -> dict[str, Callable[[], Iterator[np.ndarray]]]:
+def reference_batches(config, tokenizer, eval_tokens
+                      ) -> dict[str, Callable[[], Iterator[np.ndarray]]]:
   """Clip sets that put the samples' FVD in context (see the module docstring)."""
-  tokenizer = stages.tokenizer_stage(config, workdir)
-  eval_tokens, _ = stages.token_dataset(config, workdir, 'eval')
   check_num_samples(config, len(eval_tokens))
   batch = config.eval.batch_size
 
@@ -165,7 +165,9 @@ def reference_batches(config, workdir) -> dict[str, Callable[[], Iterator[np.nda
 def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """``eval.json``: per schedule GFLOPs and FVD against the real held-out clips."""
   i3d = fvd.default_features()
-  features = sample_stage(config, workdir, i3d)
+  tokenizer = stages.tokenizer_stage(config, workdir)
+  eval_tokens, eval_labels = stages.token_dataset(config, workdir, 'eval')
+  features = sample_with(config, workdir, tokenizer, (eval_tokens, eval_labels), i3d)
   real = features.pop('real')
   flops = {row['schedule']: row for row in decode_benchmark.flops_rows(config)}
   rows = []
@@ -177,7 +179,7 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     rows.append(row)
     logging.info('eval %s: %s', name, row)
   references = {}
-  for name, batches in reference_batches(config, workdir).items():
+  for name, batches in reference_batches(config, tokenizer, eval_tokens).items():
     reference = streamed_features(features_path(workdir, name), batches, 0, i3d)
     references[name] = frechet.frechet_distance_from_features(reference, real)
   report = dict(rows=rows, reference_fvd=references, num_real_clips=len(real),

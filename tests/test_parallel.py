@@ -154,11 +154,6 @@ def test_partial_explicit_cluster_variables_are_an_error():
     parallel.cluster_kind({'JAX_COORDINATOR_ADDRESS': 'h:1', 'JAX_NUM_PROCESSES': '2'})
 
 
-def test_single_process_runs_are_not_distributed():
-  assert not parallel.initialize_distributed({})
-  assert jax.process_count() == 1
-
-
 # ----------------------------------------------------------------------------------------------
 # 8 devices (subprocess)
 # ----------------------------------------------------------------------------------------------

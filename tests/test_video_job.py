@@ -37,6 +37,7 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(tmp_path):
        f'--workdir={tmp_path}', *overrides], cwd=ROOT, capture_output=True, text=True,
       timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Sampled 8 clips with schedule magnets' in result.stderr
   report = json.loads((tmp_path / 'eval.json').read_text())
   rows = {row['schedule']: row for row in report['rows']}
   assert set(rows) == {'baseline', 'magnets'} and report['task'] == 'frame_prediction'
@@ -61,4 +62,5 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(tmp_path):
        f'--workdir={tmp_path}', *overrides], cwd=ROOT, capture_output=True, text=True,
       timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert 'Sampled' not in rerun.stderr  # finished schedules are read back, not sampled again
   assert json.loads((tmp_path / 'eval.json').read_text())['rows'] == report['rows']

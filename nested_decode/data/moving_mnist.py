@@ -14,6 +14,8 @@ So clip ``i`` is the same on every machine, NumPy release and for any ``num_clip
 set is a prefix of a larger one). The default seeds differ per split (``SEEDS``).
 """
 
+import functools
+
 import numpy as np
 
 from nested_decode.data import mnist, pipeline
@@ -105,6 +107,7 @@ def moving_mnist(split: str, num_clips: int, num_frames: int = 20, size: int = 6
   return videos[..., None]
 
 
+@functools.cache  # every stage asks for the sources; generate the clips once per process
 def moving_mnist_sources(num_train: int = 10_000, num_eval: int = 1_000, num_frames: int = 20,
                          size: int = 64, num_digits: int = 2
                          ) -> tuple[pipeline.ArraySource, pipeline.ArraySource]:

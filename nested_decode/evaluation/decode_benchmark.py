@@ -81,9 +81,9 @@ def bench_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] = p
   options = config_lib.sampling_options(config)
   rng = jax.random.key(config.seed)
   params_rng, label_rng, decode_rng = jax.random.split(rng, 3)
+  given_rng = jax.random.fold_in(label_rng, 1)
   params = random_inference_params(config, model, params_rng)
   batch = config.bench.batch_size
-  label_rng, given_rng = jax.random.split(label_rng)
   given = jax.random.randint(given_rng, (batch, model_config.seq_len), 0,
                              model_config.codebook_size)  # the task's known tokens, if any
   init_tokens = jnp.asarray(tasks.task_of(config).initial_tokens(np.asarray(given),

@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class TokenizerConfig(NamedTuple):
@@ -45,7 +46,7 @@ class TokenizerConfig(NamedTuple):
 
   @property
   def temporal_factor(self) -> int:
-    return 2 ** sum(bool(t) for t in self.temporal_downsample)
+    return temporal_factor(self.temporal_downsample)
 
   @property
   def level_channels(self) -> tuple[int, ...]:
@@ -84,15 +85,22 @@ class TokenizerConfig(NamedTuple):
                        f'flag per downsampling level ({levels}).')
 
 
+def temporal_factor(temporal_downsample) -> int:
+  """How many frames a latent frame after the first covers: 2 per halving level."""
+  return 2 ** sum(bool(t) for t in temporal_downsample)
+
+
 def causal_frames(num_frames: int, temporal_factor: int) -> int:
   """Frames a causal tokenizer encodes for a ``num_frames`` clip: the next ``1 + t*k``."""
   return 1 + -(-(num_frames - 1) // temporal_factor) * temporal_factor
 
 
-def pad_to_causal(videos: jax.Array, temporal_factor: int) -> jax.Array:
-  """``[B, T, ...]`` -> ``[B, causal_frames(T), ...]`` by repeating the last frame."""
-  extra = causal_frames(videos.shape[1], temporal_factor) - videos.shape[1]
-  return jnp.concatenate([videos] + [videos[:, -1:]] * extra, axis=1) if extra else videos
+def pad_to_causal(videos, temporal_factor: int):
+  """``[B, T, ...]`` -> ``[B, causal_frames(T), ...]`` by repeating the last frame (numpy in,
+  numpy out; jax in, jax out)."""
+  num_frames = videos.shape[1]
+  frames = np.minimum(np.arange(causal_frames(num_frames, temporal_factor)), num_frames - 1)
+  return videos[:, frames]
 
 
 def conv(x: jax.Array, features: int, kernel: int, name: str, stride: int = 1,

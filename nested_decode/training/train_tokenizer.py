@@ -53,22 +53,13 @@ def example_shape(config: ml_collections.ConfigDict, num_frames: int) -> tuple[i
   return (frames, size, size, channels)
 
 
-def model_inputs(config: ml_collections.ConfigDict, batch: dict) -> jax.Array:
-  """A loader batch's ``image`` or ``video`` as the tokenizer's input (videos causally padded)."""
-  if not is_video(config):
-    return jnp.asarray(batch['image'])
-  return vqgan.pad_to_causal(jnp.asarray(batch['video']),
-                             tokenizer_config(config).temporal_factor)
-
-
 def host_inputs(config: ml_collections.ConfigDict, batch: dict) -> np.ndarray:
-  """``model_inputs`` in numpy, before the batch is split over the mesh."""
+  """A loader batch's ``image`` or ``video`` as the tokenizer's input (videos causally
+  padded), in numpy, before the batch is split over the mesh."""
   if not is_video(config):
     return np.asarray(batch['image'])
-  videos = np.asarray(batch['video'])
-  extra = vqgan.causal_frames(videos.shape[1], tokenizer_config(config).temporal_factor) - \
-      videos.shape[1]
-  return np.pad(videos, [(0, 0), (0, extra)] + [(0, 0)] * (videos.ndim - 2), mode='edge')
+  return vqgan.pad_to_causal(np.asarray(batch['video']),
+                             tokenizer_config(config).temporal_factor)
 
 
 def _optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -229,7 +220,7 @@ def encode_batch(config: ml_collections.ConfigDict, params: Any, batch: dict) ->
   """A loader batch (float images ``[b, H, W, C]`` or videos ``[b, T, H, W, C]`` in [-1, 1])
   -> token ids ``[b, N]`` (jit-compiled)."""
   encode, _ = _coder(tokenizer_config(config))
-  inputs = model_inputs(config, batch)
+  inputs = jnp.asarray(host_inputs(config, batch))
   return np.asarray(encode(params, inputs)).reshape(len(inputs), -1)
 
 
