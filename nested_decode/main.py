@@ -26,14 +26,24 @@ from ml_collections import config_flags
 from nested_decode import config_lib
 from nested_decode import io_utils
 from nested_decode import parallel
+from nested_decode import tasks
 
 MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'flops', 'bench', 'study',
          'search_schedule')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/k600.py:tiny')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for outputs.')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for outputs, local or gs://BUCKET/...; default: '
+    'runs/<config>[_<variant>] (runs/k600_tiny for --config=configs/k600.py:tiny).')
 _MODE = flags.DEFINE_enum('mode', 'all', MODES, 'What to run; "all" is the whole job.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])
+
+
+def default_workdir(config_name: str) -> str:
+  """``runs/k600_tiny`` for ``configs/k600.py:tiny``, ``runs/mnist`` for ``configs/mnist.py``."""
+  path, _, variant = config_name.partition(':')
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join('runs', f'{stem}_{variant}' if variant else stem)
 
 
 def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
@@ -59,8 +69,11 @@ def run_decode_cost(config, config_name: str, workdir: str, mode: str) -> None:
   print(f'Wrote {path}')
 
 
-def run_stages(config, workdir: str, mode: str) -> None:
+def run_stages(config, config_name: str, workdir: str, mode: str) -> None:
   from nested_decode import stages
+  stages.check_data(config, config_name)
+  if mode in ('all', 'eval'):
+    stages.check_can_evaluate(config)
   if mode == 'train_tokenizer':
     stages.tokenizer_stage(config, workdir)
   elif mode == 'train':
@@ -126,7 +139,8 @@ def run_reporting_faults(run, *args) -> None:
     print(f'Preempted: {error}', file=sys.stderr, flush=True)
     sys.exit(error.exit_code)
   except (CheckpointShapeError, FileNotFoundError, NotADirectoryError, PermissionError,
-          io_utils.CorruptDataError, FloatingPointError) as error:
+          io_utils.CorruptDataError, FloatingPointError, tasks.LabelError,
+          config_lib.ConfigError) as error:
     logging.flush()
     sys.exit(f'{type(error).__name__}: {error}')
 
@@ -144,7 +158,7 @@ def main(argv):
     sys.exit(f'Invalid config {config_name}: {error}')
   except (TypeError, ValueError, KeyError, AttributeError) as error:  # a value of a wrong shape
     sys.exit(f'Invalid config {config_name}: {type(error).__name__}: {error}')
-  workdir, mode = _WORKDIR.value, _MODE.value
+  workdir, mode = _WORKDIR.value or default_workdir(config_name), _MODE.value
   try:
     io_utils.ensure_writable_dir(workdir)
   except OSError as error:
@@ -152,7 +166,7 @@ def main(argv):
   if mode in ('flops', 'bench'):
     run_reporting_faults(run_decode_cost, config, config_name, workdir, mode)
   else:
-    run_reporting_faults(run_stages, config, workdir, mode)
+    run_reporting_faults(run_stages, config, config_name, workdir, mode)
 
 
 if __name__ == '__main__':

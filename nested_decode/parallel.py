@@ -189,15 +189,28 @@ def local_batch_shards(mesh: Mesh) -> int:
   return len({index[0].indices(data_parallel_size(mesh)) for index in indices.values()})
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, key: str) -> None:
-  """``ConfigError`` naming ``config.<key>`` unless each process's batch splits evenly."""
-  shards = local_batch_shards(mesh)
-  if batch_size % shards:
+def process_batch_size(global_batch: int, key: str) -> int:
+  """This process's share of the global batch ``config.<key>`` (as in MaskGIT and big_vision,
+  batch sizes in configs are global, so the recipe does not change with the slice size)."""
+  processes = jax.process_count()
+  if global_batch % processes:
     raise ConfigError(
-        f'config.{key}={batch_size} is invalid: the batch of each process must be divisible '
-        f'by the {shards} data-parallel shards on its devices (mesh {describe(mesh)}, '
-        f'batch over data x fsdp = {data_parallel_size(mesh)}, {jax.process_count()} '
-        f'process(es)); change config.{key} or config.mesh')
+        f'config.{key}={global_batch} is invalid: it is the global batch and must split evenly '
+        f'over the {processes} processes; make it a multiple of {processes}')
+  return global_batch // processes
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, key: str) -> None:
+  """``ConfigError`` naming ``config.<key>`` unless the global batch splits evenly over the
+  processes and over the mesh's batch shards (``data`` x ``fsdp``) on each of them."""
+  per_process = process_batch_size(global_batch, key)
+  dp, shards = data_parallel_size(mesh), local_batch_shards(mesh)
+  if global_batch % dp or per_process % shards:
+    raise ConfigError(
+        f'config.{key}={global_batch} is invalid: the global batch must be divisible by the '
+        f'{dp} data-parallel shards of mesh {describe(mesh)} (batch over data x fsdp), '
+        f'{shards} of them on each of the {jax.process_count()} process(es); change '
+        f'config.{key} or config.mesh')
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:

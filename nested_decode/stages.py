@@ -17,6 +17,7 @@ from absl import logging
 
 from nested_decode import config_lib
 from nested_decode import io_utils
+from nested_decode import parallel
 from nested_decode import tasks
 from nested_decode.data import clips
 from nested_decode.data import moving_mnist
@@ -66,8 +67,8 @@ def data_sources(config: ml_collections.ConfigDict, num_frames: int | None = Non
     from nested_decode.data import video_files  # PyAV: only for real runs
     for key in ('video_dir', 'train_csv', 'eval_csv'):
       if not data.get(key):
-        raise ValueError(f'config.data.{key} is empty: Kinetics-600 reads the official CSVs '
-                         f'and a folder of the video files')
+        raise FileNotFoundError(f'config.data.{key} is empty: Kinetics-600 reads the official '
+                                'CSVs and a folder of the video files')
     train, evaluation = kinetics_sources(data.video_dir, data.train_csv, data.eval_csv,
                                          data.num_frames, stride, data.image_size)
     return (train, evaluation, video_files.TrainClip(frames, stride, data.image_size),
@@ -77,6 +78,48 @@ def data_sources(config: ml_collections.ConfigDict, num_frames: int | None = Non
                      f"{DATASETS}")
   return (train, evaluation, clips.RandomClip(frames, stride, data.image_size),
           clips.FirstClip(data.num_frames, stride, data.image_size))
+
+
+# What a user sets to point a config at its data, and the offline job to run without it.
+DATA_KEYS = {
+    'imagenet2012': (('data.data_dir', 'the prepared TFDS imagenet2012, see the README'),),
+    'ucf101': (('data.data_dir', 'the prepared TFDS ucf101, see the README'),),
+    'kinetics600': (('data.video_dir', 'a folder of the Kinetics-600 video files'),
+                    ('data.train_csv', 'the official train CSV'),
+                    ('data.eval_csv', 'the official validate CSV')),
+}
+OFFLINE_CONFIGS = {'imagenet2012': 'configs/mnist.py', 'ucf101': 'configs/k600.py:tiny',
+                   'kinetics600': 'configs/k600.py:tiny'}
+
+
+class MissingDataError(FileNotFoundError):
+  """The config's dataset is not where the config says; the message says what to set."""
+
+
+def check_data(config: ml_collections.ConfigDict, config_name: str) -> None:
+  """Opens the config's data sources so that a run without its data stops before any work,
+  with one line: the keys to set and the config that runs offline. Embedded datasets (MNIST,
+  Moving MNIST) are always there; Kinetics files are scanned once per process either way."""
+  name = config.data.name
+  if name not in DATA_KEYS:
+    return
+  try:
+    data_sources(config)
+  except FileNotFoundError as error:
+    keys = ', '.join(f'--config.{key} ({what})' for key, what in DATA_KEYS[name])
+    raise MissingDataError(
+        f'{config_name} cannot find its data ({error}). Set {keys}; to run offline without '
+        f'data, use --config={OFFLINE_CONFIGS[name]}') from error
+
+
+def check_can_evaluate(config: ml_collections.ConfigDict) -> None:
+  """Images other than MNIST are scored with FID, which is not built yet: say so before
+  training, not after it."""
+  if not train_tokenizer.is_video(config) and config.data.name != 'mnist':
+    raise config_lib.ConfigError(
+        f'config.data.name={config.data.name!r}: --mode=eval (and the whole job, which ends '
+        'with it) needs FID, which is not implemented yet; run --mode=train_tokenizer, '
+        '--mode=train and --mode=sample')
 
 
 @functools.cache  # each stage asks for the sources; scan the video files once per process
@@ -90,8 +133,11 @@ def kinetics_sources(video_dir: str, train_csv: str, eval_csv: str, num_frames: 
   return train, evaluation
 
 
-def resumable_batches(source: Any, transform: Any, batch_size: int, seed: int):
-  """``(make_iterator, iterator_state)`` over this process's shard, for the trainers."""
+def resumable_batches(source: Any, transform: Any, global_batch_size: int, seed: int,
+                      key: str = 'training.batch_size'):
+  """``(make_iterator, iterator_state)`` over this process's shard, for the trainers: each
+  process reads its share of the global batch ``config.<key>``."""
+  batch_size = parallel.process_batch_size(global_batch_size, key)
   loader = pipeline.make_loader(source, batch_size=batch_size, seed=seed, train=True,
                                 transform=transform, shard_index=jax.process_index(),
                                 shard_count=jax.process_count())
@@ -118,7 +164,7 @@ def tokenizer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
     train, _, transform, _ = data_sources(config,
                                           config.tokenizer_training.get('num_frames'))
     batches = resumable_batches(train, transform, config.tokenizer_training.batch_size,
-                                config.seed)
+                                config.seed, key='tokenizer_training.batch_size')
     train_tokenizer.train(config, workdir, *batches)
   return train_tokenizer.load_params(config, workdir)
 
@@ -126,7 +172,7 @@ def tokenizer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
 def token_dataset(config: ml_collections.ConfigDict, workdir: str, split: str
                   ) -> tuple[np.ndarray, np.ndarray]:
   """``(tokens [n, N], labels [n])`` of a split, encoded once (center crops, in order) and
-  stored in the workdir."""
+  stored in the workdir; the labels are the model's (``tasks.conditioning_labels``)."""
   path = os.path.join(workdir, 'tokens', f'{split}.npz')
   if not os.path.exists(path):
     params = tokenizer_stage(config, workdir)
@@ -141,9 +187,11 @@ def token_dataset(config: ml_collections.ConfigDict, workdir: str, split: str
     tokens, labels = np.concatenate(tokens).astype(np.int32), np.concatenate(labels)
     if jax.process_index() == 0:
       io_utils.write_npz(path, tokens=tokens, labels=labels)
-    return tokens, labels
-  with np.load(path) as stored:
-    return stored['tokens'], stored['labels']
+  else:
+    with np.load(path) as stored:
+      tokens, labels = stored['tokens'], stored['labels']
+  source = f'the {split} split of config.data.name={config.data.name!r} ({path})'
+  return tokens, tasks.conditioning_labels(labels, config.tokens.num_classes, source)
 
 
 def transformer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
@@ -268,10 +316,7 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   if train_tokenizer.is_video(config):
     from nested_decode import video_stages
     return video_stages.eval_stage(config, workdir)
-  if config.data.name != 'mnist':
-    raise NotImplementedError(
-        f'--mode=eval scores samples with the in-project MNIST classifier; config.data.name='
-        f'{config.data.name!r} needs FID, which is not implemented yet')
+  check_can_evaluate(config)
   flops = sample_stage(config, workdir)
   classifier = classifier_stage(config, workdir)
   _, evaluation, _, _ = data_sources(config)

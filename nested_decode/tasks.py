@@ -22,6 +22,10 @@ from nested_decode.models import vqgan
 TASKS = ('class_conditional', 'frame_prediction')
 
 
+class LabelError(ValueError):
+  """The data's labels do not fit ``config.tokens.num_classes``."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   name: str
@@ -68,3 +72,23 @@ def task_of(config: ml_collections.ConfigDict) -> Task:
     factor = vqgan.temporal_factor(config.tokenizer.temporal_downsample)
     return Task(name, shape, given_latent_frames(task.condition_frames, factor))
   raise ValueError(f'config.task.name={name!r} is invalid: allowed values are {TASKS}')
+
+
+def conditioning_labels(labels: np.ndarray, num_classes: int, source: str) -> np.ndarray:
+  """The class ids the model is conditioned on for examples with the data's ``labels``.
+
+  Without classes (``num_classes == 0``) every example gets the unconditional id (0), whatever
+  the data says: Kinetics clips carry their class index, but frame prediction is unconditional.
+  Otherwise every label must be in ``[0, num_classes)``: a label past the class table would
+  embed as NaN. ``source`` names the data in the error.
+  """
+  labels = np.asarray(labels, np.int32)
+  if num_classes == 0:
+    return np.zeros_like(labels)
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise LabelError(f'{source} has label {int(bad[0])} ({bad.size} of {labels.size} out of '
+                     f'range), but config.tokens.num_classes={num_classes} allows 0..'
+                     f'{num_classes - 1}; set config.tokens.num_classes to the number of '
+                     'classes of the data (0 for an unconditional model)')
+  return labels

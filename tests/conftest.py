@@ -1,3 +1,6 @@
+import importlib.util
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,3 +34,12 @@ def model_and_params():
 def jitted_apply(model: NestedMaskedTransformer):
   """``model.apply`` compiled once per width (eager Flax on CPU is much slower than compiling)."""
   return jax.jit(model.apply, static_argnames=('width_factor',))
+
+
+def load_config(name: str, variant: str | None = None):
+  """``configs/<name>.py``'s ``get_config(variant)``."""
+  path = os.path.join(os.path.dirname(__file__), '..', 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)

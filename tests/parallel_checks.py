@@ -40,7 +40,7 @@ MESHES = {
 
 
 def tiny_config(num_steps: int = 4):
-  """Two layers, width 64, 8 heads, 4x4 tokens; batch 8 per process; widths 1 and 2."""
+  """Two layers, width 64, 8 heads, 4x4 tokens; global batch 8; widths 1 and 2."""
   config = config_lib.base_config(num_layers=2, width=64, num_heads=8, token_shape=(4, 4),
                                   codebook_size=16, num_classes=3, guidance_scale=1.0,
                                   batch_size=8)

@@ -1,22 +1,13 @@
-import importlib.util
-import os
-
 import pytest
 
 from nested_decode import config_lib
 from nested_decode.config_lib import ConfigError
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
+from conftest import load_config as load
+
 VARIANTS = [('imagenet256', None), ('imagenet256', 'tiny'), ('ucf101', None), ('ucf101', 'base'),
             ('ucf101', 'tiny'), ('k600', None), ('k600', 'base'), ('k600', 'tiny'),
             ('mnist', None), ('mnist', 'tiny')]
-
-
-def load(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIG_DIR, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 @pytest.mark.parametrize('name,arg', VARIANTS)

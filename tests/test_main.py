@@ -83,3 +83,41 @@ def test_main_job_on_tiny_mnist_writes_samples_and_eval_then_skips_finished_stag
   assert {'searched', 'magnets', 'baseline'} <= set(found['heldout'])
   snippet = (tmp_path / 'search' / 'best_schedule.py').read_text()
   assert snippet.startswith('config.eval.schedules.searched = config_lib.schedule(')
+
+
+def test_paper_configs_without_their_data_name_the_keys_and_the_offline_config(tmp_path):
+  """No --workdir: the job defaults to runs/<config>; without data each paper config ends with
+  one line naming what to set, before any work (and before the eval stage's FID gap)."""
+  expected = {'imagenet256': ('--config.data.data_dir', 'configs/mnist.py'),
+              'ucf101': ('--config.data.data_dir', 'configs/k600.py:tiny'),
+              'k600': ('--config.data.video_dir', 'configs/k600.py:tiny')}
+  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / 'no_tfds_data'))
+  runs = {name: subprocess.Popen(
+      [sys.executable, '-m', 'nested_decode.main', f'--config={ROOT}/configs/{name}.py'],
+      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for name in expected}
+  for name, run in runs.items():
+    _, stderr = run.communicate(timeout=300)
+    last = stderr.strip().splitlines()[-1]
+    assert run.returncode == 1, stderr
+    assert last.startswith(f'MissingDataError: {ROOT}/configs/{name}.py cannot find its data')
+    key, offline = expected[name]
+    assert key in last and f'--config={offline}' in last, last
+    assert 'Traceback' not in stderr
+    assert (tmp_path / 'runs' / name).is_dir()  # the default workdir
+  assert 'config.data.train_csv' in last and 'config.data.eval_csv' in last  # k600's keys
+
+
+def test_default_workdir_names_the_config_and_its_variant():
+  from nested_decode import main
+  assert main.default_workdir('configs/k600.py:tiny') == os.path.join('runs', 'k600_tiny')
+  assert main.default_workdir('/abs/configs/mnist.py') == os.path.join('runs', 'mnist')
+
+
+def test_image_configs_without_fid_say_so_before_training():
+  from nested_decode import config_lib, stages
+  from conftest import load_config
+  with pytest.raises(config_lib.ConfigError, match="'imagenet2012'.*needs FID"):
+    stages.check_can_evaluate(load_config('imagenet256'))
+  stages.check_can_evaluate(load_config('mnist'))
+  stages.check_can_evaluate(load_config('k600'))

@@ -133,6 +133,15 @@ def test_every_parameter_name_of_the_transformer_has_a_rule():
   assert names and names <= {name for name, _ in parallel.RULES}, names
 
 
+def test_batch_sizes_are_global_and_split_evenly_over_processes(monkeypatch):
+  assert parallel.process_batch_size(256, 'training.batch_size') == 256
+  monkeypatch.setattr(parallel.jax, 'process_count', lambda: 4)
+  assert parallel.process_batch_size(256, 'training.batch_size') == 64
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'config.tokenizer_training.batch_size=250 .* over the 4 processes'):
+    parallel.process_batch_size(250, 'tokenizer_training.batch_size')
+
+
 @pytest.mark.parametrize('environ, kind', [
     ({}, None),
     ({'JAX_COORDINATOR_ADDRESS': 'h:1', 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': '1'},
@@ -223,9 +232,10 @@ def free_port() -> int:
 
 
 def reference_losses(config, steps: int) -> list[float]:
-  """The same steps on this process's one device, over the two processes' batches joined."""
+  """The same steps on this process's one device, over the two processes' halves of each
+  global batch joined."""
   source = multihost_checks.token_source()
-  loaders = [iter(pipeline.make_loader(source, batch_size=config.training.batch_size,
+  loaders = [iter(pipeline.make_loader(source, batch_size=config.training.batch_size // 2,
                                        seed=config.seed, train=True, shard_index=i,
                                        shard_count=2)) for i in range(2)]
   model = NestedMaskedTransformer(config_lib.transformer_config(config))

@@ -15,7 +15,7 @@ from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import objective
 from nested_decode.training import train_transformer
 
-from conftest import init_params, small_config
+from conftest import init_params, load_config, small_config
 
 SHAPE = (3, 2, 4)  # 3 latent frames of 2x4 tokens; the first 2 are given
 GIVEN_FRAMES = 2
@@ -39,13 +39,7 @@ def test_config_task_that_does_not_fit_the_tokenizer_is_named():
 
 
 def load_k600_tiny():
-  import importlib.util
-  import os
-  path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'k600.py')
-  spec = importlib.util.spec_from_file_location('k600', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('tiny')
+  return load_config('k600', 'tiny')
 
 
 def test_random_mask_never_masks_given_tokens():
@@ -114,3 +108,40 @@ def test_a_few_frame_prediction_steps_lower_the_loss_on_the_generated_region(tmp
   last = np.mean([metrics[s]['loss/p1'] for s in (38, 39, 40)])
   assert last < 0.7 * first, (first, last)
   assert metrics[40]['accuracy/p1'] > 0.5
+
+
+def k600_with_kinetics_labels(workdir, num_classes=0):
+  """configs/k600.py's model path, shrunk, over a token split whose labels are Kinetics class
+  indices 0..599 as the video-file reader gives them."""
+  from nested_decode import io_utils
+  config = load_config('k600')
+  config.model.update(num_layers=1, width=64, num_heads=8, mlp_dim=128, dtype='float32')
+  config.tokens.num_classes = num_classes
+  config.training.update(num_steps=1, batch_size=2, log_every=1, checkpoint_every=1)
+  config_lib.validate(config)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, config.tokens.codebook_size, (4, config_lib.seq_len(config)))
+  io_utils.write_npz(str(workdir / 'tokens' / 'train.npz'), tokens=tokens.astype(np.int32),
+                     labels=np.array([0, 599, 300, 7], np.int32))
+  return config
+
+
+def test_kinetics_labels_train_an_unconditional_frame_predictor_with_a_finite_loss(tmp_path):
+  from nested_decode import stages
+  config = k600_with_kinetics_labels(tmp_path)
+  _, labels = stages.token_dataset(config, str(tmp_path), 'train')
+  assert (labels == 0).all()  # the unconditional id, whatever the clips' classes
+  stages.transformer_stage(config, str(tmp_path))
+  with open(tmp_path / 'transformer_metrics.jsonl') as f:
+    (row,) = map(json.loads, f)
+  assert np.isfinite(row['loss'])
+
+
+def test_labels_past_the_class_table_name_the_value_and_the_key(tmp_path):
+  from nested_decode import stages
+  config = k600_with_kinetics_labels(tmp_path, num_classes=10)
+  with pytest.raises(tasks.LabelError, match=r'label 599 .*config.tokens.num_classes=10'):
+    stages.token_dataset(config, str(tmp_path), 'train')
+  np.testing.assert_array_equal(tasks.conditioning_labels([0, 9], 10, 'x'), [0, 9])
+  with pytest.raises(tasks.LabelError, match='label -1'):
+    tasks.conditioning_labels([-1], 10, 'x')
