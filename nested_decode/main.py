@@ -1,5 +1,6 @@
-r"""Entry point: ``python -m nested_decode.main --config=CFG --workdir=DIR [--mode=MODE]``.
+r"""Entry point: ``python -m nested_decode.main --config=CFG [--workdir=DIR] [--mode=MODE]``.
 
+DIR (local or ``gs://``) defaults to ``runs/<config>[_<variant>]``, e.g. ``runs/k600_tiny``.
 Without ``--mode`` the whole job runs: tokenizer -> transformer -> samples -> eval, each stage
 skipped when its final output is already in DIR (and resumed from its checkpoint otherwise).
 

@@ -16,12 +16,13 @@ State is created directly sharded: ``sharded_init`` compiles the initialiser wit
 ``out_shardings``, so no device ever holds the whole unsharded model.
 """
 
+import dataclasses
 import functools
 import glob
 import importlib.util
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -168,6 +169,13 @@ def sharded_init(init: Callable[[], Any], shardings: Any) -> Any:
   return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
 
 
+def abstract_state(init: Callable[[], Any], shardings: Any) -> Any:
+  """Shapes and dtypes of ``init()``'s (unboxed) result with ``shardings``: the target that a
+  checkpoint is restored onto, whatever mesh or process count wrote it."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      jax.eval_shape(lambda: nn.unbox(init())), shardings)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -245,6 +253,69 @@ def to_host(array: jax.Array) -> np.ndarray:
   if array.is_fully_addressable:
     return np.asarray(array)
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def local_part(array: jax.Array) -> np.ndarray:
+  """This process's rows of an array split over the batch (``shard_batch``'s layout), in row
+  order, each once (devices that replicate a slice hold the same rows)."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  pieces = {}
+  for shard in array.addressable_shards:
+    start = shard.index[0].indices(array.shape[0])[0] if shard.index else 0
+    pieces.setdefault(start, shard.data)
+  return np.concatenate([np.asarray(pieces[start]) for start in sorted(pieces)])
+
+
+def apply_to_local_rows(fn: Callable[..., Any], mesh: Mesh, *arrays: np.ndarray) -> Any:
+  """``fn`` of the global batch made of every process's rows of ``arrays`` (split over the
+  mesh's batch axes, so each process computes on its own rows); returns this process's rows of
+  every output leaf. Every process calls it with the same number of rows (a collective); rows
+  are padded to the process's shard count and the padding dropped."""
+  count = len(arrays[0])
+  pad = -count % local_batch_shards(mesh)
+  if pad:
+    arrays = tuple(np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for a in arrays)
+  outputs = fn(*shard_batch(tuple(np.asarray(a) for a in arrays), mesh))
+  return jax.tree.map(lambda x: local_part(x)[:count], outputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowShare:
+  """This process's rows of one global batch ``[start, start + size)`` of ``total`` rows that
+  every process works through together: ``rows`` index the ``total`` rows (a last, short batch
+  is padded with copies of the last row so every process has as many), ``valid`` is False on
+  that padding."""
+  start: int
+  rows: np.ndarray
+  valid: np.ndarray
+
+  def take(self, array: np.ndarray) -> np.ndarray:
+    return np.asarray(array)[self.rows]
+
+  @property
+  def num_valid(self) -> int:
+    return int(self.valid.sum())
+
+
+def row_shares(total: int, global_batch: int, mesh: Mesh) -> Iterator[RowShare]:
+  """Splits ``total`` rows into global batches of ``global_batch`` and yields this process's
+  share of each (the rows its devices hold under ``batch_sharding``)."""
+  own = local_rows(global_batch, mesh)
+  for start in range(0, total, global_batch):
+    rows = start + np.arange(own.start, own.stop)
+    yield RowShare(start, np.minimum(rows, total - 1), rows < total)
+
+
+def gather_share(values: np.ndarray, share: RowShare) -> np.ndarray:
+  """The rows of one global batch, in order, on every process, from each process's ``values``
+  of its ``share`` (padding dropped; rows several processes hold counted once)."""
+  values, rows, valid = np.asarray(values), share.rows, share.valid
+  if jax.process_count() > 1:
+    values, rows, valid = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                           for x in (values, rows, valid))
+  _, first = np.unique(np.where(valid, rows, -1), return_index=True)  # sorted by row
+  return values[first[valid[first]]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,27 +6,27 @@ Outputs live under ``workdir``; only process 0 writes samples and metrics.
 
 import functools
 import os
-import time
-from typing import Any, Iterator
+import re
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from nested_decode import config_lib
 from nested_decode import io_utils
 from nested_decode import parallel
+from nested_decode import sampling
 from nested_decode import tasks
 from nested_decode.data import clips
 from nested_decode.data import moving_mnist
 from nested_decode.data import pipeline
-from nested_decode.decoding.sampler import make_decoder
 from nested_decode.evaluation import decode_benchmark
 from nested_decode.evaluation import mnist_classifier
 from nested_decode.evaluation import sample_writer
-from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import train_tokenizer
 from nested_decode.training import train_transformer
 
@@ -108,8 +108,8 @@ def check_data(config: ml_collections.ConfigDict, config_name: str) -> None:
   except FileNotFoundError as error:
     keys = ', '.join(f'--config.{key} ({what})' for key, what in DATA_KEYS[name])
     raise MissingDataError(
-        f'{config_name} cannot find its data ({error}). Set {keys}; to run offline without '
-        f'data, use --config={OFFLINE_CONFIGS[name]}') from error
+        f'{config_name} cannot find its data ({str(error).rstrip(".")}). Set {keys}; to run '
+        f'offline without data, use --config={OFFLINE_CONFIGS[name]}') from error
 
 
 def check_can_evaluate(config: ml_collections.ConfigDict) -> None:
@@ -169,28 +169,66 @@ def tokenizer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
   return train_tokenizer.load_params(config, workdir)
 
 
+def token_shard_path(workdir: str, split: str, index: int, count: int) -> str:
+  return os.path.join(workdir, 'tokens', f'{split}-{index:05d}-of-{count:05d}.npz')
+
+
+def stored_token_shards(workdir: str, split: str) -> list[epath.Path] | None:
+  """The files of a finished encoding of ``split`` (one per process that wrote it), or None."""
+  directory = epath.Path(workdir) / 'tokens'
+  if not directory.exists():
+    return None
+  by_count: dict[int, dict[int, epath.Path]] = {}
+  for path in directory.glob(f'{split}-*-of-*.npz'):
+    match = re.fullmatch(rf'{re.escape(split)}-(\d+)-of-(\d+)\.npz', path.name)
+    if match:
+      by_count.setdefault(int(match[2]), {})[int(match[1])] = path
+  for count, files in sorted(by_count.items()):
+    if sorted(files) == list(range(count)):
+      return [files[index] for index in range(count)]
+  return None
+
+
+def encode_split(config: ml_collections.ConfigDict, workdir: str, split: str) -> None:
+  """Encodes ``split`` (center crops) with the trained tokenizer: every process encodes its
+  share of each global batch of ``eval.batch_size`` examples and writes its own file of
+  ``tokens``, ``labels`` and ``rows`` (example indices)."""
+  params = tokenizer_stage(config, workdir)
+  train, evaluation, _, eval_transform = data_sources(config)
+  source = train if split == 'train' else evaluation
+  logging.info('Encoding the %d examples of the %s split', len(source), split)
+  tokens, labels, rows = [], [], []
+  for share in parallel.row_shares(len(source), config.eval.batch_size,
+                                   sampling.eval_mesh(config)):
+    batch = pipeline.examples_at(source, share.rows, eval_transform)
+    tokens.append(train_tokenizer.encode_batch(config, params, batch)[share.valid])
+    labels.append(batch['label'][share.valid])
+    rows.append(share.rows[share.valid])
+  io_utils.write_npz(
+      token_shard_path(workdir, split, jax.process_index(), jax.process_count()),
+      tokens=np.concatenate(tokens).astype(np.int32), labels=np.concatenate(labels),
+      rows=np.concatenate(rows))
+  multihost_utils.sync_global_devices(f'tokens/{split}')  # every file written before reads
+
+
 def token_dataset(config: ml_collections.ConfigDict, workdir: str, split: str
                   ) -> tuple[np.ndarray, np.ndarray]:
-  """``(tokens [n, N], labels [n])`` of a split, encoded once (center crops, in order) and
-  stored in the workdir; the labels are the model's (``tasks.conditioning_labels``)."""
-  path = os.path.join(workdir, 'tokens', f'{split}.npz')
-  if not os.path.exists(path):
-    params = tokenizer_stage(config, workdir)
-    train, evaluation, _, eval_transform = data_sources(config)
-    loader = pipeline.make_loader(train if split == 'train' else evaluation,
-                                  batch_size=config.eval.batch_size, seed=config.seed,
-                                  train=False, transform=eval_transform)
-    tokens, labels = [], []
-    for batch in loader:
-      tokens.append(train_tokenizer.encode_batch(config, params, batch))
-      labels.append(batch['label'])
-    tokens, labels = np.concatenate(tokens).astype(np.int32), np.concatenate(labels)
-    if jax.process_index() == 0:
-      io_utils.write_npz(path, tokens=tokens, labels=labels)
-  else:
-    with np.load(path) as stored:
-      tokens, labels = stored['tokens'], stored['labels']
-  source = f'the {split} split of config.data.name={config.data.name!r} ({path})'
+  """``(tokens [n, N], labels [n])`` of a split in example order, encoded once
+  (``encode_split``) and read from all of its files; the labels are the model's
+  (``tasks.conditioning_labels``)."""
+  files = stored_token_shards(workdir, split)
+  if files is None:
+    encode_split(config, workdir, split)
+    files = stored_token_shards(workdir, split)
+  parts = []
+  for path in files:
+    with path.open('rb') as f, np.load(f) as stored:
+      parts.append({key: stored[key] for key in ('tokens', 'labels', 'rows')})
+  rows = np.concatenate([part['rows'] for part in parts])
+  _, order = np.unique(rows, return_index=True)  # example order; rows held twice counted once
+  tokens, labels = (np.concatenate([part[key] for part in parts])[order]
+                    for key in ('tokens', 'labels'))
+  source = f'the {split} split of config.data.name={config.data.name!r} ({files[0].parent})'
   return tokens, tasks.conditioning_labels(labels, config.tokens.num_classes, source)
 
 
@@ -227,50 +265,6 @@ def classifier_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
 # Sampling and evaluation
 # ----------------------------------------------------------------------------------------------
 
-def schedule_decoder(config: ml_collections.ConfigDict, schedule: ml_collections.ConfigDict):
-  """The jit-compiled decode of one schedule (compiled on first use, then reused)."""
-  model = NestedMaskedTransformer(config_lib.transformer_config(config))
-  return make_decoder(model, config_lib.decode_plan(config, schedule),
-                      config_lib.sampling_options(config))
-
-
-def token_batches(config: ml_collections.ConfigDict, params: Any, decode: Any,
-                  labels: np.ndarray, seed: int, given_tokens: np.ndarray | None = None,
-                  batch_seconds: list[float] | None = None) -> Iterator[np.ndarray]:
-  """Token samples for ``labels``, decoded and yielded in batches of ``eval.batch_size``.
-
-  ``given_tokens [n, N]`` holds the task's known tokens (frame prediction: the condition's
-  latent frames of clip ``i`` for sample ``i``); without it every token is generated. Each
-  batch's wall time is appended to ``batch_seconds`` when given.
-  """
-  model_config = config_lib.transformer_config(config)
-  task = tasks.task_of(config)
-  if task.num_given and (given_tokens is None or len(given_tokens) < len(labels)):
-    raise ValueError(f'{task.name} needs given tokens for each of the {len(labels)} samples')
-  batch = config.eval.batch_size
-  rng = jax.random.PRNGKey(seed)
-  for start in range(0, len(labels), batch):
-    chunk = jnp.asarray(labels[start:start + batch], jnp.int32)
-    if task.num_given:
-      init = task.initial_tokens(given_tokens[start:start + len(chunk)], model_config.mask_id)
-    else:
-      init = np.full((len(chunk), model_config.seq_len), model_config.mask_id, np.int32)
-    began = time.perf_counter()
-    tokens = np.asarray(decode(params, jnp.asarray(init), chunk,
-                               jax.random.fold_in(rng, start)).tokens)
-    if batch_seconds is not None:
-      batch_seconds.append(time.perf_counter() - began)
-    yield tokens
-
-
-def generate_tokens(config: ml_collections.ConfigDict, params: Any, decode: Any,
-                    labels: np.ndarray, seed: int,
-                    batch_seconds: list[float] | None = None) -> np.ndarray:
-  """Class-conditional token samples ``[n, N]`` for ``labels`` (see ``token_batches``)."""
-  return np.concatenate(list(token_batches(config, params, decode, labels, seed,
-                                           batch_seconds=batch_seconds)))
-
-
 def sample_labels(config: ml_collections.ConfigDict) -> np.ndarray:
   return np.arange(config.eval.num_samples, dtype=np.int32) % max(config.tokens.num_classes, 1)
 
@@ -295,9 +289,11 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, d
     if os.path.exists(path):
       continue
     logging.info('Sampling %d images with schedule %s', len(labels), name)
-    tokens = generate_tokens(config, transformer, schedule_decoder(config, schedule), labels,
-                             config.seed)
-    images = train_tokenizer.decode_tokens(config, tokenizer, tokens)
+    images = np.concatenate([
+        parallel.gather_share(train_tokenizer.decode_tokens(config, tokenizer, tokens), share)
+        for share, tokens in sampling.token_batches(
+            config, transformer, sampling.schedule_decoder(config, schedule), labels,
+            config.seed)])
     if jax.process_index() == 0:
       sample_writer.save_samples_npz(path, images, labels)
       widths = ' '.join(f'{p}x{s}' for p, s in schedule.widths)
@@ -333,7 +329,7 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     logging.info('eval %s: %s', name, row)
   tokenizer = tokenizer_stage(config, workdir)
   eval_tokens, _ = token_dataset(config, workdir, 'eval')
-  reconstructions = train_tokenizer.decode_tokens(config, tokenizer, eval_tokens)
+  reconstructions = sampling.decode_rows(config, tokenizer, eval_tokens)
   reference = scorer.score(reconstructions, held_out_labels)
   reference['reconstruction_mse'] = float(np.mean(
       (reconstructions.astype(np.float32) / 127.5 - held_out.astype(np.float32) / 127.5) ** 2))

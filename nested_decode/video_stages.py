@@ -22,6 +22,8 @@ from absl import logging
 
 from nested_decode import config_lib
 from nested_decode import io_utils
+from nested_decode import parallel
+from nested_decode import sampling
 from nested_decode import stages
 from nested_decode import tasks
 from nested_decode.data import pipeline
@@ -36,17 +38,18 @@ def to_uint8(videos: np.ndarray) -> np.ndarray:
   return np.clip(np.round((np.asarray(videos) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def real_clips(config: ml_collections.ConfigDict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """The first ``eval.num_samples`` held-out clips in order, as (uint8 videos, labels) batches."""
+ClipBatches = Callable[[], Iterator[tuple[parallel.RowShare, np.ndarray]]]
+
+
+def real_clips(config: ml_collections.ConfigDict) -> Iterator[tuple[parallel.RowShare,
+                                                                     np.ndarray]]:
+  """The first ``eval.num_samples`` held-out clips in order, as uint8 videos: per global
+  batch, this process's share of the rows and its clips of them."""
   _, evaluation, _, eval_transform = stages.data_sources(config)
-  loader = pipeline.make_loader(evaluation, batch_size=config.eval.batch_size, seed=config.seed,
-                                train=False, transform=eval_transform)
-  remaining = config.eval.num_samples
-  for batch in loader:
-    if remaining <= 0:
-      return
-    yield to_uint8(batch['video'][:remaining]), np.asarray(batch['label'][:remaining])
-    remaining -= len(batch['video'])
+  check_num_samples(config, len(evaluation))
+  for share in parallel.row_shares(config.eval.num_samples, config.eval.batch_size,
+                                   sampling.eval_mesh(config)):
+    yield share, to_uint8(pipeline.examples_at(evaluation, share.rows, eval_transform)['video'])
 
 
 def check_num_samples(config: ml_collections.ConfigDict, available: int) -> None:
@@ -69,32 +72,36 @@ def features_path(workdir: str, name: str) -> str:
   return os.path.join(workdir, 'samples', f'{name}_i3d.npz')
 
 
-def streamed_features(path: str, batches: Callable[[], Iterator[np.ndarray]],
-                      saved_clips: int, i3d: fvd.I3DFeatures) -> np.ndarray:
-  """I3D features of uint8 clip batches, stored at ``path`` (and read from it when present);
-  the first ``saved_clips`` clips also go to ``path`` without the ``_i3d`` suffix."""
+def streamed_features(path: str, batches: ClipBatches, saved_clips: int,
+                      i3d: fvd.I3DFeatures) -> np.ndarray:
+  """I3D features of the clips ``batches`` yields (each process computes those of its rows;
+  all are gathered), stored at ``path`` (and read from it when present); the first
+  ``saved_clips`` clips also go to ``path`` without the ``_i3d`` suffix."""
   if os.path.exists(path):
     with np.load(path) as stored:
       return stored['features']
   features, kept = [], []
-  for videos in batches():
-    features.append(i3d(videos))
-    kept.append(videos[:max(saved_clips - sum(len(k) for k in kept), 0)])
+  for share, videos in batches():
+    features.append(parallel.gather_share(i3d(videos), share))
+    if sum(len(k) for k in kept) < saved_clips:
+      kept.append(parallel.gather_share(videos, share))
   features = np.concatenate(features)
   if jax.process_index() == 0:
     if saved_clips:
-      io_utils.write_npz(path.replace('_i3d.npz', '.npz'), videos=np.concatenate(kept))
+      io_utils.write_npz(path.replace('_i3d.npz', '.npz'),
+                         videos=np.concatenate(kept)[:saved_clips])
     io_utils.write_npz(path, features=features)
   return features
 
 
 def schedule_clips(config, transformer, tokenizer, name, schedule, labels, given
-                   ) -> Callable[[], Iterator[np.ndarray]]:
+                   ) -> ClipBatches:
   """A fresh iterator over the uint8 clips ``schedule`` decodes, batch by batch."""
   def batches():
-    decode = stages.schedule_decoder(config, schedule)
-    for tokens in stages.token_batches(config, transformer, decode, labels, config.seed, given):
-      yield train_tokenizer.decode_tokens(config, tokenizer, tokens)
+    decode = sampling.schedule_decoder(config, schedule)
+    for share, tokens in sampling.token_batches(config, transformer, decode, labels,
+                                                config.seed, given):
+      yield share, train_tokenizer.decode_tokens(config, tokenizer, tokens)
     logging.info('Sampled %d clips with schedule %s', len(labels), name)
   return batches
 
@@ -116,7 +123,7 @@ def sample_with(config, workdir, tokenizer, eval_token_dataset, i3d) -> dict[str
         schedule_clips(config, transformer, tokenizer, name, schedule, labels, given),
         saved, i3d)
   features['real'] = streamed_features(features_path(workdir, 'real'),
-                                       lambda: (v for v, _ in real_clips(config)), saved, i3d)
+                                       lambda: real_clips(config), saved, i3d)
   if jax.process_index() == 0:
     write_comparison_gif(config, workdir)
   return features
@@ -139,25 +146,23 @@ def write_comparison_gif(config: ml_collections.ConfigDict, workdir: str) -> Non
                                    given_frames=given)
 
 
-def reference_batches(config, tokenizer, eval_tokens
-                      ) -> dict[str, Callable[[], Iterator[np.ndarray]]]:
+def reference_batches(config, tokenizer, eval_tokens) -> dict[str, ClipBatches]:
   """Clip sets that put the samples' FVD in context (see the module docstring)."""
   check_num_samples(config, len(eval_tokens))
-  batch = config.eval.batch_size
 
   def reconstructions():
-    for start in range(0, config.eval.num_samples, batch):
-      stop = min(start + batch, config.eval.num_samples)
-      yield train_tokenizer.decode_tokens(config, tokenizer, eval_tokens[start:stop])
+    for share in parallel.row_shares(config.eval.num_samples, config.eval.batch_size,
+                                     sampling.eval_mesh(config)):
+      yield share, train_tokenizer.decode_tokens(config, tokenizer, share.take(eval_tokens))
 
   references = {'tokenizer_reconstruction': reconstructions}
   if tasks.task_of(config).num_given:
     last = config.task.condition_frames - 1
 
     def repeat_last_condition_frame():
-      for videos, _ in real_clips(config):
-        yield np.concatenate([videos[:, :last + 1]] + [videos[:, last:last + 1]]
-                             * (videos.shape[1] - last - 1), axis=1)
+      for share, videos in real_clips(config):
+        yield share, np.concatenate([videos[:, :last + 1]] + [videos[:, last:last + 1]]
+                                    * (videos.shape[1] - last - 1), axis=1)
     references['repeat_last_condition_frame'] = repeat_last_condition_frame
   return references
 

@@ -99,6 +99,12 @@ def main(workdir: str) -> None:
   whole = parallel.to_host(decode(final.params, jnp.asarray(init), jnp.asarray(labels),
                                   rng).tokens)
   seconds['decode'] = time.perf_counter() - started
+
+  # Rows of global batches shared out, computed where they live and gathered back in order.
+  shares = list(parallel.row_shares(10, 8, mesh))  # [0, 8) and a padded [8, 10)
+  computed = [parallel.apply_to_local_rows(lambda x: x * 10, mesh, share.take(np.arange(10)))
+              for share in shares]
+  gathered = [parallel.gather_share(c, share).tolist() for c, share in zip(computed, shares)]
   print('RESULT ' + json.dumps(dict(
       process=jax.process_index(), processes=jax.process_count(),
       devices=jax.device_count(), local_devices=jax.local_device_count(),
@@ -109,6 +115,9 @@ def main(workdir: str) -> None:
       kernel_local_shards=[list(s.data.shape) for s in kernel.addressable_shards],
       kernel_spec=str(kernel.sharding.spec), local_rows=[rows.start, rows.stop],
       decoded=split.tolist(), decoded_equal=bool(np.array_equal(split, whole)),
+      share_rows=[share.rows.tolist() for share in shares],
+      share_valid=[share.valid.tolist() for share in shares],
+      computed=[c.tolist() for c in computed], gathered=gathered,
       seconds=dict(seconds, end=time.perf_counter() - started))), flush=True)
 
 

@@ -41,7 +41,8 @@ def batches(seconds_per_step: float):
   labels = rng.integers(0, 3, 200).astype(np.int32)
   tokens = ((labels[:, None] * 5 + np.arange(16)[None]) % 16).astype(np.int32)
   source = pipeline.ArraySource('synthetic-tokens', tokens=tokens, label=labels)
-  make_iterator, iterator_state = stages.resumable_batches(source, None, batch_size=8, seed=0)
+  make_iterator, iterator_state = stages.resumable_batches(source, None, global_batch_size=8,
+                                                          seed=0)
 
   class Slowed:
     def __init__(self, iterator):

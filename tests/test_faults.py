@@ -312,8 +312,9 @@ def test_main_names_a_missing_dataset_directory(tmp_path):
   result = run_main('--config=configs/imagenet256.py:tiny', f'--workdir={tmp_path}/run',
                     '--mode=train_tokenizer', f'--config.data.data_dir={missing}')
   line = one_line_error(result)
-  assert line.startswith('FileNotFoundError: No prepared imagenet2012 (ArrayRecord) in '
-                         f'data_dir {missing}.')
+  assert line.startswith('MissingDataError: configs/imagenet256.py:tiny cannot find its data '
+                         f'(No prepared imagenet2012 (ArrayRecord) in data_dir {missing}.')
+  assert '--config.data.data_dir' in line
   assert not missing.exists()
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -54,9 +55,9 @@ def test_bad_config_value_fails_before_running(tmp_path):
   assert not (tmp_path / 'flops.json').exists()
 
 
-def test_main_job_on_tiny_mnist_writes_samples_and_eval_then_skips_finished_stages(tmp_path):
-  result = run_main('--config=configs/mnist.py:tiny', f'--workdir={tmp_path}')
-  assert result.returncode == 0, result.stderr
+def test_main_job_on_tiny_mnist_writes_samples_and_eval_then_skips_finished_stages(
+    mnist_tiny_job, tmp_path):
+  shutil.copytree(mnist_tiny_job[0], tmp_path, dirs_exist_ok=True)
   report = json.loads((tmp_path / 'eval.json').read_text())
   names = [row['schedule'] for row in report['rows']]
   assert names[0] == 'baseline' and 'magnets' in names

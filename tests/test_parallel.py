@@ -133,6 +133,18 @@ def test_every_parameter_name_of_the_transformer_has_a_rule():
   assert names and names <= {name for name, _ in parallel.RULES}, names
 
 
+def test_row_shares_pad_the_last_batch_and_gather_drops_the_padding():
+  mesh = parallel.make_mesh(config_lib.base_config(
+      num_layers=1, width=8, num_heads=1, token_shape=(2,), codebook_size=4, num_classes=0,
+      guidance_scale=0.0, batch_size=1))
+  shares = list(parallel.row_shares(5, 4, mesh))
+  assert [s.rows.tolist() for s in shares] == [[0, 1, 2, 3], [4, 4, 4, 4]]
+  assert [s.num_valid for s in shares] == [4, 1]
+  values = np.arange(5) * 10
+  assert [parallel.gather_share(s.take(values), s).tolist() for s in shares] == [
+      [0, 10, 20, 30], [40]]
+
+
 def test_batch_sizes_are_global_and_split_evenly_over_processes(monkeypatch):
   assert parallel.process_batch_size(256, 'training.batch_size') == 256
   monkeypatch.setattr(parallel.jax, 'process_count', lambda: 4)
@@ -285,3 +297,11 @@ def test_two_processes_train_checkpoint_and_restore_together(tmp_path):
   assert (a['local_rows'], b['local_rows']) == ([0, 8], [8, 16])
   assert a['decoded'] == b['decoded'] and np.asarray(a['decoded']).shape == (16, 16)
   assert a['decoded_equal'] and b['decoded_equal']
+  # Global batches of 8 rows of 10: each process computes on its own rows (the last batch is
+  # padded with copies of row 9), and both gather every row once, in order.
+  assert a['share_rows'] == [[0, 1, 2, 3], [8, 9, 9, 9]]
+  assert b['share_rows'] == [[4, 5, 6, 7], [9, 9, 9, 9]]
+  assert a['share_valid'][1] == [True, True, False, False] and not any(b['share_valid'][1])
+  assert a['computed'] == [[0, 10, 20, 30], [80, 90, 90, 90]]
+  assert b['computed'] == [[40, 50, 60, 70], [90, 90, 90, 90]]
+  assert a['gathered'] == b['gathered'] == [[0, 10, 20, 30, 40, 50, 60, 70], [80, 90]]

@@ -113,7 +113,7 @@ def test_a_few_frame_prediction_steps_lower_the_loss_on_the_generated_region(tmp
 def k600_with_kinetics_labels(workdir, num_classes=0):
   """configs/k600.py's model path, shrunk, over a token split whose labels are Kinetics class
   indices 0..599 as the video-file reader gives them."""
-  from nested_decode import io_utils
+  from nested_decode import io_utils, stages
   config = load_config('k600')
   config.model.update(num_layers=1, width=64, num_heads=8, mlp_dim=128, dtype='float32')
   config.tokens.num_classes = num_classes
@@ -121,8 +121,9 @@ def k600_with_kinetics_labels(workdir, num_classes=0):
   config_lib.validate(config)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, config.tokens.codebook_size, (4, config_lib.seq_len(config)))
-  io_utils.write_npz(str(workdir / 'tokens' / 'train.npz'), tokens=tokens.astype(np.int32),
-                     labels=np.array([0, 599, 300, 7], np.int32))
+  io_utils.write_npz(stages.token_shard_path(str(workdir), 'train', 0, 1),
+                     tokens=tokens.astype(np.int32), labels=np.array([0, 599, 300, 7], np.int32),
+                     rows=np.arange(4))
   return config
 
 

@@ -100,7 +100,7 @@ def grain_batches():
   labels = rng.integers(0, 3, 200).astype(np.int32)
   tokens = ((labels[:, None] * 5 + np.arange(16)[None]) % 16).astype(np.int32)
   source = pipeline.ArraySource('synthetic-tokens', tokens=tokens, label=labels)
-  return stages.resumable_batches(source, None, batch_size=8, seed=0)
+  return stages.resumable_batches(source, None, global_batch_size=8, seed=0)
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_run(tmp_path):

@@ -103,6 +103,19 @@ def make_loader(source: Any, *, batch_size: int, seed: int, train: bool,
                           worker_count=worker_count, shard_options=shard_options)
 
 
+def examples_at(source: Any, indices: np.ndarray,
+                transform: Optional[grain.MapTransform] = None) -> dict[str, np.ndarray]:
+  """Examples ``indices`` of ``source`` as one batch, exactly as an in-order loader gives them
+  (``transform``, then ``ToFloat``): for evaluation work split by rows over processes."""
+  elements = []
+  for index in indices:
+    element = source[int(index)]
+    if transform is not None:
+      element = transform.map(element)
+    elements.append(ToFloat().map(element))
+  return {key: np.stack([element[key] for element in elements]) for key in elements[0]}
+
+
 def iterator_state(iterator: grain.PyGrainDatasetIterator) -> dict[str, Any]:
   """The position of a loader's iterator as a JSON-serialisable dict (e.g. for JsonSave)."""
   return json.loads(iterator.get_state())

@@ -19,13 +19,13 @@ from absl import logging
 
 from nested_decode import config_lib
 from nested_decode import io_utils
+from nested_decode import sampling
 from nested_decode import stages
 from nested_decode.data import pipeline
 from nested_decode.evaluation import mnist_classifier
 from nested_decode.evaluation.flops import decode_flops
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import objective
-from nested_decode.training import train_tokenizer
 from nested_decode.training import train_transformer
 
 CACHES = ('none', 'refresh_on_switch')
@@ -56,13 +56,13 @@ class Scorer:
   def score(self, widths, cache: str, seeds: list[int], num_samples: int) -> dict:
     schedule = config_lib.schedule(widths, cache=cache)
     plan = config_lib.decode_plan(self.config, schedule)
-    decode = stages.schedule_decoder(self.config, schedule)
+    decode = sampling.schedule_decoder(self.config, schedule)
     labels = np.arange(num_samples, dtype=np.int32) % self.config.tokens.num_classes
     accuracies, distances, seconds = [], [], []
     for seed in seeds:
-      tokens = stages.generate_tokens(self.config, self.transformer, decode, labels, seed,
-                                      seconds)
-      images = train_tokenizer.decode_tokens(self.config, self.tokenizer, tokens)
+      tokens = sampling.generate_tokens(self.config, self.transformer, decode, labels, seed,
+                                        seconds)
+      images = sampling.decode_rows(self.config, self.tokenizer, tokens)
       scores = self.samples.score(images, labels)
       accuracies.append(scores['class_accuracy'])
       distances.append(scores['fd'])

@@ -74,16 +74,28 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, dict]:
-    """Returns ``(state, data_state, config_dict)`` of ``step`` (default: the latest)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint in {self.directory}')
-    self._check_shapes(step, abstract_state)
+    """Returns ``(state, data_state, config_dict)`` of ``step`` (default: the latest), to
+    resume training: the data position is this process's, so as many processes must run."""
+    step = self._step_to_restore(step, abstract_state)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(),
         config=ocp.args.JsonRestore()))
     return restored['state'], self._own_data_state(step, restored['data']), restored['config']
+
+  def restore_state(self, abstract_state: Any, step: int | None = None) -> Any:
+    """The state alone (e.g. parameters to sample with), on any number of processes."""
+    step = self._step_to_restore(step, abstract_state)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored['state']
+
+  def _step_to_restore(self, step: int | None, abstract_state: Any) -> int:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {self.directory}')
+    self._check_shapes(step, abstract_state)
+    return step
 
   def _own_data_state(self, step: int, data: Any) -> Any:
     if not (isinstance(data, dict) and 'by_process' in data):

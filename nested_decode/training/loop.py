@@ -55,8 +55,7 @@ def is_finished(workdir: str, name: str, num_steps: int) -> bool:
 
 def restore_state(workdir: str, name: str, abstract_state: Any) -> Any:
   """The latest checkpointed state of trainer ``name``, shape-checked against the model."""
-  state, _, _ = Checkpointer(checkpoint_dir(workdir, name)).restore(abstract_state)
-  return state
+  return Checkpointer(checkpoint_dir(workdir, name)).restore_state(abstract_state)
 
 
 class Preempted(Exception):

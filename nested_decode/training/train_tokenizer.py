@@ -188,7 +188,8 @@ def is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  abstract = jax.eval_shape(lambda: create_state(config))
+  mesh = parallel.make_mesh(config)
+  abstract = parallel.abstract_state(_init_fn(config), state_shardings(config, mesh))
   return loop.restore_state(workdir, NAME, abstract).params
 
 
@@ -218,22 +219,27 @@ def _coder(tokenizer: vqgan.TokenizerConfig):
 
 def encode_batch(config: ml_collections.ConfigDict, params: Any, batch: dict) -> np.ndarray:
   """A loader batch (float images ``[b, H, W, C]`` or videos ``[b, T, H, W, C]`` in [-1, 1])
-  -> token ids ``[b, N]`` (jit-compiled)."""
+  -> token ids ``[b, N]``. On several processes each passes its own rows, as many as the
+  others (the encode is one computation over the mesh, ``parallel.apply_to_local_rows``)."""
   encode, _ = _coder(tokenizer_config(config))
-  inputs = jnp.asarray(host_inputs(config, batch))
-  return np.asarray(encode(params, inputs)).reshape(len(inputs), -1)
+  inputs = host_inputs(config, batch)
+  ids = parallel.apply_to_local_rows(lambda x: encode(params, x), parallel.make_mesh(config),
+                                     inputs)
+  return ids.reshape(len(inputs), -1)
 
 
 def decode_tokens(config: ml_collections.ConfigDict, params: Any, tokens: np.ndarray,
                   batch_size: int = 256) -> np.ndarray:
   """Token ids ``[n, N]`` -> uint8 images ``[n, H, W, C]`` or videos ``[n, T, H, W, C]`` (the
-  causal padding frames dropped)."""
+  causal padding frames dropped). On several processes each passes its own rows, as many as
+  the others (see ``encode_batch``)."""
   _, decode = _coder(tokenizer_config(config))
+  mesh = parallel.make_mesh(config)
   shape = tuple(config.tokens.shape)
   out = []
   for start in range(0, len(tokens), batch_size):
-    ids = jnp.asarray(tokens[start:start + batch_size]).reshape((-1,) + shape)
-    images = np.asarray(decode(params, ids))
+    ids = np.asarray(tokens[start:start + batch_size]).reshape((-1,) + shape)
+    images = parallel.apply_to_local_rows(lambda x: decode(params, x), mesh, ids)
     if is_video(config):
       images = images[:, :config.data.num_frames]
     out.append(np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8))

@@ -112,7 +112,9 @@ def is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
 def load_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Parameters of the latest transformer checkpoint in ``workdir``."""
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
-  abstract = jax.eval_shape(lambda: create_train_state(config, model))
+  mesh = parallel.make_mesh(config)
+  abstract = parallel.abstract_state(boxed_init(config, model),
+                                     state_shardings(config, model, mesh))
   return loop.restore_state(workdir, NAME, abstract).params
 
 
