@@ -5,7 +5,6 @@ Outputs live under ``workdir``; only process 0 writes samples and metrics.
 """
 
 import functools
-import os
 import time
 from typing import Any, Iterator
 
@@ -127,8 +126,8 @@ def token_dataset(config: ml_collections.ConfigDict, workdir: str, split: str
                   ) -> tuple[np.ndarray, np.ndarray]:
   """``(tokens [n, N], labels [n])`` of a split, encoded once (center crops, in order) and
   stored in the workdir."""
-  path = os.path.join(workdir, 'tokens', f'{split}.npz')
-  if not os.path.exists(path):
+  path = io_utils.join(workdir, 'tokens', f'{split}.npz')
+  if not io_utils.exists(path):
     params = tokenizer_stage(config, workdir)
     train, evaluation, _, eval_transform = data_sources(config)
     loader = pipeline.make_loader(train if split == 'train' else evaluation,
@@ -142,8 +141,8 @@ def token_dataset(config: ml_collections.ConfigDict, workdir: str, split: str
     if jax.process_index() == 0:
       io_utils.write_npz(path, tokens=tokens, labels=labels)
     return tokens, labels
-  with np.load(path) as stored:
-    return stored['tokens'], stored['labels']
+  stored = io_utils.load_npz(path)
+  return stored['tokens'], stored['labels']
 
 
 def transformer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
@@ -157,13 +156,13 @@ def transformer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
 
 def classifier_path(workdir: str) -> str:
-  return os.path.join(workdir, 'classifier', 'params.msgpack')
+  return io_utils.join(workdir, 'classifier', 'params.msgpack')
 
 
 def classifier_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """The MNIST digit classifier that scores samples, trained on the training split."""
   path = classifier_path(workdir)
-  if not os.path.exists(path):
+  if not io_utils.exists(path):
     train, _, _, _ = data_sources(config)
     images, labels = all_images(train)
     params = mnist_classifier.train_classifier(
@@ -228,7 +227,7 @@ def sample_labels(config: ml_collections.ConfigDict) -> np.ndarray:
 
 
 def samples_path(workdir: str, name: str) -> str:
-  return os.path.join(workdir, 'samples', f'{name}.npz')
+  return io_utils.join(workdir, 'samples', f'{name}.npz')
 
 
 def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
@@ -244,7 +243,7 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, d
   labels = sample_labels(config)
   for name, schedule in config_lib.schedules_with_baseline(config).items():
     path = samples_path(workdir, name)
-    if os.path.exists(path):
+    if io_utils.exists(path):
       continue
     logging.info('Sampling %d images with schedule %s', len(labels), name)
     tokens = generate_tokens(config, transformer, schedule_decoder(config, schedule), labels,
@@ -279,8 +278,8 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   scorer = mnist_classifier.SampleScorer(classifier, held_out)
   rows = []
   for name in config_lib.schedules_with_baseline(config):
-    with np.load(samples_path(workdir, name)) as samples:
-      scores = scorer.score(samples['images'], samples['labels'])
+    samples = io_utils.load_npz(samples_path(workdir, name))
+    scores = scorer.score(samples['images'], samples['labels'])
     row = {key: flops[name][key] for key in ('schedule', 'cache', 'steps', 'gflops_per_sample',
                                              'flop_ratio')}
     row.update(scores, num_samples=len(sample_labels(config)))
@@ -297,5 +296,5 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                     scorer.classifier.predict(held_out),
                     held_out_labels))
   if jax.process_index() == 0:
-    io_utils.write_json(os.path.join(workdir, 'eval.json'), report)
+    io_utils.write_json(io_utils.join(workdir, 'eval.json'), report)
   return rows
