@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import gcs_emulator
 from nested_decode.models.transformer import NestedMaskedTransformer, TransformerConfig
 
 jax.config.update('jax_default_matmul_precision', 'highest')
@@ -31,3 +32,14 @@ def model_and_params():
 def jitted_apply(model: NestedMaskedTransformer):
   """``model.apply`` compiled once per width (eager Flax on CPU is much slower than compiling)."""
   return jax.jit(model.apply, static_argnames=('width_factor',))
+
+
+@pytest.fixture(scope='session')
+def gcs_bucket():
+  """``gs://BUCKET`` on a Cloud Storage emulator started once per session
+  (``tests/gcs_emulator.py``); the variables pointing gcsfs and tensorstore at it stay set in
+  ``os.environ`` for the session, so subprocesses started with it reach the bucket too."""
+  with gcs_emulator.running() as url, pytest.MonkeyPatch.context() as patch:
+    for key, value in gcs_emulator.environment(url).items():
+      patch.setenv(key, value)
+    yield f'gs://{gcs_emulator.BUCKET}'
