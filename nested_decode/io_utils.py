@@ -16,6 +16,7 @@ import os
 import socket
 import tempfile
 import urllib.parse
+import uuid
 from typing import Iterator
 
 import numpy as np
@@ -137,7 +138,7 @@ def _check_gcs_writable(path: str) -> None:
   _check_reachable(endpoint)
   filesystem = gcsfs.GCSFileSystem(skip_instance_cache=True,
                                    requests_timeout=GCS_CHECK_TIMEOUT_S)
-  probe = join(path, '.write_test')
+  probe = join(path, f'.write_test-{uuid.uuid4().hex}')  # one per process of a pod
   try:
     filesystem.pipe_file(probe, b'', timeout=GCS_CHECK_TIMEOUT_S)
     filesystem.rm_file(probe, timeout=GCS_CHECK_TIMEOUT_S)
