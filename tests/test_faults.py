@@ -42,8 +42,8 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(params=['local', 'gcs'])
-def trainer_workdir(request, tmp_path):
-  """The trainer's workdir: a local folder, or a folder in the session's emulated bucket."""
+def local_or_bucket_dir(request, tmp_path):
+  """A local folder, or a folder in the session's emulated bucket (`gcs_bucket`)."""
   if request.param == 'local':
     return str(tmp_path)
   return io_utils.join(request.getfixturevalue('gcs_bucket'), request.function.__name__)
@@ -96,8 +96,8 @@ def reference_losses(tmp_path_factory, env):
 # ----------------------------------------------------------------------------------------------
 
 def test_sigterm_saves_the_step_reached_and_the_resumed_run_matches_an_uninterrupted_one(
-    tmp_path, trainer_workdir, env, reference_losses):
-  workdir = trainer_workdir
+    tmp_path, local_or_bucket_dir, env, reference_losses):
+  workdir = local_or_bucket_dir
   metrics = io_utils.join(workdir, 'transformer_metrics.jsonl')
   trainer = start([workdir, NUM_STEPS, 0.2], tmp_path, env)  # slowed: the signal lands mid-run
   wait_for(lambda: len(metric_rows(metrics)) >= 1, trainer)
@@ -191,8 +191,8 @@ def test_all_processes_stop_at_the_same_step_when_one_gets_sigterm(tmp_path, jax
   assert steps[0] == steps[1], outputs
 
 
-def test_each_process_gets_back_its_own_data_position(trainer_workdir):
-  directory = io_utils.join(trainer_workdir, 'checkpoints')
+def test_each_process_gets_back_its_own_data_position(local_or_bucket_dir):
+  directory = io_utils.join(local_or_bucket_dir, 'checkpoints')
   processes = start_two_processes('checkpoint', directory)
   outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
   assert [process.returncode for process in processes] == [0, 0], outputs

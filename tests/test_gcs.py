@@ -70,7 +70,7 @@ class Forbidding(http.server.BaseHTTPRequestHandler):
     del args
 
 
-@pytest.fixture
+@pytest.fixture(scope='module')
 def forbidding_endpoint():
   server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Forbidding)
   threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -79,15 +79,9 @@ def forbidding_endpoint():
   server.server_close()
 
 
-@pytest.fixture
-def without_gcsfs(tmp_path):
-  """A folder that, first on the path, makes ``import gcsfs`` fail as if it were missing."""
-  (tmp_path / 'gcsfs.py').write_text("raise ImportError('No module named gcsfs (simulated)')\n")
-  return str(tmp_path)
-
-
-def bad_workdir_cases(bucket, forbidding, without_gcsfs):
-  """``(workdir, environment changes, expected line)`` of each fault."""
+def bad_workdir_cases(bucket, forbidding):
+  """``(workdir, environment changes, expected cause)`` of each fault; ``no_gcsfs`` is made by
+  the test."""
   closed = f'http://127.0.0.1:{gcs_emulator.free_port()}'
   return {
       'unreachable': (f'{bucket}/run', gcs_emulator.environment(closed),
@@ -96,11 +90,27 @@ def bad_workdir_cases(bucket, forbidding, without_gcsfs):
                     'bucket no-such-bucket does not exist at http://127.0.0.1:'),
       'forbidden': (f'{bucket}/run', gcs_emulator.environment(forbidding),
                     'permission denied: caller does not have storage.objects.create access'),
-      'no_gcsfs': (f'{bucket}/run', {'PYTHONPATH': f'{without_gcsfs}:{ROOT}'},
+      'no_gcsfs': (f'{bucket}/run', {},
                    'gs:// paths needs the Cloud Storage client gcsfs: pip install gcsfs'),
       'split_endpoints': (f'{bucket}/run', {'TENSORSTORE_GCS_HTTP_URL': closed},
                           f'checkpoint arrays to {closed} (TENSORSTORE_GCS_HTTP_URL)'),
   }
+
+
+@pytest.mark.parametrize('case', ['unreachable', 'no_bucket', 'forbidden', 'no_gcsfs',
+                                  'split_endpoints'])
+def test_an_unusable_bucket_workdir_is_named_with_its_cause(gcs_bucket, forbidding_endpoint,
+                                                            monkeypatch, case):
+  workdir, changes, expected = bad_workdir_cases(gcs_bucket, forbidding_endpoint)[case]
+  for key, value in changes.items():
+    monkeypatch.setenv(key, value)
+  if case == 'no_gcsfs':
+    monkeypatch.setitem(sys.modules, 'gcsfs', None)  # makes `import gcsfs` fail
+  with pytest.raises(OSError) as error:
+    io_utils.ensure_writable_dir(workdir)
+  message = str(error.value)
+  assert message.startswith(f'{workdir} is not a writable directory: ') and '\n' not in message
+  assert expected in message, message
 
 
 def test_an_endpoint_that_never_answers_is_named_within_the_bound(gcs_bucket, monkeypatch):
@@ -114,16 +124,18 @@ def test_an_endpoint_that_never_answers_is_named_within_the_bound(gcs_bucket, mo
       io_utils.ensure_writable_dir(f'{gcs_bucket}/run')
 
 
-@pytest.mark.parametrize('case', ['unreachable', 'no_bucket', 'forbidden', 'no_gcsfs',
-                                  'split_endpoints'])
-def test_main_names_an_unusable_bucket_workdir_in_one_line_before_training(
-    gcs_bucket, forbidding_endpoint, without_gcsfs, case):
-  workdir, changes, expected = bad_workdir_cases(gcs_bucket, forbidding_endpoint,
-                                                 without_gcsfs)[case]
+@pytest.mark.parametrize('case', ['unreachable', 'no_gcsfs'])
+def test_main_stops_on_an_unusable_bucket_workdir_with_one_line_before_training(
+    gcs_bucket, forbidding_endpoint, tmp_path, case):
+  workdir, changes, expected = bad_workdir_cases(gcs_bucket, forbidding_endpoint)[case]
+  python_path = ROOT
+  if case == 'no_gcsfs':  # a module first on the path that fails as a missing package does
+    (tmp_path / 'gcsfs.py').write_text("raise ImportError('No module named gcsfs')\n")
+    python_path = f'{tmp_path}:{ROOT}'
   result = subprocess.run(
       [sys.executable, '-m', 'nested_decode.main', '--config=configs/mnist.py:tiny',
        f'--workdir={workdir}', '--mode=train'],
-      cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT, **changes}, capture_output=True,
+      cwd=ROOT, env={**os.environ, **changes, 'PYTHONPATH': python_path}, capture_output=True,
       text=True, timeout=120)
   assert result.returncode == 1, result.stderr
   assert 'Traceback' not in result.stderr and '[tokenizer]' not in result.stderr
