@@ -1,7 +1,9 @@
 """Files of the workdir and of the data, local or on Cloud Storage (``gs://bucket/...``).
 
-Every file operation of the package goes through these helpers, which use ``etils.epath`` (the
-path library orbax uses; ``gs://`` through ``gcsfs``). Paths are plain strings.
+The package reads and writes workdir and data files only through these helpers, which use
+``etils.epath`` (the path library orbax uses for checkpoints; ``gs://`` through ``gcsfs``).
+Paths are plain strings. Read directly: files shipped inside installed packages (MNIST digits,
+I3D weights) and the Kinetics video files, which must be local (``data/video_files.py``).
 
 Writes are atomic: readers see the old file or the whole new one, never half. A local file is
 written to a temporary file next to it and renamed over it. A ``gs://`` object is written to

@@ -62,7 +62,8 @@ def running(bucket: str = BUCKET, timeout_s: float = 30.0) -> Iterator[str]:
         break
       except OSError:
         if server.poll() is not None or time.time() > deadline:
-          raise RuntimeError(f'the GCS emulator did not start on {url}')
+          raise RuntimeError(f'the GCS emulator did not start on {url}; is gcp-storage-emulator '
+                             'installed (pip install -e ".[dev]")?')
         time.sleep(0.05)
     yield url
   finally:
