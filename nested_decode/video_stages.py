@@ -12,7 +12,6 @@ reconstructions of the real clips (the ceiling any sampler can reach through thi
 and, for frame prediction, repeating the last condition frame (a model that learned nothing).
 """
 
-import os
 from typing import Callable, Iterator
 
 import jax
@@ -69,7 +68,7 @@ def condition(config: ml_collections.ConfigDict, eval_tokens: np.ndarray,
 
 
 def features_path(workdir: str, name: str) -> str:
-  return os.path.join(workdir, 'samples', f'{name}_i3d.npz')
+  return io_utils.join(workdir, 'samples', f'{name}_i3d.npz')
 
 
 def streamed_features(path: str, batches: ClipBatches, saved_clips: int,
@@ -77,9 +76,8 @@ def streamed_features(path: str, batches: ClipBatches, saved_clips: int,
   """I3D features of the clips ``batches`` yields (each process computes those of its rows;
   all are gathered), stored at ``path`` (and read from it when present); the first
   ``saved_clips`` clips also go to ``path`` without the ``_i3d`` suffix."""
-  if os.path.exists(path):
-    with np.load(path) as stored:
-      return stored['features']
+  if io_utils.exists(path):
+    return io_utils.load_npz(path)['features']
   features, kept = [], []
   for share, videos in batches():
     features.append(parallel.gather_share(i3d(videos), share))
@@ -130,8 +128,7 @@ def sample_with(config, workdir, tokenizer, eval_token_dataset, i3d) -> dict[str
 
 
 def saved_videos(workdir: str, name: str) -> np.ndarray:
-  with np.load(os.path.join(workdir, 'samples', f'{name}.npz')) as stored:
-    return stored['videos']
+  return io_utils.load_npz(io_utils.join(workdir, 'samples', f'{name}.npz'))['videos']
 
 
 def write_comparison_gif(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -142,7 +139,7 @@ def write_comparison_gif(config: ml_collections.ConfigDict, workdir: str) -> Non
   for name in config_lib.schedules_with_baseline(config):
     columns[name] = saved_videos(workdir, name)[:n]
   given = config.task.condition_frames if tasks.task_of(config).num_given else 0
-  video_writer.save_comparison_gif(os.path.join(workdir, 'samples', 'comparison.gif'), columns,
+  video_writer.save_comparison_gif(io_utils.join(workdir, 'samples', 'comparison.gif'), columns,
                                    given_frames=given)
 
 
@@ -190,5 +187,5 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   report = dict(rows=rows, reference_fvd=references, num_real_clips=len(real),
                 task=tasks.task_of(config).name)
   if jax.process_index() == 0:
-    io_utils.write_json(os.path.join(workdir, 'eval.json'), report)
+    io_utils.write_json(io_utils.join(workdir, 'eval.json'), report)
   return rows

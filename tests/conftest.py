@@ -1,5 +1,7 @@
+import dataclasses
 import importlib.util
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -11,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import gcs_emulator
 from nested_decode.models.transformer import NestedMaskedTransformer, TransformerConfig
 
 jax.config.update('jax_default_matmul_precision', 'highest')
@@ -53,6 +56,17 @@ def jitted_apply(model: NestedMaskedTransformer):
   return jax.jit(model.apply, static_argnames=('width_factor',))
 
 
+@pytest.fixture(scope='session')
+def gcs_bucket():
+  """``gs://BUCKET`` on a Cloud Storage emulator started once per session
+  (``tests/gcs_emulator.py``); the variables pointing gcsfs and tensorstore at it stay set in
+  ``os.environ`` for the session, so subprocesses started with it reach the bucket too."""
+  with gcs_emulator.running() as url, pytest.MonkeyPatch.context() as patch:
+    for key, value in gcs_emulator.environment(url).items():
+      patch.setenv(key, value)
+    yield f'gs://{gcs_emulator.BUCKET}'
+
+
 def load_config(name: str, variant: str | None = None):
   """``configs/<name>.py``'s ``get_config(variant)``."""
   path = os.path.join(os.path.dirname(__file__), '..', 'configs', f'{name}.py')
@@ -87,12 +101,28 @@ def start_main(*args, env: dict | None = None) -> subprocess.Popen:
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+
+@dataclasses.dataclass
+class BucketJob:
+  """A finished main job whose workdir is in the emulated bucket; ``cwd`` and ``tmp`` (its
+  working folder and TMPDIR) were empty and must stay so; ``env`` runs more of it."""
+  workdir: str
+  cwd: pathlib.Path
+  tmp: pathlib.Path
+  env: dict
+  stderr: str
+
+
 @pytest.fixture(scope='session')
-def mnist_tiny_job(tmp_path_factory):
-  """The whole ``configs/mnist.py:tiny`` job, once, in one process on 4 CPU devices (the mesh
-  the two-process tests split over 2 x 2): ``(workdir, stderr)``."""
-  workdir = tmp_path_factory.mktemp('mnist_tiny_job')
-  run = start_main('--config=configs/mnist.py:tiny', f'--workdir={workdir}', env=cpu_env(4))
-  _, stderr = run.communicate(timeout=600)
-  assert run.returncode == 0, stderr
-  return workdir, stderr
+def mnist_tiny_job(gcs_bucket, tmp_path_factory) -> BucketJob:
+  """The whole ``configs/mnist.py:tiny`` job, once, with ``--workdir`` in the bucket, in one
+  process on 4 CPU devices (the mesh that the two-process test splits over 2 x 2 devices)."""
+  cwd, tmp = tmp_path_factory.mktemp('job_cwd'), tmp_path_factory.mktemp('job_tmp')
+  env = cpu_env(4, PYTHONPATH=ROOT, TMPDIR=str(tmp))
+  env.pop('JAX_COMPILATION_CACHE_DIR')  # a local cache would be local output of the run
+  workdir = f'{gcs_bucket}/mnist_job'
+  run = subprocess.run([sys.executable, '-m', 'nested_decode.main',
+                        f'--config={ROOT}/configs/mnist.py:tiny', f'--workdir={workdir}'],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr
+  return BucketJob(workdir, cwd, tmp, env, run.stderr)

@@ -37,22 +37,31 @@ NUM_STEPS = 15  # of the subprocess trainer, which checkpoints every 3 steps
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-  """Subprocess environment sharing one JAX compilation cache: only the first run compiles."""
-  return dict(os.environ, PYTHONPATH=ROOT,
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')))
+  """Subprocess variables sharing one JAX compilation cache: only the first run compiles."""
+  return dict(PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')))
 
 
-def start(args, workdir, env, module=False):
-  os.makedirs(workdir, exist_ok=True)
+@pytest.fixture(params=['local', 'gcs'])
+def local_or_bucket_dir(request, tmp_path):
+  """A local folder, or a folder in the session's emulated bucket (`gcs_bucket`)."""
+  if request.param == 'local':
+    return str(tmp_path)
+  return io_utils.join(request.getfixturevalue('gcs_bucket'), request.function.__name__)
+
+
+def start(args, logdir, env, module=False):
+  """Starts the trainer (or ``main``) with ``os.environ`` as it is now (with the emulator's
+  variables once ``gcs_bucket`` is set up) plus ``env``; its stderr goes to local ``logdir``."""
+  os.makedirs(logdir, exist_ok=True)
   command = [sys.executable, '-m', 'nested_decode.main'] if module else [sys.executable, SCRIPT]
-  stderr = open(os.path.join(workdir, 'stderr.txt'), 'w')
-  return subprocess.Popen(command + [str(a) for a in args], cwd=ROOT, env=env,
+  stderr = open(os.path.join(logdir, 'stderr.txt'), 'w')
+  return subprocess.Popen(command + [str(a) for a in args], cwd=ROOT, env={**os.environ, **env},
                           stdout=subprocess.DEVNULL, stderr=stderr)
 
 
-def finish(process, workdir, timeout=300):
+def finish(process, logdir, timeout=300):
   rc = process.wait(timeout)
-  with open(os.path.join(workdir, 'stderr.txt')) as f:
+  with open(os.path.join(logdir, 'stderr.txt')) as f:
     return rc, f.read()
 
 
@@ -65,10 +74,9 @@ def wait_for(condition, process, timeout=300):
 
 
 def metric_rows(path):
-  if not os.path.exists(path):
+  if not io_utils.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.endswith('\n')]
+  return [json.loads(line) for line in io_utils.read_text(path).splitlines()]
 
 
 def last_loss_per_step(path):
@@ -88,22 +96,22 @@ def reference_losses(tmp_path_factory, env):
 # ----------------------------------------------------------------------------------------------
 
 def test_sigterm_saves_the_step_reached_and_the_resumed_run_matches_an_uninterrupted_one(
-    tmp_path, env, reference_losses):
-  workdir = str(tmp_path)
-  metrics = os.path.join(workdir, 'transformer_metrics.jsonl')
-  trainer = start([workdir, NUM_STEPS, 0.2], workdir, env)  # slowed so the signal lands mid-run
+    tmp_path, local_or_bucket_dir, env, reference_losses):
+  workdir = local_or_bucket_dir
+  metrics = io_utils.join(workdir, 'transformer_metrics.jsonl')
+  trainer = start([workdir, NUM_STEPS, 0.2], tmp_path, env)  # slowed: the signal lands mid-run
   wait_for(lambda: len(metric_rows(metrics)) >= 1, trainer)
   trainer.send_signal(signal.SIGTERM)
-  rc, stderr = finish(trainer, workdir)
+  rc, stderr = finish(trainer, tmp_path)
   assert rc == loop.Preempted.exit_code == 143, stderr
   reached = metric_rows(metrics)[-1]['step']
   assert reached < NUM_STEPS
   assert (f'Preempted: transformer training stopped by SIGTERM at step {reached}; '
           f'its checkpoint is in {workdir}/transformer') in stderr
   assert 'Traceback' not in stderr
-  assert Checkpointer(os.path.join(workdir, 'transformer')).latest_step() == reached
+  assert Checkpointer(io_utils.join(workdir, 'transformer')).latest_step() == reached
 
-  rc, stderr = finish(start([workdir, NUM_STEPS], workdir, env), workdir)
+  rc, stderr = finish(start([workdir, NUM_STEPS], tmp_path, env), tmp_path)
   assert rc == 0, stderr
   steps = [row['step'] for row in metric_rows(metrics)]
   assert steps == list(range(1, NUM_STEPS + 1))  # went on from the step reached, none redone
@@ -159,6 +167,7 @@ def test_main_exits_143_on_sigterm_with_a_checkpoint_and_the_same_command_resume
 
 
 def start_two_processes(*args):
+  """Both processes of ``two_processes.py``, with ``os.environ`` as it is now."""
   with socket.socket() as probe:
     probe.bind(('127.0.0.1', 0))
     port = probe.getsockname()[1]
@@ -182,11 +191,13 @@ def test_all_processes_stop_at_the_same_step_when_one_gets_sigterm(tmp_path, jax
   assert steps[0] == steps[1], outputs
 
 
-def test_each_process_gets_back_its_own_data_position(tmp_path):
-  processes = start_two_processes('checkpoint', tmp_path / 'checkpoints')
+def test_each_process_gets_back_its_own_data_position(local_or_bucket_dir):
+  directory = io_utils.join(local_or_bucket_dir, 'checkpoints')
+  processes = start_two_processes('checkpoint', directory)
   outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
   assert [process.returncode for process in processes] == [0, 0], outputs
   assert [output.splitlines()[-1] for output in outputs] == ['position 10', 'position 11']
+  assert Checkpointer(directory).latest_step() == 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,18 +1,20 @@
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.join(os.path.dirname(__file__), '..')
+from nested_decode import io_utils
+from nested_decode.training.checkpoints import Checkpointer
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 ROW_KEYS = {'schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio'}
 
 
-def run_main(*args):
-  return subprocess.run([sys.executable, '-m', 'nested_decode.main', *args], cwd=ROOT,
+def run_main(*args, cwd=ROOT, env=None):
+  return subprocess.run([sys.executable, '-m', 'nested_decode.main', *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
 
 
@@ -55,35 +57,49 @@ def test_bad_config_value_fails_before_running(tmp_path):
   assert not (tmp_path / 'flops.json').exists()
 
 
-def test_main_job_on_tiny_mnist_writes_samples_and_eval_then_skips_finished_stages(
-    mnist_tiny_job, tmp_path):
-  shutil.copytree(mnist_tiny_job[0], tmp_path, dirs_exist_ok=True)
-  report = json.loads((tmp_path / 'eval.json').read_text())
+def test_main_job_on_tiny_mnist_in_a_bucket_writes_samples_and_eval_then_skips_finished_stages(
+    mnist_tiny_job):
+  """The job with its workdir on Cloud Storage (the session's emulated bucket, see
+  tests/gcs_emulator.py) and nothing of it on local disk: run from an empty folder, with an
+  empty TMPDIR, both stay empty. (Local workdirs: the video job and the trainers' tests.)"""
+  job = mnist_tiny_job
+  workdir, cwd, env = job.workdir, job.cwd, job.env
+  command = [f'--config={ROOT}/configs/mnist.py:tiny', f'--workdir={workdir}']
+  assert os.listdir(cwd) == [] and os.listdir(job.tmp) == []
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))
+  report = json.loads(io_utils.read_text(io_utils.join(workdir, 'eval.json')))
   names = [row['schedule'] for row in report['rows']]
   assert names[0] == 'baseline' and 'magnets' in names
   for row in report['rows']:
     assert ROW_KEYS | {'class_accuracy', 'fd'} <= set(row)
     assert 0.0 <= row['class_accuracy'] <= 1.0 and row['fd'] >= 0.0
   for name in names:
-    with np.load(tmp_path / 'samples' / f'{name}.npz') as samples:
-      assert samples['images'].dtype == np.uint8 and samples['images'].shape[1:] == (28, 28, 1)
-      assert len(samples['labels']) == len(samples['images'])
-    assert (tmp_path / 'samples' / f'{name}.png').stat().st_size > 0
-  assert (tmp_path / 'transformer_metrics.jsonl').exists()
+    samples = io_utils.load_npz(io_utils.join(workdir, 'samples', f'{name}.npz'))
+    assert samples['images'].dtype == np.uint8 and samples['images'].shape[1:] == (28, 28, 1)
+    assert len(samples['labels']) == len(samples['images'])
+    png = io_utils.read_bytes(io_utils.join(workdir, 'samples', f'{name}.png'))
+    assert png.startswith(b'\x89PNG')
+  for trainer in ('tokenizer', 'transformer'):
+    assert Checkpointer(io_utils.join(workdir, trainer)).latest_step() == 4
+    lines = io_utils.read_text(io_utils.join(workdir, f'{trainer}_metrics.jsonl')).splitlines()
+    assert [json.loads(line)['step'] for line in lines] == [2, 4]
+  assert io_utils.exists(io_utils.join(workdir, 'classifier', 'params.msgpack'))
+  assert io_utils.exists(io_utils.join(workdir, 'tokens', 'eval-00000-of-00001.npz'))
 
-  again = run_main('--config=configs/mnist.py:tiny', f'--workdir={tmp_path}')
+  again = run_main(*command, cwd=cwd, env=env)
   assert again.returncode == 0, again.stderr
   assert 'Sampling' not in again.stderr and '[transformer] step' not in again.stderr
 
-  search = run_main('--config=configs/mnist.py:tiny', f'--workdir={tmp_path}',
-                    '--mode=search_schedule', '--config.search.max_rounds=1',
-                    '--config.search.proxy_samples=10', '--config.study.seeds=1')
+  search = run_main(*command, '--mode=search_schedule', '--config.search.max_rounds=1',
+                    '--config.search.proxy_samples=10', '--config.study.seeds=1',
+                    cwd=cwd, env=env)
   assert search.returncode == 0, search.stderr
-  found = json.loads((tmp_path / 'search' / 'result.json').read_text())
+  found = json.loads(io_utils.read_text(io_utils.join(workdir, 'search', 'result.json')))
   assert found['proxy']['reference'] == 'first 1000 training digits'
   assert {'searched', 'magnets', 'baseline'} <= set(found['heldout'])
-  snippet = (tmp_path / 'search' / 'best_schedule.py').read_text()
+  snippet = io_utils.read_text(io_utils.join(workdir, 'search', 'best_schedule.py'))
   assert snippet.startswith('config.eval.schedules.searched = config_lib.schedule(')
+  assert os.listdir(job.cwd) == [] and os.listdir(job.tmp) == []
 
 
 def test_paper_configs_without_their_data_name_the_keys_and_the_offline_config(tmp_path):

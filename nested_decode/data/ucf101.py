@@ -21,6 +21,8 @@ import importlib
 import os
 from typing import Any, Optional, Sequence
 
+from nested_decode import io_utils
+
 DATASET = 'ucf101'
 DEFAULT_CONFIG = 'ucf101_1'
 CONFIGS = ('ucf101_1_256', 'ucf101_1', 'ucf101_2', 'ucf101_3')
@@ -60,7 +62,7 @@ def ucf101_source(split: str, data_dir: Optional[str] = None, config: str = DEFA
   except ModuleNotFoundError as err:
     if download or 'tensorflow' not in str(err):
       raise
-    if not os.path.isdir(os.path.join(os.path.expanduser(where), DATASET, config)):
+    if not io_utils.exists(io_utils.join(os.path.expanduser(where), DATASET, config)):
       raise FileNotFoundError(
           f'No prepared {DATASET}/{config} (ArrayRecord) in data_dir {where}. '
           f'{how_to_prepare}') from err

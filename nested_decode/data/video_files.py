@@ -24,12 +24,18 @@ so the source returns a light reference ``{'clip': ClipFile, 'label'}`` and the 
 in ``TrainClip`` / ``EvalClip`` (``source.train_transform()`` / ``source.eval_transform()``),
 which give ``{'video': uint8 [num_frames, S, S, 3], 'label': int32}``. Only the frames up to the
 last one needed are decoded.
+
+Paths: the CSVs and the scan cache may be on Cloud Storage (``gs://``); the video folder must be
+local. Decoding seeks back and forth in every file, which over HTTP range reads would be slow,
+and the scan cache keys files by their local size and modification time; a ``gs://`` video
+folder is refused with an error that says to copy it to local disk first.
 """
 
 import collections
 import concurrent.futures
 import csv
 import dataclasses
+import io
 import json
 import os
 from typing import Any, Iterator, Optional, Sequence
@@ -38,6 +44,8 @@ from absl import logging
 import grain.python as grain
 import numpy as np
 from PIL import Image
+
+from nested_decode import io_utils
 
 VIDEO_EXTENSIONS = ('.mp4', '.webm', '.mkv')
 # A plain ``{youtube_id}`` file this much longer than its clip is the full YouTube video.
@@ -100,9 +108,9 @@ class ClipRow:
 
 def read_clip_csv(csv_path: str) -> list[ClipRow]:
   """The rows of a Kinetics CSV (``label,youtube_id,time_start,time_end,split``)."""
-  if not os.path.isfile(csv_path):
+  if not io_utils.exists(csv_path):
     raise FileNotFoundError(f'Kinetics CSV {csv_path} does not exist')
-  with open(csv_path, newline='', encoding='utf-8') as f:
+  with io.StringIO(io_utils.read_text(csv_path), newline='') as f:
     reader = csv.DictReader(f)
     missing = {'youtube_id', 'time_start', 'time_end'} - set(reader.fieldnames or ())
     if missing:
@@ -315,8 +323,14 @@ class VideoFileSource:
 
     Raises:
       FileNotFoundError: ``video_dir`` or ``csv_path`` does not exist.
+      NotADirectoryError: ``video_dir`` is on Cloud Storage (see the module docstring).
       ValueError: a CSV label is not in ``class_names``.
     """
+    if io_utils.is_cloud(video_dir):
+      raise NotADirectoryError(
+          f'Video folder {video_dir} is on Cloud Storage, but video files are decoded from a '
+          f'local folder: copy them to local disk (gcloud storage cp -r {video_dir} DIR) and '
+          'pass that; the CSVs may stay on gs://')
     if not os.path.isdir(video_dir):
       raise FileNotFoundError(f'Video folder {video_dir} does not exist')
     rows = read_clip_csv(csv_path)
@@ -406,9 +420,8 @@ class _ScanCache:
 
   def __init__(self, path: Optional[str], exact: bool):
     self._path, self._exact, self._entries = path, exact, {}
-    if path and os.path.exists(path):
-      with open(path, encoding='utf-8') as f:
-        self._entries = json.load(f)
+    if path and io_utils.exists(path):
+      self._entries = json.loads(io_utils.read_text(path))
 
   def probe(self, path: str, clip_seconds: Optional[float], time_start: float) -> ClipFile | str:
     stat = os.stat(path)
@@ -431,9 +444,5 @@ class _ScanCache:
     return result
 
   def save(self) -> None:
-    if not self._path:
-      return
-    temporary = f'{self._path}.tmp'
-    with open(temporary, 'w', encoding='utf-8') as f:
-      json.dump(self._entries, f)
-    os.replace(temporary, self._path)
+    if self._path:
+      io_utils.write_text(self._path, json.dumps(self._entries))

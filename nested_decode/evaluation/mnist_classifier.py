@@ -124,8 +124,7 @@ def save_classifier(path: str, params) -> None:
 
 def load_classifier(path: str):
   template = DigitClassifier().init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 1)))
-  with open(path, 'rb') as f:
-    return flax.serialization.from_bytes(template, f.read())
+  return flax.serialization.from_bytes(template, io_utils.read_bytes(path))
 
 
 @jax.jit

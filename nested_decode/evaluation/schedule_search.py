@@ -10,7 +10,6 @@ cheapest schedule within it). The winner is then evaluated on the held-out digit
 hand-written default.
 """
 
-import os
 from typing import Callable
 
 import ml_collections
@@ -113,8 +112,8 @@ def search(config: ml_collections.ConfigDict, workdir: str,
              f'# or on the command line:\n'
              f'# --config.eval.schedules.searched.widths="{found!r}" '
              f'--config.eval.schedules.searched.cache={cache}\n')
-  out_dir = os.path.join(workdir, 'search')
-  io_utils.write_bytes(os.path.join(out_dir, 'best_schedule.py'), snippet.encode())
+  out_dir = io_utils.join(workdir, 'search')
+  io_utils.write_bytes(io_utils.join(out_dir, 'best_schedule.py'), snippet.encode())
   report = dict(budget=dict(max_gflops_per_sample=s.max_gflops_per_sample,
                             max_fd_increase=s.max_fd_increase),
                 found=[list(x) for x in found], cache=cache, candidates_scored=len(scored),
@@ -125,6 +124,6 @@ def search(config: ml_collections.ConfigDict, workdir: str,
                                                                  'fd_mean')})
                                        for c, r in scored.items()]),
                 heldout=rows)
-  io_utils.write_json(os.path.join(out_dir, 'result.json'), report)
+  io_utils.write_json(io_utils.join(out_dir, 'result.json'), report)
   log(f'search found {found} ({cache}); held-out: {rows}')
   return report

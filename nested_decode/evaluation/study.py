@@ -8,7 +8,6 @@ compiled, batch), so speedups are measured in one process.
 
 import dataclasses
 import json
-import os
 import statistics
 from typing import Any, Callable
 
@@ -136,7 +135,7 @@ def train_variant(config: ml_collections.ConfigDict, workdir: str, variant_dir: 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str,
               log: Callable[[str], None] = logging.info) -> dict:
-  out_dir = os.path.join(workdir, 'study')
+  out_dir = io_utils.join(workdir, 'study')
   study = config.study
   seeds = list(range(study.seeds))
   params = stages.transformer_stage(config, workdir)
@@ -158,7 +157,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str,
   comparisons = [dict(model='nested', token_accuracy=heldout_token_accuracy(
       config, params, workdir, factors))]
   for name, variant in variant_configs(config).items():
-    variant_params = train_variant(variant, workdir, os.path.join(out_dir, name))
+    variant_params = train_variant(variant, workdir, io_utils.join(out_dir, name))
     own_factors = tuple(variant.model.nesting_factors)
     entry = dict(model=name, token_accuracy=heldout_token_accuracy(
         variant, variant_params, workdir, own_factors))
@@ -170,9 +169,9 @@ def run_study(config: ml_collections.ConfigDict, workdir: str,
     log(f'study variant {name}: {entry}')
 
   report = dict(rows=rows, models=comparisons, config=json_config(config))
-  io_utils.write_json(os.path.join(out_dir, 'results.json'), report)
-  io_utils.write_bytes(os.path.join(out_dir, 'results.md'), markdown(report).encode())
-  plot_pareto(rows, os.path.join(out_dir, 'fd_vs_gflops.png'))
+  io_utils.write_json(io_utils.join(out_dir, 'results.json'), report)
+  io_utils.write_bytes(io_utils.join(out_dir, 'results.md'), markdown(report).encode())
+  plot_pareto(rows, io_utils.join(out_dir, 'fd_vs_gflops.png'))
   return report
 
 

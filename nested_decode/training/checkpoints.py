@@ -9,11 +9,12 @@ is an error that names both shapes.
 Writes are atomic: orbax writes step ``N`` into ``N.orbax-checkpoint-tmp`` and renames it to
 ``N`` once every item is written, so a write killed half-way leaves only the temporary folder,
 which ``latest_step`` and ``restore`` never see; a writer made with ``cleanup_tmp=True`` (the
-training loop's) deletes such leftovers when it starts.
+training loop's) deletes such leftovers when it starts. On Cloud Storage (``gs://``), which
+cannot rename, orbax writes ``N`` in place and marks it finished with ``commit_success.txt``
+last; a step without it does not count as a checkpoint.
 """
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -21,6 +22,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from nested_decode import io_utils
 
 
 class CheckpointShapeError(ValueError):
@@ -50,7 +53,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True,
                cleanup_tmp: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = io_utils.absolute(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,

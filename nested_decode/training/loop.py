@@ -16,7 +16,6 @@ Faults:
   and are removed when the next run starts.
 """
 
-import os
 import signal
 import threading
 from typing import Any, Callable, Iterator
@@ -29,6 +28,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from nested_decode import io_utils
 from nested_decode.training.checkpoints import Checkpointer, path_name
 from nested_decode.training.metrics import MetricLogger
 
@@ -45,12 +45,12 @@ def lr_schedule(training: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def checkpoint_dir(workdir: str, name: str) -> str:
-  return os.path.join(workdir, name)
+  return io_utils.join(workdir, name)
 
 
 def is_finished(workdir: str, name: str, num_steps: int) -> bool:
   directory = checkpoint_dir(workdir, name)
-  return os.path.isdir(directory) and Checkpointer(directory).latest_step() == num_steps
+  return io_utils.exists(directory) and Checkpointer(directory).latest_step() == num_steps
 
 
 def restore_state(workdir: str, name: str, abstract_state: Any) -> Any:

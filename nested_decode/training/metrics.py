@@ -1,12 +1,16 @@
 """Training metrics: averaged with ``clu.metrics``, written as JSON lines, TensorBoard and logs.
 
-``DIR/metrics.jsonl`` is always written. TensorBoard event files come from
-``clu.metric_writers`` when TensorFlow is installed (``pip install -e ".[tf]"``); without it the
-scalars also go to the log as plain lines.
+``DIR/<name>_metrics.jsonl`` is always written. TensorBoard event files come from
+``clu.metric_writers`` when TensorFlow is installed (``pip install -e ".[tf]"``; its
+``tf.io.gfile`` writes ``gs://`` too); without it the scalars also go to the log as plain lines.
+
+The JSON lines file is rewritten whole at every write, from lines kept in memory (those of an
+earlier run read back first, so a resumed run continues the file): a Cloud Storage object cannot
+be appended to, and a whole-file write is atomic on every file system, so a reader never sees a
+half line. The file is small (one line per ``log_every`` steps), so rewriting it costs little.
 """
 
 import json
-import os
 import time
 from typing import Callable
 
@@ -14,6 +18,8 @@ import jax
 import numpy as np
 from absl import logging
 from clu import metrics as clu_metrics
+
+from nested_decode import io_utils
 
 
 def _tensorboard_writer(logdir: str):
@@ -24,16 +30,26 @@ def _tensorboard_writer(logdir: str):
   return metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0)
 
 
+def earlier_lines(path: str) -> list[str]:
+  """The complete lines of ``path`` if it exists (a line cut short by a killed append-based
+  writer of an older version is dropped)."""
+  if not io_utils.exists(path):
+    return []
+  return [line for line in io_utils.read_text(path).splitlines(keepends=True)
+          if line.endswith('\n')]
+
+
 class MetricLogger:
   """Accumulates per-step scalars and writes their averages every ``write`` call."""
 
   def __init__(self, workdir: str, name: str, total_steps: int,
                log: Callable[[str], None] = logging.info):
-    self._path = os.path.join(workdir, f'{name}_metrics.jsonl')
+    self._path = io_utils.join(workdir, f'{name}_metrics.jsonl')
     self._name = name
     self._total = total_steps
     self._log = log
-    self._tensorboard = _tensorboard_writer(os.path.join(workdir, 'tensorboard', name))
+    self._tensorboard = _tensorboard_writer(io_utils.join(workdir, 'tensorboard', name))
+    self._lines = earlier_lines(self._path) if jax.process_index() == 0 else []
     self._averages: dict[str, clu_metrics.Average] = {}
     self._last_time, self._last_step = time.time(), None
 
@@ -52,8 +68,8 @@ class MetricLogger:
       scalars['steps_per_second'] = (step - self._last_step) / (now - self._last_time)
     self._averages, self._last_time, self._last_step = {}, now, step
     if jax.process_index() == 0:
-      with open(self._path, 'a') as f:
-        f.write(json.dumps({'step': step, **scalars}) + '\n')
+      self._lines.append(json.dumps({'step': step, **scalars}) + '\n')
+      io_utils.write_text(self._path, ''.join(self._lines))
       if self._tensorboard is not None:
         self._tensorboard.write_scalars(step, scalars)
         self._tensorboard.flush()
