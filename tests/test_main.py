@@ -13,9 +13,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 ROW_KEYS = {'schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio'}
 
 
-def run_main(*args, cwd=ROOT, env=None):
+def run_main(*args, cwd=ROOT, env=None, timeout=300):
   return subprocess.run([sys.executable, '-m', 'nested_decode.main', *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def test_flops_mode_writes_rows_for_baseline_and_every_schedule(tmp_path):
@@ -66,8 +66,9 @@ def test_main_job_on_tiny_mnist_in_a_bucket_writes_samples_and_eval_then_skips_f
   cwd, tmp = tmp_path / 'cwd', tmp_path / 'tmp'
   cwd.mkdir(), tmp.mkdir()
   job = [f'--config={ROOT}/configs/mnist.py:tiny', f'--workdir={workdir}']
-  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp))
-  result = run_main(*job, cwd=cwd, env=env)
+  # The job alone took 3.5 min (210 s) on this machine busy with other work.
+  env, run_in = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp)), dict(cwd=cwd, timeout=600)
+  result = run_main(*job, env=env, **run_in)
   assert result.returncode == 0, result.stderr
   assert os.listdir(cwd) == [] and os.listdir(tmp) == []
   assert not os.path.exists(os.path.join(ROOT, 'gs:'))
@@ -90,13 +91,13 @@ def test_main_job_on_tiny_mnist_in_a_bucket_writes_samples_and_eval_then_skips_f
   assert io_utils.exists(io_utils.join(workdir, 'classifier', 'params.msgpack'))
   assert io_utils.exists(io_utils.join(workdir, 'tokens', 'eval.npz'))
 
-  again = run_main(*job, cwd=cwd, env=env)
+  again = run_main(*job, env=env, **run_in)
   assert again.returncode == 0, again.stderr
   assert 'Sampling' not in again.stderr and '[transformer] step' not in again.stderr
 
   search = run_main(*job, '--mode=search_schedule', '--config.search.max_rounds=1',
                     '--config.search.proxy_samples=10', '--config.study.seeds=1',
-                    cwd=cwd, env=env)
+                    env=env, **run_in)
   assert search.returncode == 0, search.stderr
   found = json.loads(io_utils.read_text(io_utils.join(workdir, 'search', 'result.json')))
   assert found['proxy']['reference'] == 'first 1000 training digits'
