@@ -13,9 +13,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 ROW_KEYS = {'schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio'}
 
 
-def run_main(*args, cwd=ROOT, env=None):
+def run_main(*args, cwd=ROOT, env=None, timeout=300):
   return subprocess.run([sys.executable, '-m', 'nested_decode.main', *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def test_flops_mode_writes_rows_for_baseline_and_every_schedule(tmp_path):
@@ -86,13 +86,13 @@ def test_main_job_on_tiny_mnist_in_a_bucket_writes_samples_and_eval_then_skips_f
   assert io_utils.exists(io_utils.join(workdir, 'classifier', 'params.msgpack'))
   assert io_utils.exists(io_utils.join(workdir, 'tokens', 'eval-00000-of-00001.npz'))
 
-  again = run_main(*command, cwd=cwd, env=env)
+  again = run_main(*command, '--mode=sample', cwd=cwd, env=env, timeout=600)
   assert again.returncode == 0, again.stderr
   assert 'Sampling' not in again.stderr and '[transformer] step' not in again.stderr
 
   search = run_main(*command, '--mode=search_schedule', '--config.search.max_rounds=1',
                     '--config.search.proxy_samples=10', '--config.study.seeds=1',
-                    cwd=cwd, env=env)
+                    cwd=cwd, env=env, timeout=600)
   assert search.returncode == 0, search.stderr
   found = json.loads(io_utils.read_text(io_utils.join(workdir, 'search', 'result.json')))
   assert found['proxy']['reference'] == 'first 1000 training digits'
