@@ -1,3 +1,10 @@
+import os
+
+# The suite runs on the CPU. With libtpu installed (the dev extra, for test_tpu_compile.py) JAX
+# would first try a TPU backend, and loading libtpu for it takes a machine-wide lock file, so a
+# TPU compile in another process (another test run, a --mode=compile_tpu job) would fail.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
