@@ -70,9 +70,7 @@ def run_compile_tpu(config, config_name: str, workdir: str) -> None:
     sys.exit(f'Invalid config {config_name}: {error}')
   path = os.path.join(workdir, 'compile_tpu.json')
   io_utils.write_json(path, dict(config=config_name, rows=rows))
-  print(format_table(rows, ('program', 'topology', 'mesh', 'global_batch', 'argument_gib',
-                            'temp_gib', 'total_gib', 'hbm_gib', 'fits', 'tflops_per_device',
-                            'compile_seconds')))
+  print(tpu_fit.markdown_table(rows, config_name))
   print(f'Wrote {path}')
 
 

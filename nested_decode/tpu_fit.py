@@ -160,3 +160,22 @@ def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] =
         f"{'fits' if row['fits'] else 'DOES NOT FIT'} (compiled in {row['compile_seconds']:.0f} s)")
     rows.append(row)
   return rows
+
+
+MARKDOWN_COLUMNS = (
+    ('config', '{}'), ('topology', '{}'), ('mesh', '{}'), ('program', '{}'),
+    ('global_batch', '{}'), ('remat', '{}'), ('attention_impl', '{}'),
+    ('argument_gib', '{:.2f}'), ('temp_gib', '{:.2f}'), ('total_gib', '{:.2f}'),
+    ('hbm_gib', '{:.0f}'), ('fits', '{}'), ('tflops_per_device', '{:.3g}'),
+    ('compile_seconds', '{:.0f}'))
+
+
+def markdown_table(rows: list[dict], config_name: str) -> str:
+  """The rows of ``compile_rows`` as a markdown table (``docs/tpu_fit.md`` joins several)."""
+  lines = ['| ' + ' | '.join(name for name, _ in MARKDOWN_COLUMNS) + ' |',
+           '|' + ' --- |' * len(MARKDOWN_COLUMNS)]
+  for row in rows:
+    row = dict(row, config=config_name, fits='yes' if row['fits'] else '**no**')
+    lines.append('| ' + ' | '.join(form.format(row[name]) for name, form in MARKDOWN_COLUMNS)
+                 + ' |')
+  return '\n'.join(lines)

@@ -2,6 +2,7 @@
 of ``--mode=compile_tpu``; JAX keeps running on the CPU."""
 
 import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nested_decode import config_lib
+from nested_decode import main
 from nested_decode import parallel
 from nested_decode import tpu_fit
 from nested_decode.config_lib import ConfigError
@@ -41,9 +43,15 @@ def test_the_test_process_runs_on_cpu():
   assert jax.default_backend() == 'cpu'
 
 
-def test_train_step_and_decodes_compile_and_fit():
-  rows = tpu_fit.compile_rows(small_config(data=2, tensor=2))
+def test_train_step_and_decodes_compile_and_fit(tmp_path, capsys):
+  main.run_compile_tpu(small_config(data=2, tensor=2), 'mnist:tiny', str(tmp_path))
+  with open(tmp_path / 'compile_tpu.json') as f:
+    report = json.load(f)
+  rows = report['rows']
+  assert report['config'] == 'mnist:tiny'
   assert [row['program'] for row in rows] == ['train', 'decode:baseline', 'decode:magnets']
+  assert '| mnist:tiny | v5e:2x2 | data=2 x fsdp=1 x tensor=2 | train | 8 | full | splash |' in (
+      capsys.readouterr().out)
   for row in rows:
     assert row['device_kind'] == 'TPU v5 lite' and row['devices'] == 4
     assert row['mesh'] == 'data=2 x fsdp=1 x tensor=2' and row['hbm_gib'] == 16
