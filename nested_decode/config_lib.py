@@ -315,7 +315,8 @@ def transformer_config(config: ml_collections.ConfigDict) -> TransformerConfig:
       num_layers=m.num_layers, width=m.width, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
       codebook_size=config.tokens.codebook_size, num_classes=config.tokens.num_classes,
       seq_len=seq_len(config), nesting_factors=tuple(m.nesting_factors),
-      scan_layers=m.scan_layers, remat=remat_policy(m.remat), dtype=m.dtype, attention_impl=m.attention_impl)
+      scan_layers=m.scan_layers, remat=remat_policy(m.remat), dtype=m.dtype,
+      attention_impl=m.attention_impl)
 
 
 def sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions:

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from nested_decode import config_lib
 from nested_decode import parallel
@@ -82,8 +82,9 @@ def train_inputs(config: ml_collections.ConfigDict, model: NestedMaskedTransform
   rows = config.training.batch_size
   check_global_batch(rows, mesh, 'training.batch_size')
   split = parallel.batch_sharding(mesh)
-  batch = dict(tokens=jax.ShapeDtypeStruct((rows, model.config.seq_len), jnp.int32, sharding=split),
-               label=jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split))
+  batch = dict(
+      tokens=jax.ShapeDtypeStruct((rows, model.config.seq_len), jnp.int32, sharding=split),
+      label=jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split))
   return state, batch
 
 
