@@ -60,9 +60,11 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   config.training = training_config()
   # Device mesh (nested_decode/parallel.py); -1: the devices the other axes leave.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  # --mode=compile_tpu: the TPU slice to compile for, and its HBM per chip in GiB (0: known
-  # from the chip generation, see tpu_fit.HBM_GIB).
-  config.tpu_fit = ml_collections.ConfigDict(dict(topology='v5e:4x4', hbm_gib=0.0))
+  # --mode=compile_tpu: the TPU slice to compile for, its HBM per chip in GiB (0: known from
+  # the chip generation, see tpu_fit.HBM_GIB), and whether to compile the decodes too (each
+  # takes minutes on a small CPU) or only the train step.
+  config.tpu_fit = ml_collections.ConfigDict(dict(topology='v5e:4x4', hbm_gib=0.0,
+                                                  decodes=True))
   return config
 
 
@@ -298,6 +300,8 @@ def validate_tpu_fit(tpu_fit: ml_collections.ConfigDict) -> None:
   hbm = tpu_fit.hbm_gib
   if isinstance(hbm, bool) or not isinstance(hbm, (int, float)) or hbm < 0:
     _fail('tpu_fit.hbm_gib', hbm, 'must be a number of GiB >= 0 (0: from the chip generation)')
+  if not isinstance(tpu_fit.decodes, bool):
+    _fail('tpu_fit.decodes', tpu_fit.decodes, 'must be True or False')
 
 
 def remat_policy(remat) -> str:

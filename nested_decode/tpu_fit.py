@@ -134,7 +134,8 @@ def compile_report(function: Any, inputs: tuple, mesh: Mesh, hbm: int, layers: i
 
 def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] = print
                  ) -> list[dict]:
-  """One row per program: the train step, then the baseline and each schedule's decode."""
+  """One row per program: the train step, then (``config.tpu_fit.decodes``) the baseline and
+  each schedule's decode."""
   devices = topology_devices(config.tpu_fit.topology)
   mesh = parallel.make_mesh(config, devices)
   hbm = hbm_bytes(config, devices[0])
@@ -146,8 +147,9 @@ def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] =
   programs = [('train', config.training.batch_size,
                train_transformer.make_train_step(config, model, mesh),
                train_inputs(config, model, mesh))]
-  inputs = decode_inputs(config, model, mesh)
-  for name, sched in config_lib.schedules_with_baseline(config).items():
+  schedules = config_lib.schedules_with_baseline(config) if config.tpu_fit.decodes else {}
+  inputs = decode_inputs(config, model, mesh) if schedules else None
+  for name, sched in schedules.items():
     decoder = make_decoder(model, config_lib.decode_plan(config, sched),
                            config_lib.sampling_options(config))
     programs.append((f'decode:{name}', config.eval.batch_size, decoder, inputs))
