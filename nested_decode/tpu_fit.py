@@ -17,6 +17,7 @@ counts are multiplied by ``num_layers``, which also multiplies the work outside 
 """
 
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -36,6 +37,8 @@ from nested_decode.training import train_transformer
 GIB = 2 ** 30
 # HBM per chip by ``device_kind``; JAX reports no memory for devices it cannot address.
 HBM_GIB = {'TPU v5 lite': 16, 'TPU v6 lite': 32, 'TPU v5': 95, 'TPU v4': 32}
+# "... the total memory required for HLO temporaries (77.01G) exceeds available HBM (15.75G)"
+OOM_TEMPORARIES = re.compile(r'HLO temporaries \(([\d.]+)([KMGT])\)')
 
 
 def topology_devices(topology: str) -> list[jax.Device]:
@@ -109,13 +112,31 @@ def decode_inputs(config: ml_collections.ConfigDict, model: NestedMaskedTransfor
           jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
 
 
+def out_of_memory_report(message: str, hbm: int, seconds: float) -> dict:
+  """The row of a program the TPU compiler refused because it needs more than the chip's HBM
+  (it reports only the temporaries it would need)."""
+  needed = OOM_TEMPORARIES.search(message)
+  temps = None
+  if needed:
+    temps = float(needed.group(1)) * 1024 ** ('KMGT'.index(needed.group(2)) + 1) / GIB
+  return dict(argument_gib=None, output_gib=None, alias_gib=None, temp_gib=temps,
+              total_gib=None, hbm_gib=hbm / GIB, fits=False, xla_tflops_per_device=None,
+              tflops_per_device=None, compile_seconds=seconds,
+              error=message.strip().splitlines()[0][:300])
+
+
 def compile_report(function: Any, inputs: tuple, mesh: Mesh, hbm: int, layers: int) -> dict:
   """Compiles ``function`` (a ``jax.jit`` function) for abstract ``inputs`` with ``mesh`` as
   the context mesh (for kernels placed with ``shard_map``) and reads per-device memory and
   FLOPs from the executable."""
   start = time.perf_counter()
-  with jax.set_mesh(mesh):  # only around lowering: eager ops under it would target the TPUs
-    compiled = function.lower(*inputs).compile()
+  try:
+    with jax.set_mesh(mesh):  # only around lowering: eager ops under it would target the TPUs
+      compiled = function.lower(*inputs).compile()
+  except jax.errors.JaxRuntimeError as error:
+    if 'RESOURCE_EXHAUSTED' not in str(error):
+      raise
+    return out_of_memory_report(str(error), hbm, time.perf_counter() - start)
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
@@ -158,9 +179,13 @@ def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] =
   for program, batch, function, inputs in programs:
     row = dict(program=program, global_batch=batch, **common)
     row.update(compile_report(function, inputs, mesh, hbm, layers))
-    log(f"{program:>28s}: {row['argument_gib']:.2f} GiB args + {row['temp_gib']:.2f} temps = "
-        f"{row['total_gib']:.2f} of {row['hbm_gib']:.0f} GiB per chip, "
-        f"{'fits' if row['fits'] else 'DOES NOT FIT'} (compiled in {row['compile_seconds']:.0f} s)")
+    if 'error' in row:
+      log(f"{program:>28s}: DOES NOT FIT: {row['error']}")
+    else:
+      log(f"{program:>28s}: {row['argument_gib']:.2f} GiB args + {row['temp_gib']:.2f} temps "
+          f"= {row['total_gib']:.2f} of {row['hbm_gib']:.0f} GiB per chip, "
+          f"{'fits' if row['fits'] else 'DOES NOT FIT'} "
+          f"(compiled in {row['compile_seconds']:.0f} s)")
     rows.append(row)
   return rows
 
@@ -179,6 +204,7 @@ def markdown_table(rows: list[dict], config_name: str) -> str:
            '|' + ' --- |' * len(MARKDOWN_COLUMNS)]
   for row in rows:
     row = dict(row, config=config_name, fits='yes' if row['fits'] else '**no**')
-    lines.append('| ' + ' | '.join(form.format(row[name]) for name, form in MARKDOWN_COLUMNS)
-                 + ' |')
+    cells = ('?' if row[name] is None else form.format(row[name])
+             for name, form in MARKDOWN_COLUMNS)
+    lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)

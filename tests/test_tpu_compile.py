@@ -84,3 +84,14 @@ def test_batch_that_does_not_split_over_the_slice_is_a_config_error():
   config.eval.batch_size = 6
   with pytest.raises(ConfigError, match=r'config.eval.batch_size=6.*4 batch shards'):
     tpu_fit.compile_rows(config)
+
+
+def test_a_program_the_compiler_refuses_for_lack_of_hbm_is_a_row_that_does_not_fit():
+  message = ('RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total '
+             'memory required for HLO temporaries (77.01G) exceeds available HBM (15.75G).')
+  row = tpu_fit.out_of_memory_report(message, hbm=16 * tpu_fit.GIB, seconds=3.0)
+  assert not row['fits'] and row['temp_gib'] == pytest.approx(77.01) and row['hbm_gib'] == 16
+  table = tpu_fit.markdown_table([dict(row, program='train', topology=TOPOLOGY, mesh='fsdp=4',
+                                       global_batch=8, remat='none', attention_impl='xla')],
+                                 'k600')
+  assert '| 8 | none | xla | ? | 77.01 | ? | 16 | **no** | ? | 3 |' in table
