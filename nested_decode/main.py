@@ -11,6 +11,9 @@ Modes:
   eval             DIR/eval.json: GFLOPs, class accuracy and Fréchet distance per schedule;
   flops            analytic GFLOPs per sample of each decode, DIR/flops.json;
   bench            the same rows plus measured seconds per batch decode, DIR/bench.json;
+  compile_tpu      compile the train step and every decode ahead of time for the TPU slice
+                   config.tpu_fit.topology (e.g. v5e:4x4; needs libtpu, no TPU) and report
+                   per-chip memory against HBM and FLOPs, DIR/compile_tpu.json;
   study            quality against compute for a grid of decodes, nested against separate
                    models, DIR/study/ (MNIST);
   search_schedule  beam search for the best schedule within config.search's budget,
@@ -29,8 +32,8 @@ from nested_decode import io_utils
 from nested_decode import parallel
 from nested_decode import tasks
 
-MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'flops', 'bench', 'study',
-         'search_schedule')
+MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'flops', 'bench', 'compile_tpu',
+         'study', 'search_schedule')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/k600.py:tiny')
 _WORKDIR = flags.DEFINE_string(
@@ -67,6 +70,18 @@ def run_decode_cost(config, config_name: str, workdir: str, mode: str) -> None:
                                  device=decode_benchmark.device_description(), rows=rows))
   print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',
                             'seconds_per_batch', 'speedup')))
+  print(f'Wrote {path}')
+
+
+def run_compile_tpu(config, config_name: str, workdir: str) -> None:
+  from nested_decode import tpu_fit
+  try:
+    rows = tpu_fit.compile_rows(config, log=logging.info)
+  except config_lib.ConfigError as error:  # found only against the topology's devices
+    sys.exit(f'Invalid config {config_name}: {error}')
+  path = io_utils.join(workdir, 'compile_tpu.json')
+  io_utils.write_json(path, dict(config=config_name, rows=rows))
+  print(tpu_fit.markdown_table(rows, config_name))
   print(f'Wrote {path}')
 
 
@@ -167,6 +182,8 @@ def main(argv):
     sys.exit(f'--workdir: {error}')
   if mode in ('flops', 'bench'):
     run_reporting_faults(run_decode_cost, config, config_name, workdir, mode)
+  elif mode == 'compile_tpu':
+    run_reporting_faults(run_compile_tpu, config, config_name, workdir)
   else:
     run_reporting_faults(run_stages, config, config_name, workdir, mode)
 

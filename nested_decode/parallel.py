@@ -176,6 +176,21 @@ def abstract_state(init: Callable[[], Any], shardings: Any) -> Any:
                       jax.eval_shape(lambda: nn.unbox(init())), shardings)
 
 
+def under_mesh(jitted: Any, mesh: Mesh) -> Callable:
+  """``jitted`` (a ``jax.jit`` function; also its ``.lower``) called with ``mesh`` as the
+  context mesh, which kernels that XLA cannot partition (splash attention) need to place
+  themselves with ``shard_map``."""
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+
+  def lower(*args):
+    with jax.set_mesh(mesh):
+      return jitted.lower(*args)
+  call.lower = lower
+  return call
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

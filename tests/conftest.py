@@ -1,6 +1,12 @@
+import os
+
+# The suite runs on the CPU. With libtpu installed (the dev extra, for test_tpu_compile.py) JAX
+# would first try a TPU backend, and loading libtpu for it takes a machine-wide lock file, so a
+# TPU compile in another process (another test run, a --mode=compile_tpu job) would fail.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
 import dataclasses
 import importlib.util
-import os
 import pathlib
 import shutil
 import socket

@@ -1,3 +1,4 @@
+import ml_collections
 import pytest
 
 from nested_decode import config_lib
@@ -108,3 +109,31 @@ def test_token_grid_that_does_not_match_the_tokenizer():
 def test_nested_training_needs_the_teacher():
   message = bad(training__widths=(2, 4))
   assert 'config.training.widths' in message and 'include 1' in message
+
+
+def test_unknown_remat_policy():
+  message = bad(model__remat='some')
+  assert "config.model.remat='some'" in message and 'save_attention_out' in message
+
+
+@pytest.mark.parametrize('remat,policy', [(True, 'full'), (False, 'none')])
+def test_boolean_remat_of_older_configs_still_works(remat, policy):
+  config = load('imagenet256', 'tiny')
+  config.model = ml_collections.ConfigDict(dict(config.model.items(), remat=remat))
+  config_lib.validate(config)
+  assert config_lib.transformer_config(config).remat == policy
+
+
+def test_unknown_attention_implementation():
+  message = bad(model__attention_impl='flash')
+  assert "config.model.attention_impl='flash'" in message and 'splash' in message
+
+
+def test_malformed_tpu_topology():
+  message = bad(tpu_fit__topology='v5e')
+  assert "config.tpu_fit.topology='v5e'" in message and 'v5e:4x4' in message
+
+
+def test_negative_chip_memory():
+  message = bad(tpu_fit__hbm_gib=-1.0)
+  assert 'config.tpu_fit.hbm_gib=-1.0' in message

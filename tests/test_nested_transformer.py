@@ -95,7 +95,9 @@ def test_remat_does_not_change_outputs_or_gradients():
     return jnp.sum(NestedMaskedTransformer(config).apply(p, tokens, labels, width_factor=2)[0])
 
   plain = jax.jit(jax.value_and_grad(lambda p: loss(small_config(), p)))(params)
-  remat = jax.jit(jax.value_and_grad(lambda p: loss(small_config(remat=True), p)))(params)
+  # a policy that keeps a named activation: nn.remat with a policy, and the name in the block
+  remat = jax.jit(jax.value_and_grad(
+      lambda p: loss(small_config(remat='save_attention_out'), p)))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), plain, remat)
 
 

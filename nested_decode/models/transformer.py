@@ -20,8 +20,20 @@ from typing import NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from nested_decode.models import attention
 from nested_decode.models.nested_layers import NestedDense, NestedEmbed, NestedLayerNorm
+
+# What a rematerialised block keeps from its forward pass for the backward pass; everything
+# else is recomputed. 'none' does not rematerialise (every activation is kept).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_attention_out': jax.checkpoint_policies.save_only_these_names('attention_out'),
+}
 
 
 class KVCache(NamedTuple):
@@ -40,9 +52,9 @@ class TransformerConfig(NamedTuple):
   seq_len: int  # content tokens N, without the class token
   nesting_factors: tuple[int, ...] = (1, 2, 4, 8)
   scan_layers: bool = True
-  remat: bool = False
+  remat: str = 'none'  # a key of REMAT_POLICIES
   dtype: str = 'float32'
-  attention_impl: str = 'xla'  # 'xla' | 'cudnn'
+  attention_impl: str = 'xla'  # a value of attention.IMPLEMENTATIONS
 
   @property
   def head_dim(self) -> int:
@@ -55,12 +67,6 @@ class TransformerConfig(NamedTuple):
   @property
   def unconditional_id(self) -> int:
     return self.num_classes
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
-  """Bidirectional attention; ``q [B, Q, h, d]`` over ``k, v [B, K, h, d]``."""
-  impl = None if implementation == 'xla' else implementation
-  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
 def scatter_rows(cache: jax.Array, positions: jax.Array, rows: jax.Array) -> jax.Array:
@@ -95,7 +101,8 @@ class NestedBlock(nn.Module):
     if layer_cache is not None:
       k = scatter_rows(layer_cache.keys, positions, k)
       v = scatter_rows(layer_cache.values, positions, v)
-    attended = attend(q, k, v, cfg.attention_impl)
+    attended = attention.attend(q, k, v, cfg.attention_impl)
+    attended = checkpoint_name(attended, 'attention_out')
     x = x + NestedDense(in_shape=(h, d), out_shape=(cfg.width,), in_nested=(True, False),
                         out_nested=(True,), logical_axes=('heads', 'kv', 'embed'), dtype=dtype,
                         name='attention_out')(attended, p)
@@ -152,8 +159,10 @@ class NestedMaskedTransformer(nn.Module):
   def _layers(self, x, cache, positions, factor):
     cfg = self.config
     block = NestedBlock
-    if cfg.remat:
-      block = nn.remat(block, prevent_cse=not cfg.scan_layers)
+    if cfg.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={cfg.remat!r} is not one of {tuple(REMAT_POLICIES)}')
+    if cfg.remat != 'none':
+      block = nn.remat(block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=(0, nn.broadcast), length=cfg.num_layers,

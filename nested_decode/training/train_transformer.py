@@ -68,7 +68,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransf
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The compiled step; the state keeps its shardings on ``mesh`` (default:
   ``parallel.make_mesh(config)``) and is donated, batches come split over ``('data', 'fsdp')``
-  (``parallel.shard_batch``), metrics come back replicated."""
+  (``parallel.shard_batch``), metrics come back replicated. It runs (and lowers) with ``mesh``
+  as the context mesh (``parallel.under_mesh``)."""
   mesh = parallel.make_mesh(config) if mesh is None else mesh
   shardings = state_shardings(config, model, mesh)
   training = config.training
@@ -98,8 +99,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransf
                    learning_rate=loop.lr_schedule(training)(state.step))
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
-  return jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  jitted = jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  return parallel.under_mesh(jitted, mesh)
 
 
 NAME = 'transformer'

@@ -1,0 +1,88 @@
+"""Bidirectional multi-head attention ``q [B, Q, h, d]`` over ``k, v [B, K, h, d]``, by
+implementation (``config.model.attention_impl``):
+
+* ``xla``: ``jax.nn.dot_product_attention``, materialising the ``[B, h, Q, K]`` scores;
+* ``cudnn``: the same through cuDNN's fused kernel (GPU only);
+* ``splash``: the Pallas splash-attention kernel for TPU, which never holds the whole score
+  matrix: memory grows with the sequence, not its square. It runs in interpret mode where the
+  devices are not TPUs (slow; for tests), and works for ``Q != K`` too, so the KV-cached decode
+  pass (a subset of queries over the whole cache) uses it as well.
+
+Splash needs sequence lengths that are multiples of its block (128): queries and keys are padded
+to one, the padded keys are kept out of every softmax with segment ids (real keys share the
+queries' segment, padded keys do not), and the padded query rows are dropped. A kernel cannot be
+partitioned by XLA, so under a mesh (``jax.set_mesh``, as the train step and the TPU compile set
+it) it runs inside ``shard_map``: batch over the batch axes, heads over ``tensor`` where that
+divides the heads of the width at hand (sub-model ``p`` has ``h / p`` heads).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+from jax.sharding import PartitionSpec as P
+
+IMPLEMENTATIONS = ('xla', 'cudnn', 'splash')
+SPLASH_BLOCK = 128
+# The mesh axes of ``parallel.py`` that split the batch and the heads (not imported from there:
+# models sit below it).
+BATCH_AXES = ('data', 'fsdp')
+HEAD_AXIS = 'tensor'
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+  """Attention of every query over every key; returns ``[B, Q, h, d]`` in ``q``'s dtype."""
+  if implementation == 'splash':
+    return splash_attend(q, k, v)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'attention implementation {implementation!r} is not one of '
+                     f'{IMPLEMENTATIONS}')
+  impl = None if implementation == 'xla' else implementation
+  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def _round_up(length: int) -> int:
+  return -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
+
+
+def _pad_sequence(x: jax.Array, length: int) -> jax.Array:
+  """``[B, S, h, d]`` -> ``[B, h, length, d]``, zero-padded along the sequence."""
+  x = jnp.swapaxes(x, 1, 2)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+
+
+def splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
+  """Splash attention on the arrays of one device (no mesh)."""
+  _, q_len, heads, head_dim = q.shape
+  kv_len = k.shape[1]
+  q_padded, kv_padded = _round_up(q_len), _round_up(kv_len)
+  q = q * jnp.asarray(1 / math.sqrt(head_dim), q.dtype)  # the kernel does not scale
+  q, k, v = _pad_sequence(q, q_padded), _pad_sequence(k, kv_padded), _pad_sequence(v, kv_padded)
+  mask = masks.MultiHeadMask([masks.FullMask((q_padded, kv_padded))] * heads)
+  kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+  segment_ids = None
+  if kv_padded != kv_len:
+    segment_ids = splash.SegmentIds(
+        q=jnp.zeros((q_padded,), jnp.int32),
+        kv=(jnp.arange(kv_padded) >= kv_len).astype(jnp.int32))
+  out = jax.vmap(functools.partial(kernel, segment_ids=segment_ids))(q, k, v)
+  return jnp.swapaxes(out[:, :, :q_len], 1, 2).astype(q.dtype)
+
+
+def splash_attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Splash attention, inside ``shard_map`` over the context mesh when there is one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return splash_local(q, k, v, interpret=jax.default_backend() != 'tpu')
+  interpret = mesh.abstract_device.platform != 'tpu'
+  batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+  batch_shards = math.prod(mesh.shape[axis] for axis in batch_axes)
+  head_shards = mesh.shape.get(HEAD_AXIS, 1)
+  spec = P(batch_axes if batch_axes and q.shape[0] % batch_shards == 0 else None, None,
+           HEAD_AXIS if head_shards > 1 and q.shape[2] % head_shards == 0 else None, None)
+  run = functools.partial(splash_local, interpret=interpret)
+  return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)

@@ -1,0 +1,97 @@
+"""Ahead-of-time compiles for a small TPU slice (v5e:2x2, 4 chips) on this CPU, through the code
+of ``--mode=compile_tpu``; JAX keeps running on the CPU."""
+
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from nested_decode import config_lib
+from nested_decode import main
+from nested_decode import parallel
+from nested_decode import tpu_fit
+from nested_decode.config_lib import ConfigError
+from nested_decode.models import attention
+from test_configs import load
+
+if importlib.util.find_spec('libtpu') is None:
+  pytest.skip('libtpu is not installed: compiling for TPU topologies needs it '
+              '(pip install -e ".[dev]")', allow_module_level=True)
+
+TOPOLOGY = 'v5e:2x2'
+
+
+def small_config(**mesh):
+  """MNIST :tiny with splash attention, full remat and 2-step decodes."""
+  config = load('mnist', 'tiny')
+  config.tpu_fit.topology = TOPOLOGY
+  config.model.update(attention_impl='splash', remat='full')
+  config.sampling.steps = 2
+  config.eval.schedules = ml_collections.ConfigDict(dict(
+      magnets=config_lib.schedule(((1, 2),))))  # its second step is a cached pass
+  config.eval.batch_size = config.training.batch_size = 8
+  config.mesh.update(mesh)
+  config_lib.validate(config)
+  return config
+
+
+def test_the_test_process_runs_on_cpu():
+  assert jax.default_backend() == 'cpu'
+
+
+def test_train_step_and_decodes_compile_and_fit(tmp_path, capsys):
+  main.run_compile_tpu(small_config(data=2, tensor=2), 'mnist:tiny', str(tmp_path))
+  with open(tmp_path / 'compile_tpu.json') as f:
+    report = json.load(f)
+  rows = report['rows']
+  assert report['config'] == 'mnist:tiny'
+  assert [row['program'] for row in rows] == ['train', 'decode:baseline', 'decode:magnets']
+  assert '| mnist:tiny | v5e:2x2 | data=2 x fsdp=1 x tensor=2 | train | 8 | full | splash |' in (
+      capsys.readouterr().out)
+  for row in rows:
+    assert row['device_kind'] == 'TPU v5 lite' and row['devices'] == 4
+    assert row['mesh'] == 'data=2 x fsdp=1 x tensor=2' and row['hbm_gib'] == 16
+    assert 0 < row['argument_gib'] < row['total_gib'] < 0.1 and row['fits']
+    assert row['tflops_per_device'] > 0
+  assert jax.default_backend() == 'cpu'
+
+
+def test_splash_kernel_compiles_for_tpu_under_a_mesh():
+  mesh = jax.make_mesh((2, 1, 2), parallel.AXES, devices=tpu_fit.topology_devices(TOPOLOGY),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  split = NamedSharding(mesh, P(parallel.BATCH_AXES, None, 'tensor', None))
+  q = jax.ShapeDtypeStruct((4, 300, 4, 64), jnp.bfloat16, sharding=split)
+  attend = jax.jit(jax.grad(lambda q, k, v: attention.attend(q, k, v, 'splash').sum()))
+  # conftest asks for 'highest' matmul precision, which Mosaic cannot give bf16 operands
+  with jax.set_mesh(mesh), jax.default_matmul_precision('default'):
+    hlo = attend.lower(q, q, q).compile().as_text()
+  assert 'tpu_custom_call' in hlo  # the Mosaic kernel, not interpreted
+
+
+def test_unknown_topology_is_a_config_error():
+  config = small_config()
+  config.tpu_fit.topology = 'v9z:3x3'
+  with pytest.raises(ConfigError, match=r"config.tpu_fit.topology='v9z:3x3'"):
+    tpu_fit.compile_rows(config)
+
+
+def test_batch_that_does_not_split_over_the_slice_is_a_config_error():
+  config = small_config()
+  config.eval.batch_size = 6
+  with pytest.raises(ConfigError, match=r'config.eval.batch_size=6.*4 batch shards'):
+    tpu_fit.compile_rows(config)
+
+
+def test_a_program_the_compiler_refuses_for_lack_of_hbm_is_a_row_that_does_not_fit():
+  message = ('RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total '
+             'memory required for HLO temporaries (77.01G) exceeds available HBM (15.75G).')
+  row = tpu_fit.out_of_memory_report(message, hbm=16 * tpu_fit.GIB, seconds=3.0)
+  assert not row['fits'] and row['temp_gib'] == pytest.approx(77.01) and row['hbm_gib'] == 16
+  table = tpu_fit.markdown_table([dict(row, program='train', topology=TOPOLOGY, mesh='fsdp=4',
+                                       global_batch=8, remat='none', attention_impl='xla')],
+                                 'k600')
+  assert '| 8 | none | xla | ? | 77.01 | ? | 16 | **no** | ? | 3 |' in table
