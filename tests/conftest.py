@@ -24,11 +24,15 @@ from nested_decode.models.transformer import NestedMaskedTransformer, Transforme
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-# One persistent compilation cache for the session and the JAX processes its tests start (they
-# inherit the variable): many of them compile the same programs, e.g. the tiny trainers.
-OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
-COMPILATION_CACHE = os.environ.setdefault(
-    'JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='nested_decode_test_jax_cache_'))
+# A persistent compilation cache for this pytest process and the JAX processes its tests start
+# (they inherit the variable): many of them compile the same programs, e.g. the tiny trainers.
+# Each pytest process (xdist's workers too) makes its own, unless the user gave one.
+OWNED_CACHE_FLAG = 'NESTED_DECODE_TEST_JAX_CACHE'
+OWN_CACHE = OWNED_CACHE_FLAG in os.environ or 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if OWN_CACHE:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='nested_decode_test_jax_')
+  os.environ[OWNED_CACHE_FLAG] = '1'
+COMPILATION_CACHE = os.environ['JAX_COMPILATION_CACHE_DIR']
 jax.config.update('jax_compilation_cache_dir', COMPILATION_CACHE)
 
 
