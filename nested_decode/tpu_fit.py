@@ -72,16 +72,11 @@ def check_global_batch(batch_size: int, mesh: Mesh, key: str) -> None:
                       f'divisible by the {shards} batch shards of mesh {parallel.describe(mesh)}')
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 def train_inputs(config: ml_collections.ConfigDict, model: NestedMaskedTransformer,
                  mesh: Mesh) -> tuple[Any, dict]:
   """Abstract ``(state, batch)`` of the train step, sharded as in training."""
-  state = jax.eval_shape(lambda: nn.unbox(train_transformer.boxed_init(config, model)()))
-  state = _abstract(state, train_transformer.state_shardings(config, model, mesh))
+  state = parallel.abstract_state(train_transformer.boxed_init(config, model),
+                                 train_transformer.state_shardings(config, model, mesh))
   rows = config.training.batch_size
   check_global_batch(rows, mesh, 'training.batch_size')
   split = parallel.batch_sharding(mesh)
