@@ -341,5 +341,5 @@ def decode_plan(config: ml_collections.ConfigDict, sched: ml_collections.ConfigD
                 ) -> tuple[DecodeStep, ...]:
   """The plan of generating the task's tokens (all ``seq_len`` for class-conditional tasks)
   with schedule ``sched``."""
-  return make_plan(seq_len(config), tasks.task_of(config).num_generated, sched.widths, sched.cache, sched.get('refresh_every', 1),
-                   config.sampling.mask_schedule)
+  return make_plan(seq_len(config), tasks.task_of(config).num_generated, sched.widths,
+                   sched.cache, sched.get('refresh_every', 1), config.sampling.mask_schedule)

@@ -7,11 +7,11 @@ ffmpeg) and ``ucf101_1`` / ``ucf101_2`` / ``ucf101_3`` (the three official split
 320 x 240); splits are ``'train'`` and ``'test'``. The default here is ``ucf101_1``: it keeps the
 aspect ratio, so resizing the shorter side and center-cropping follows the usual protocol.
 
-The transforms (``clips.RandomClip`` / ``clips.FirstClip``) take ``num_frames`` (16) frames, every ``stride``-th one, from a random start
-when training and from the first frame for evaluation, and resize the shorter side to
-``image_size`` (128) and crop the central square: ``{'video': uint8 [16, 128, 128, 3],
-'label': int32}``. A video shorter than the clip repeats its last frame (UCF-101 videos have at
-least 29 frames).
+The transforms (``clips.RandomClip`` / ``clips.FirstClip``) take ``num_frames`` (16) frames,
+every ``stride``-th one, from a random start when training and from the first frame for
+evaluation, and resize the shorter side to ``image_size`` (128) and crop the central square:
+``{'video': uint8 [16, 128, 128, 3], 'label': int32}``. A video shorter than the clip repeats
+its last frame (UCF-101 videos have at least 29 frames).
 
 TensorFlow: with tfds 4.9.x, ``tfds.features.Video`` calls TensorFlow in its constructor, so
 reading (not only preparing) ``ucf101`` needs TensorFlow installed (``pip install -e ".[tf]"``).
