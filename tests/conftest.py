@@ -138,19 +138,12 @@ def mnist_tiny_job(gcs_bucket, tmp_path_factory) -> BucketJob:
   return BucketJob(workdir, cwd, tmp, env, run.stderr)
 
 
-# With `-n 2 --dist loadgroup` (the README's test command): the tests of a file that share an
-# expensive module or session fixture stay on one worker, the others spread one by one, and
-# the longest files start first, so that both workers finish at about the same time.
-FILES_KEPT_TOGETHER = ('test_main.py', 'test_parallel.py', 'test_faults.py', 'test_fvd.py',
-                       'test_evaluation.py', 'test_flops.py', 'test_sampler.py',
-                       'test_video_data.py', 'test_gcs.py')
+# With `-n 2 --dist loadfile` (the README's test command) each file runs on one worker; the
+# longest files start first, so that both workers finish at about the same time.
 LONGEST_FIRST = ('test_main.py', 'test_parallel.py', 'test_video_job.py', 'test_faults.py')
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-  for item in items:
-    if item.path.name in FILES_KEPT_TOGETHER:
-      item.add_marker(pytest.mark.xdist_group(item.path.name))
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
