@@ -142,8 +142,8 @@ def training_config(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
-def _fail(key, value, allowed):
-  raise ConfigError(f'config.{key}={value!r} is invalid: {allowed}')
+def _fail(key, value, allowed, prefix='config.'):
+  raise ConfigError(f'{prefix}{key}={value!r} is invalid: {allowed}')
 
 
 def _check_choice(config, key, allowed):
@@ -243,26 +243,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
     key = f'eval.schedules.{name}'
     if name == BASELINE:
       _fail(key, name, f'the name {BASELINE!r} is reserved for the full-width baseline')
-    try:
-      widths = tuple(tuple(s) for s in sched.widths)
-    except TypeError:
-      _fail(f'{key}.widths', sched.widths, 'must be a tuple of (nesting_factor, steps) pairs')
-    if any(len(s) != 2 for s in widths):
-      _fail(f'{key}.widths', widths, 'must be a tuple of (nesting_factor, steps) pairs')
-    unknown = [f for f, _ in widths if f not in factors]
-    if unknown:
-      _fail(f'{key}.widths', widths,
-            f'factors {unknown} are not in config.model.nesting_factors={factors}')
-    if any(steps <= 0 for _, steps in widths):
-      _fail(f'{key}.widths', widths, 'every segment needs a positive number of steps')
-    total = sum(steps for _, steps in widths)
-    if total != sampling.steps:
-      _fail(f'{key}.widths', widths,
-            f'its steps sum to {total} but config.sampling.steps={sampling.steps}')
-    if sched.cache not in CACHE_POLICIES:
-      _fail(f'{key}.cache', sched.cache, f'allowed values are {CACHE_POLICIES}')
-    if sched.cache == 'refresh_every_k' and sched.get('refresh_every', 0) <= 0:
-      _fail(f'{key}.refresh_every', sched.get('refresh_every'), 'must be a positive integer')
+    check_schedule(config, sched, key, steps=sampling.steps)
+
+
+def check_schedule(config: ml_collections.ConfigDict, sched: ml_collections.ConfigDict,
+                   key: str, prefix: str = 'config.', steps: int | None = None) -> None:
+  """Raises ``ConfigError`` naming ``prefix + key`` unless ``sched`` decodes with ``config``'s
+  model: (factor, steps) pairs of trained nesting factors whose steps sum to ``steps`` (when
+  given) and reveal at least one token each."""
+  factors = tuple(config.model.nesting_factors)
+  try:
+    widths = tuple(tuple(s) for s in sched.widths)
+  except TypeError:
+    _fail(f'{key}.widths', sched.widths, 'must be a tuple of (nesting_factor, steps) pairs',
+          prefix)
+  if not widths or any(len(s) != 2 for s in widths):
+    _fail(f'{key}.widths', widths, 'must be a tuple of (nesting_factor, steps) pairs', prefix)
+  unknown = [f for f, _ in widths if f not in factors]
+  if unknown:
+    _fail(f'{key}.widths', widths,
+          f'factors {unknown} are not in config.model.nesting_factors={factors}', prefix)
+  if any(count <= 0 for _, count in widths):
+    _fail(f'{key}.widths', widths, 'every segment needs a positive number of steps', prefix)
+  total = sum(count for _, count in widths)
+  if steps is not None and total != steps:
+    _fail(f'{key}.widths', widths, f'its steps sum to {total} but config.sampling.steps={steps}',
+          prefix)
+  generated = tasks.task_of(config).num_generated
+  if total > generated:
+    _fail(f'{key}.widths', widths, f'its {total} steps are more than the {generated} tokens '
+          'to generate', prefix)
+  if sched.cache not in CACHE_POLICIES:
+    _fail(f'{key}.cache', sched.cache, f'allowed values are {CACHE_POLICIES}', prefix)
+  if sched.cache == 'refresh_every_k' and sched.get('refresh_every', 0) <= 0:
+    _fail(f'{key}.refresh_every', sched.get('refresh_every'), 'must be a positive integer',
+          prefix)
 
 
 MESH_AXES = ('data', 'fsdp', 'tensor')

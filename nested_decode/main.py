@@ -9,6 +9,8 @@ Modes:
   train            train (or resume) the nested transformer on tokens, DIR/transformer/;
   sample           per schedule in config.eval.schedules (and the baseline): DIR/samples/;
   eval             DIR/eval.json: GFLOPs, class accuracy and Fréchet distance per schedule;
+  export           DIR/model.msgpack: config, tokenizer and transformer in one file for
+                   nested_decode.api.load (e.g. the demo notebook's model);
   flops            analytic GFLOPs per sample of each decode, DIR/flops.json;
   bench            the same rows plus measured seconds per batch decode, DIR/bench.json;
   compile_tpu      compile the train step and every decode ahead of time for the TPU slice
@@ -32,8 +34,8 @@ from nested_decode import io_utils
 from nested_decode import parallel
 from nested_decode import tasks
 
-MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'flops', 'bench', 'compile_tpu',
-         'study', 'search_schedule')
+MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'export', 'flops', 'bench',
+         'compile_tpu', 'study', 'search_schedule')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/k600.py:tiny')
 _WORKDIR = flags.DEFINE_string(
@@ -74,7 +76,7 @@ def run_decode_cost(config, config_name: str, workdir: str, mode: str) -> None:
 
 
 def run_compile_tpu(config, config_name: str, workdir: str) -> None:
-  from nested_decode import tpu_fit
+  from nested_decode.jobs import tpu_fit
   try:
     rows = tpu_fit.compile_rows(config, log=logging.info)
   except config_lib.ConfigError as error:  # found only against the topology's devices
@@ -86,7 +88,12 @@ def run_compile_tpu(config, config_name: str, workdir: str) -> None:
 
 
 def run_stages(config, config_name: str, workdir: str, mode: str) -> None:
-  from nested_decode import stages
+  from nested_decode.jobs import stages
+  from nested_decode.training import train_tokenizer
+  if train_tokenizer.is_video(config):
+    from nested_decode.jobs import video as job
+  else:
+    from nested_decode.jobs import image as job
   stages.check_data(config, config_name)
   if mode in ('all', 'eval'):
     stages.check_can_evaluate(config)
@@ -95,19 +102,23 @@ def run_stages(config, config_name: str, workdir: str, mode: str) -> None:
   elif mode == 'train':
     stages.transformer_stage(config, workdir)
   elif mode == 'sample':
-    stages.sample_stage(config, workdir)
+    job.sample_stage(config, workdir)
+  elif mode == 'export':
+    path = io_utils.join(workdir, 'model.msgpack')
+    stages.generator(config, workdir).save(path)
+    print(f'Wrote {path}')
   elif mode == 'study':
-    from nested_decode.evaluation import study
+    from nested_decode.jobs import study
     study.run_study(config, workdir)
     print(f'Wrote {io_utils.join(workdir, "study")}/results.json, results.md, fd_vs_gflops.png')
   elif mode == 'search_schedule':
-    from nested_decode.evaluation import schedule_search
+    from nested_decode.jobs import schedule_search
     report = schedule_search.search(config, workdir)
     print(f"Found {report['found']} ({report['cache']}); see {workdir}/search/")
   else:  # 'eval' and the whole job: every stage up to the evaluation
-    rows = stages.eval_stage(config, workdir)
+    rows = job.eval_stage(config, workdir)
     print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',
-                              'class_accuracy', 'fd')))
+                              'class_accuracy', 'fd', 'fvd')))
     print(f'Wrote {io_utils.join(workdir, "eval.json")}')
 
 

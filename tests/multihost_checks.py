@@ -3,7 +3,7 @@
 Run as ``python tests/multihost_checks.py WORKDIR`` with ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` and
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` set. Each process reads its own grain
-shard (``stages.resumable_batches``), and together they train the tiny transformer through
+shard (``sources.resumable_batches``), and together they train the tiny transformer through
 ``train_transformer.train`` on a mesh whose ``fsdp`` axis spans both processes: a preempted
 first run, then a resumed one; then they decode a batch split across them. Prints one JSON
 line: per-step losses, a checksum of the final parameters, whether the checkpoint restores them
@@ -65,10 +65,10 @@ def recording_steps(losses: dict):
 
 
 def main(workdir: str) -> None:
-  from nested_decode import stages
+  from nested_decode.data import sources
   config = config_for_test()
   first, resumed = {}, {}
-  batches = stages.resumable_batches(token_source(), None, config.training.batch_size,
+  batches = sources.resumable_batches(token_source(), None, config.training.batch_size,
                                      config.seed)
   started = time.perf_counter()
   seconds = {}

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nested_decode import config_lib
-from nested_decode import stages
+from nested_decode.data import sources
 from nested_decode.data import pipeline
 from nested_decode.training import loop
 from nested_decode.training import train_transformer
@@ -41,7 +41,7 @@ def batches(seconds_per_step: float):
   labels = rng.integers(0, 3, 200).astype(np.int32)
   tokens = ((labels[:, None] * 5 + np.arange(16)[None]) % 16).astype(np.int32)
   source = pipeline.ArraySource('synthetic-tokens', tokens=tokens, label=labels)
-  make_iterator, iterator_state = stages.resumable_batches(source, None, global_batch_size=8,
+  make_iterator, iterator_state = sources.resumable_batches(source, None, global_batch_size=8,
                                                           seed=0)
 
   class Slowed:

@@ -11,7 +11,7 @@ import pytest
 from conftest import cpu_env, free_port, load_config, start_main
 from nested_decode import config_lib
 from nested_decode import io_utils
-from nested_decode import stages
+from nested_decode.jobs import stages
 from nested_decode.training.checkpoints import Checkpointer
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))

@@ -1,5 +1,5 @@
-from nested_decode.evaluation import schedule_search
-from nested_decode.evaluation import study
+from nested_decode.jobs import schedule_search
+from nested_decode.jobs import study
 
 
 def test_grid_has_baselines_single_widths_and_both_directions():

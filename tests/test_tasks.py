@@ -113,7 +113,8 @@ def test_a_few_frame_prediction_steps_lower_the_loss_on_the_generated_region(tmp
 def k600_with_kinetics_labels(workdir, num_classes=0):
   """configs/k600.py's model path, shrunk, over a token split whose labels are Kinetics class
   indices 0..599 as the video-file reader gives them."""
-  from nested_decode import io_utils, stages
+  from nested_decode import io_utils
+  from nested_decode.jobs import stages
   config = load_config('k600')
   config.model.update(num_layers=1, width=64, num_heads=8, mlp_dim=128, dtype='float32')
   config.tokens.num_classes = num_classes
@@ -128,7 +129,7 @@ def k600_with_kinetics_labels(workdir, num_classes=0):
 
 
 def test_kinetics_labels_train_an_unconditional_frame_predictor_with_a_finite_loss(tmp_path):
-  from nested_decode import stages
+  from nested_decode.jobs import stages
   config = k600_with_kinetics_labels(tmp_path)
   _, labels = stages.token_dataset(config, str(tmp_path), 'train')
   assert (labels == 0).all()  # the unconditional id, whatever the clips' classes
@@ -139,7 +140,7 @@ def test_kinetics_labels_train_an_unconditional_frame_predictor_with_a_finite_lo
 
 
 def test_labels_past_the_class_table_name_the_value_and_the_key(tmp_path):
-  from nested_decode import stages
+  from nested_decode.jobs import stages
   config = k600_with_kinetics_labels(tmp_path, num_classes=10)
   with pytest.raises(tasks.LabelError, match=r'label 599 .*config.tokens.num_classes=10'):
     stages.token_dataset(config, str(tmp_path), 'train')

@@ -5,7 +5,7 @@ import os
 import jax
 import numpy as np
 
-from nested_decode import stages
+from nested_decode.data import sources
 from nested_decode.training import train_tokenizer
 
 CONFIG_PATH = os.path.join(os.path.dirname(__file__), '..', 'configs', 'mnist.py')
@@ -23,16 +23,16 @@ def test_tokenizer_training_lowers_reconstruction_error_on_real_digits(tmp_path)
   config.tokenizer_training.num_steps = 40
   config.tokenizer_training.log_every = 10
   config.tokenizer_training.checkpoint_every = 40
-  train, _, _, _ = stages.data_sources(config)
+  train, _, _, _ = sources.data_sources(config)
   train_tokenizer.train(config, str(tmp_path),
-                        *stages.resumable_batches(train, None, 16, config.seed))
+                        *sources.resumable_batches(train, None, 16, config.seed))
   lines = (tmp_path / 'tokenizer_metrics.jsonl').read_text().splitlines()
   first, last = json.loads(lines[0]), json.loads(lines[-1])
   assert last['reconstruction_mse'] < 0.7 * first['reconstruction_mse']
   assert train_tokenizer.is_trained(config, str(tmp_path))
 
   params = train_tokenizer.load_params(config, str(tmp_path))
-  images, _ = stages.all_images(train)
+  images, _ = sources.all_images(train)
   tokens = train_tokenizer.encode_batch(config, params, {'image': images[:10] / 127.5 - 1.0})
   assert tokens.shape == (10, 49) and tokens.dtype == np.int32
   assert tokens.min() >= 0 and tokens.max() < config.tokens.codebook_size
@@ -44,9 +44,9 @@ def test_adversarial_loss_trains_the_discriminator_too(tmp_path):
   config = mnist_tiny()
   config.tokenizer_training.adversarial_weight = 0.1
   config.tokenizer_training.discriminator_channels = 8
-  train, _, _, _ = stages.data_sources(config)
+  train, _, _, _ = sources.data_sources(config)
   state = train_tokenizer.train(config, str(tmp_path),
-                                *stages.resumable_batches(train, None, 16, config.seed))
+                                *sources.resumable_batches(train, None, 16, config.seed))
   rows = [json.loads(line) for line in
           (tmp_path / 'tokenizer_metrics.jsonl').read_text().splitlines()]
   for key in ('discriminator_loss', 'r1_penalty', 'generator_adversarial_loss'):

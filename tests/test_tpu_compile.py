@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from nested_decode import config_lib
 from nested_decode import main
 from nested_decode import parallel
-from nested_decode import tpu_fit
+from nested_decode.jobs import tpu_fit
 from nested_decode.config_lib import ConfigError
 from nested_decode.models import attention
 from test_configs import load

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nested_decode import config_lib
-from nested_decode import stages
+from nested_decode.data import sources
 from nested_decode.data import pipeline
 from nested_decode.training import objective
 from nested_decode.training import train_transformer
@@ -100,7 +100,7 @@ def grain_batches():
   labels = rng.integers(0, 3, 200).astype(np.int32)
   tokens = ((labels[:, None] * 5 + np.arange(16)[None]) % 16).astype(np.int32)
   source = pipeline.ArraySource('synthetic-tokens', tokens=tokens, label=labels)
-  return stages.resumable_batches(source, None, global_batch_size=8, seed=0)
+  return sources.resumable_batches(source, None, global_batch_size=8, seed=0)
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_run(tmp_path):

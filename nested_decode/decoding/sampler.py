@@ -41,6 +41,7 @@ class DecodeOutput(NamedTuple):
   tokens: jax.Array          # [B, N], no mask id left
   masked_counts: jax.Array   # [T, B] tokens still masked after each step
   logit_counts: jax.Array    # [T] content positions the network produced logits for, per step
+  step_tokens: jax.Array | None = None  # [B, T, N] the canvas after each step (record_steps)
 
 
 def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: float,
@@ -85,7 +86,8 @@ def _masked_per_row(tokens, mask_id: int) -> np.ndarray:
 
 
 def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
-                 options: SamplingOptions) -> Callable[..., DecodeOutput]:
+                 options: SamplingOptions, record_steps: bool = False
+                 ) -> Callable[..., DecodeOutput]:
   """Returns ``decode(params, init_tokens [B, N], labels [B], rng) -> DecodeOutput``.
 
   ``init_tokens`` holds ``mask_id`` at the positions to generate and given tokens elsewhere;
@@ -94,6 +96,8 @@ def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
   On a mesh, pass ``init_tokens`` and ``labels`` split over the batch (``parallel.shard_batch``)
   and the parameters replicated or sharded as trained: the decode runs where its inputs live
   and returns ``tokens`` split like ``init_tokens`` (same tokens as on one device).
+
+  ``record_steps`` also returns the canvas after every step (``mask_id`` where still masked).
   """
   cfg = model.config
   guided = options.guidance_scale > 0
@@ -117,7 +121,7 @@ def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
     masked = tokens == cfg.mask_id
     masked_at_previous_start = masked
     cache = None
-    masked_counts, logit_counts = [], []
+    masked_counts, logit_counts, step_tokens = [], [], []
     for step in plan:
       rng, sample_rng, choice_rng = jax.random.split(rng, 3)
       if step.full_pass:
@@ -140,7 +144,9 @@ def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
       tokens = jnp.where(still_masked, cfg.mask_id, candidate)
       masked_at_previous_start, masked = masked, still_masked
       masked_counts.append(jnp.sum(masked, axis=-1))
-    return DecodeOutput(tokens, jnp.stack(masked_counts), jnp.asarray(logit_counts, jnp.int32))
+      step_tokens.append(tokens)
+    return DecodeOutput(tokens, jnp.stack(masked_counts), jnp.asarray(logit_counts, jnp.int32),
+                        jnp.stack(step_tokens, axis=1) if record_steps else None)
 
   jitted = jax.jit(decode)
 

@@ -93,6 +93,14 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state)))
     return restored['state']
 
+  def restore_config(self, step: int | None = None) -> dict:
+    """The config (as a dict) that the run writing ``step`` (default: the latest) trained with."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {self.directory}')
+    return self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))['config']
+
   def _step_to_restore(self, step: int | None, abstract_state: Any) -> int:
     step = self.latest_step() if step is None else step
     if step is None:

@@ -2,8 +2,8 @@
 and what nesting and distillation cost, on the offline MNIST task.
 
 Every row is scored on the held-out digits with several sampling seeds (mean and standard
-deviation); its time comes from the same sampling runs (median batch time after the first,
-compiled, batch), so speedups are measured in one process.
+deviation); its time comes from the same sampling runs (the median over seeds of the mean
+time of a compiled batch decode), so speedups are measured in one process.
 """
 
 import dataclasses
@@ -16,13 +16,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from nested_decode import api
 from nested_decode import config_lib
 from nested_decode import io_utils
-from nested_decode import sampling
-from nested_decode import stages
 from nested_decode.data import pipeline
+from nested_decode.data.sources import all_images, data_sources, resumable_batches
 from nested_decode.evaluation import mnist_classifier
-from nested_decode.evaluation.flops import decode_flops
+from nested_decode.jobs import image
+from nested_decode.jobs import stages
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import objective
 from nested_decode.training import train_transformer
@@ -46,47 +47,48 @@ def decode_grid(steps: int = 12) -> list[tuple[str, tuple[tuple[int, int], ...]]
 
 @dataclasses.dataclass
 class Scorer:
-  """Samples a decode of a trained model and scores it against reference digits."""
-  config: ml_collections.ConfigDict
-  transformer: Any
-  tokenizer: Any
+  """Samples decodes of a trained model and scores them against reference digits."""
+  generator: api.Generator
   samples: mnist_classifier.SampleScorer
 
   def score(self, widths, cache: str, seeds: list[int], num_samples: int) -> dict:
-    schedule = config_lib.schedule(widths, cache=cache)
-    plan = config_lib.decode_plan(self.config, schedule)
-    decode = sampling.schedule_decoder(self.config, schedule)
-    labels = np.arange(num_samples, dtype=np.int32) % self.config.tokens.num_classes
+    config = self.generator.config
+    schedule = self.generator.schedule(widths, cache)
+    labels = np.arange(num_samples, dtype=np.int32) % config.tokens.num_classes
     accuracies, distances, seconds = [], [], []
     for seed in seeds:
-      tokens = sampling.generate_tokens(self.config, self.transformer, decode, labels, seed,
-                                        seconds)
-      images = sampling.decode_rows(self.config, self.tokenizer, tokens)
-      scores = self.samples.score(images, labels)
+      samples = self.generator.sample(labels, schedule, seed=seed,
+                                      batch_size=config.eval.batch_size)
+      scores = self.samples.score(samples.images, labels)
       accuracies.append(scores['class_accuracy'])
       distances.append(scores['fd'])
-    guided = self.config.sampling.guidance_scale > 0
-    model_config = config_lib.transformer_config(self.config)
+      seconds.append(samples.seconds / -(-num_samples // config.eval.batch_size))
     return dict(
-        widths=[list(s) for s in widths], cache=cache, steps=len(plan),
-        gflops_per_sample=sum(decode_flops(model_config, plan, guided)) / 1e9,
-        seconds_per_batch=statistics.median(seconds[1:] or seconds),  # [0] includes compiling
+        widths=[list(s) for s in widths], cache=cache, steps=len(samples.step_widths),
+        gflops_per_sample=samples.gflops_per_sample,
+        seconds_per_batch=statistics.median(seconds),
         class_accuracy_mean=float(np.mean(accuracies)),
         class_accuracy_std=float(np.std(accuracies)),
         fd_mean=float(np.mean(distances)), fd_std=float(np.std(distances)),
         num_samples=num_samples, seeds=len(seeds))
+
+  def with_model(self, config: ml_collections.ConfigDict, transformer: Any) -> 'Scorer':
+    """The same references and tokenizer, another transformer."""
+    return Scorer(api.Generator(config, self.generator.tokenizer_params, transformer),
+                  self.samples)
 
 
 def make_scorer(config: ml_collections.ConfigDict, workdir: str, transformer: Any,
                 reference_split: str = 'eval') -> Scorer:
   """A scorer whose reference digits are the held-out split (or, for calibration, the first
   1000 training digits, disjoint from it)."""
-  train, evaluation, _, _ = stages.data_sources(config)
-  images, _ = stages.all_images(evaluation if reference_split == 'eval' else train)
+  train, evaluation, _, _ = data_sources(config)
+  images, _ = all_images(evaluation if reference_split == 'eval' else train)
   if reference_split != 'eval':
     images = images[:1000]
-  samples = mnist_classifier.SampleScorer(stages.classifier_stage(config, workdir), images)
-  return Scorer(config, transformer, stages.tokenizer_stage(config, workdir), samples)
+  samples = mnist_classifier.SampleScorer(image.classifier_stage(config, workdir), images)
+  return Scorer(api.Generator(config, stages.tokenizer_stage(config, workdir), transformer),
+                samples)
 
 
 def heldout_token_accuracy(config: ml_collections.ConfigDict, params: Any, workdir: str,
@@ -128,7 +130,7 @@ def train_variant(config: ml_collections.ConfigDict, workdir: str, variant_dir: 
     tokens, labels = stages.token_dataset(config, workdir, 'train')
     source = pipeline.ArraySource(f'tokens/train/{config.data.name}', tokens=tokens,
                                    label=labels)
-    batches = stages.resumable_batches(source, None, config.training.batch_size, config.seed)
+    batches = resumable_batches(source, None, config.training.batch_size, config.seed)
     train_transformer.train(config, variant_dir, *batches)
   return train_transformer.load_params(config, variant_dir)
 
@@ -161,7 +163,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str,
     own_factors = tuple(variant.model.nesting_factors)
     entry = dict(model=name, token_accuracy=heldout_token_accuracy(
         variant, variant_params, workdir, own_factors))
-    variant_scorer = dataclasses.replace(scorer, config=variant, transformer=variant_params)
+    variant_scorer = scorer.with_model(variant, variant_params)
     for factor in own_factors:
       entry[f'samples_p{factor}'] = variant_scorer.score(
           ((factor, config.sampling.steps),), 'none', seeds, study.num_samples)

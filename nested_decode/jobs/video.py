@@ -19,17 +19,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from nested_decode import api
 from nested_decode import config_lib
 from nested_decode import io_utils
 from nested_decode import parallel
-from nested_decode import sampling
-from nested_decode import stages
 from nested_decode import tasks
 from nested_decode.data import pipeline
+from nested_decode.data.sources import data_sources
 from nested_decode.evaluation import decode_benchmark
 from nested_decode.evaluation import frechet
 from nested_decode.evaluation import fvd
 from nested_decode.evaluation import video_writer
+from nested_decode.jobs import stages
 from nested_decode.training import train_tokenizer
 
 
@@ -44,10 +45,10 @@ def real_clips(config: ml_collections.ConfigDict) -> Iterator[tuple[parallel.Row
                                                                      np.ndarray]]:
   """The first ``eval.num_samples`` held-out clips in order, as uint8 videos: per global
   batch, this process's share of the rows and its clips of them."""
-  _, evaluation, _, eval_transform = stages.data_sources(config)
+  _, evaluation, _, eval_transform = data_sources(config)
   check_num_samples(config, len(evaluation))
   for share in parallel.row_shares(config.eval.num_samples, config.eval.batch_size,
-                                   sampling.eval_mesh(config)):
+                                   api.eval_mesh(config)):
     yield share, to_uint8(pipeline.examples_at(evaluation, share.rows, eval_transform)['video'])
 
 
@@ -92,34 +93,34 @@ def streamed_features(path: str, batches: ClipBatches, saved_clips: int,
   return features
 
 
-def schedule_clips(config, transformer, tokenizer, name, schedule, labels, given
-                   ) -> ClipBatches:
-  """A fresh iterator over the uint8 clips ``schedule`` decodes, batch by batch."""
+def schedule_clips(generator: api.Generator, name: str, labels: np.ndarray,
+                   given: np.ndarray | None) -> ClipBatches:
+  """A fresh iterator over the uint8 clips schedule ``name`` decodes, batch by batch."""
+  config = generator.config
+
   def batches():
-    decode = sampling.schedule_decoder(config, schedule)
-    for share, tokens in sampling.token_batches(config, transformer, decode, labels,
-                                                config.seed, given):
-      yield share, train_tokenizer.decode_tokens(config, tokenizer, tokens)
+    for share, output in generator.token_batches(generator.schedule(name), labels, config.seed,
+                                                 given):
+      yield share, train_tokenizer.decode_tokens(config, generator.tokenizer_params,
+                                                 output['tokens'])
     logging.info('Sampled %d clips with schedule %s', len(labels), name)
   return batches
 
 
 def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray]:
   """Per schedule and the baseline: I3D features of its clips, and the comparison GIF."""
-  return sample_with(config, workdir, stages.tokenizer_stage(config, workdir),
+  return sample_with(config, workdir, stages.generator(config, workdir),
                      stages.token_dataset(config, workdir, 'eval'), fvd.default_features())
 
 
-def sample_with(config, workdir, tokenizer, eval_token_dataset, i3d) -> dict[str, np.ndarray]:
-  transformer = stages.transformer_stage(config, workdir)
+def sample_with(config, workdir, generator, eval_token_dataset, i3d) -> dict[str, np.ndarray]:
   labels, given = condition(config, *eval_token_dataset)
   saved = config.eval.saved_clips
   features = {}
-  for name, schedule in config_lib.schedules_with_baseline(config).items():
+  for name in config_lib.schedules_with_baseline(config):
     features[name] = streamed_features(
-        features_path(workdir, name),
-        schedule_clips(config, transformer, tokenizer, name, schedule, labels, given),
-        saved, i3d)
+        features_path(workdir, name), schedule_clips(generator, name, labels, given), saved,
+        i3d)
   features['real'] = streamed_features(features_path(workdir, 'real'),
                                        lambda: real_clips(config), saved, i3d)
   if jax.process_index() == 0:
@@ -149,7 +150,7 @@ def reference_batches(config, tokenizer, eval_tokens) -> dict[str, ClipBatches]:
 
   def reconstructions():
     for share in parallel.row_shares(config.eval.num_samples, config.eval.batch_size,
-                                     sampling.eval_mesh(config)):
+                                     api.eval_mesh(config)):
       yield share, train_tokenizer.decode_tokens(config, tokenizer, share.take(eval_tokens))
 
   references = {'tokenizer_reconstruction': reconstructions}
@@ -167,9 +168,9 @@ def reference_batches(config, tokenizer, eval_tokens) -> dict[str, ClipBatches]:
 def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """``eval.json``: per schedule GFLOPs and FVD against the real held-out clips."""
   i3d = fvd.default_features()
-  tokenizer = stages.tokenizer_stage(config, workdir)
+  generator = stages.generator(config, workdir)
   eval_tokens, eval_labels = stages.token_dataset(config, workdir, 'eval')
-  features = sample_with(config, workdir, tokenizer, (eval_tokens, eval_labels), i3d)
+  features = sample_with(config, workdir, generator, (eval_tokens, eval_labels), i3d)
   real = features.pop('real')
   flops = {row['schedule']: row for row in decode_benchmark.flops_rows(config)}
   rows = []
@@ -181,7 +182,8 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     rows.append(row)
     logging.info('eval %s: %s', name, row)
   references = {}
-  for name, batches in reference_batches(config, tokenizer, eval_tokens).items():
+  for name, batches in reference_batches(config, generator.tokenizer_params,
+                                         eval_tokens).items():
     reference = streamed_features(features_path(workdir, name), batches, 0, i3d)
     references[name] = frechet.frechet_distance_from_features(reference, real)
   report = dict(rows=rows, reference_fvd=references, num_real_clips=len(real),

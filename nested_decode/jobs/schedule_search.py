@@ -16,8 +16,8 @@ import ml_collections
 from absl import logging
 
 from nested_decode import io_utils
-from nested_decode import stages
-from nested_decode.evaluation import study
+from nested_decode.jobs import stages
+from nested_decode.jobs import study
 
 PROXY_SEED = 10_000  # sampling seeds of the search never coincide with the study's 0, 1, 2
 

@@ -1,0 +1,346 @@
+"""Load a trained model and decode with any schedule: the one way samples are made.
+
+    from nested_decode import api
+    model = api.load('runs/mnist')                       # a workdir, or an exported .msgpack
+    out = model.sample([3, 1, 4], schedule='8x3,4x3,2x3,1x3')
+    out.images, out.gflops_per_sample, out.seconds
+
+A schedule is a name from ``config.eval.schedules`` (or ``'baseline'``, full width for
+``sampling.steps`` steps), a string ``'8x3,4x3,2x3,1x3'`` (nesting factor x steps, narrowest
+first for MaGNeTS), or ``((8, 3), (4, 3), ...)``; ``cache`` is ``'none'``,
+``'refresh_on_switch'`` or ``'refresh_every_k'``. ``predict_frames`` continues given condition
+frames (video frame prediction workdirs).
+
+Decoding runs in global batches of ``batch_size`` rows whose rows are split over the processes
+and devices (``parallel.row_shares``); a batch's random numbers are drawn for the whole global
+batch, so samples do not depend on how many processes or devices share the work. Each decode is
+compiled once per batch shape and reused; ``seconds`` times the compiled transformer decode
+alone (what ``gflops_per_sample`` counts), not compilation or the tokenizer.
+
+The job's stages (``nested_decode/jobs``), the study, the schedule search and the demo notebook
+all sample through ``Generator``.
+"""
+
+import dataclasses
+import json
+import time
+from typing import Any, Iterator, Sequence
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from nested_decode import config_lib
+from nested_decode import io_utils
+from nested_decode import parallel
+from nested_decode import tasks
+from nested_decode.decoding.sampler import make_decoder
+from nested_decode.evaluation.flops import decode_flops
+from nested_decode.models.transformer import NestedMaskedTransformer
+from nested_decode.training import checkpoints
+from nested_decode.training import loop
+from nested_decode.training import train_tokenizer
+from nested_decode.training import train_transformer
+
+ScheduleSpec = str | Sequence[Sequence[int]] | ml_collections.ConfigDict
+
+
+class NotTrainedError(FileNotFoundError):
+  """The workdir has no finished tokenizer or transformer to sample with."""
+
+
+class ScheduleError(ValueError):
+  """A schedule the model cannot decode with; the message says why."""
+
+
+@dataclasses.dataclass
+class Samples:
+  """What one call decoded. ``images`` are uint8 ``[n, H, W, C]`` (videos ``[n, T, H, W, C]``),
+  ``tokens [n, N]``; with ``record_steps``, ``step_tokens [n, T, N]`` holds the canvas after
+  each step (``mask_id`` where still masked) and ``step_widths`` the nesting factor of each."""
+  images: np.ndarray
+  tokens: np.ndarray
+  labels: np.ndarray
+  schedule: str
+  cache: str
+  gflops_per_sample: float
+  flop_ratio: float  # the baseline's GFLOPs per sample over these
+  seconds: float  # wall time of the compiled transformer decode of all batches
+  compile_seconds: float
+  step_widths: list[int]
+  step_tokens: np.ndarray | None = None
+
+  @property
+  def ms_per_sample(self) -> float:
+    return 1000 * self.seconds / len(self.tokens)
+
+
+def schedule_name(schedule: ml_collections.ConfigDict) -> str:
+  """``'8x3,4x3,2x3,1x3'``: the spec string of a schedule's widths."""
+  return ','.join(f'{factor}x{steps}' for factor, steps in schedule.widths)
+
+
+def eval_mesh(config: ml_collections.ConfigDict):
+  """The mesh that evaluation work is split over; ``eval.batch_size`` must divide over it."""
+  mesh = parallel.make_mesh(config)
+  parallel.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
+  return mesh
+
+
+class Generator:
+  """A trained tokenizer and nested transformer with their config, ready to decode."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer_params: Any,
+               transformer_params: Any):
+    self.config = config
+    self.tokenizer_params = tokenizer_params
+    self.transformer_params = transformer_params
+    self.task = tasks.task_of(config)
+    self.mesh = eval_mesh(config)
+    self._model = NestedMaskedTransformer(config_lib.transformer_config(config))
+    self._executables: dict[tuple, Any] = {}
+
+  @property
+  def mask_id(self) -> int:
+    return self._model.config.mask_id
+
+  # -- schedules and their cost ----------------------------------------------------------------
+
+  def schedule(self, spec: ScheduleSpec = config_lib.BASELINE, cache: str | None = None
+               ) -> ml_collections.ConfigDict:
+    """The schedule ``spec`` names or writes out (see the module docstring), with ``cache``
+    when given; a ``ScheduleError`` says what the model cannot decode."""
+    named = config_lib.schedules_with_baseline(self.config)
+    if isinstance(spec, ml_collections.ConfigDict):
+      schedule = ml_collections.ConfigDict(spec.to_dict())
+    elif isinstance(spec, str) and spec in named:
+      schedule = ml_collections.ConfigDict(named[spec].to_dict())
+    else:
+      schedule = config_lib.schedule(self._parse_widths(spec, named))
+    if cache is not None:
+      schedule.cache = cache
+    try:
+      config_lib.check_schedule(self.config, schedule, 'schedule', prefix='')
+    except config_lib.ConfigError as error:
+      raise ScheduleError(str(error)) from None
+    return schedule
+
+  @staticmethod
+  def _parse_widths(spec, named) -> tuple[tuple[int, int], ...]:
+    if isinstance(spec, str):
+      try:
+        return tuple(tuple(int(n) for n in part.split('x')) for part in spec.split(','))
+      except ValueError:
+        raise ScheduleError(
+            f'schedule {spec!r} is neither a name ({", ".join(named)}) nor factor x steps '
+            "segments like '8x3,4x3,2x3,1x3'") from None
+    try:
+      return tuple(tuple(int(n) for n in segment) for segment in spec)
+    except (TypeError, ValueError):
+      raise ScheduleError(f'schedule {spec!r} is not a sequence of (nesting_factor, steps) '
+                          'pairs') from None
+
+  def flops(self, schedule: ml_collections.ConfigDict) -> dict:
+    """``gflops_per_sample``, ``flop_ratio`` against the baseline and ``per_step_gflops``."""
+    guided = self.config.sampling.guidance_scale > 0
+    model_config = self._model.config
+    per_step = decode_flops(model_config, config_lib.decode_plan(self.config, schedule), guided)
+    baseline = sum(decode_flops(model_config, config_lib.decode_plan(
+        self.config, self.schedule(config_lib.BASELINE)), guided))
+    return dict(gflops_per_sample=sum(per_step) / 1e9, flop_ratio=baseline / sum(per_step),
+                per_step_gflops=[f / 1e9 for f in per_step])
+
+  # -- decoding ----------------------------------------------------------------------------------
+
+  def token_batches(self, schedule: ml_collections.ConfigDict, labels: np.ndarray, seed: int,
+                    given_tokens: np.ndarray | None = None, batch_size: int | None = None,
+                    record_steps: bool = False, timings: dict | None = None
+                    ) -> Iterator[tuple[parallel.RowShare, Any]]:
+    """Per global batch of ``batch_size`` (default ``eval.batch_size``) samples of
+    ``labels``: this process's share of the rows and its ``tokens`` of them (and
+    ``step_tokens``, the canvas after each step, when ``record_steps``) in a dict; a short
+    last batch is padded, so there is a row for each of ``share.rows``.
+
+    ``given_tokens [n, N]`` holds the task's known tokens (frame prediction: the condition's
+    latent frames of sample ``i``); without it every token is generated. ``timings`` gets
+    ``batch_seconds`` (one per batch, compiled decode only) and ``compile_seconds``.
+    """
+    labels = np.asarray(labels, np.int32)
+    if self.task.num_given and (given_tokens is None or len(given_tokens) < len(labels)):
+      raise ValueError(f'{self.task.name} needs given tokens for each of the {len(labels)} '
+                       'samples')
+    batch_size = batch_size or self.config.eval.batch_size
+    parallel.check_batch_size(batch_size, self.mesh, 'batch_size')
+    timings = {} if timings is None else timings
+    timings.setdefault('batch_seconds', [])
+    timings.setdefault('compile_seconds', 0.0)
+    rng = jax.random.PRNGKey(seed)
+    key = (schedule_name(schedule), schedule.cache, schedule.get('refresh_every', 1),
+           record_steps, batch_size)
+    for share in parallel.row_shares(len(labels), batch_size, self.mesh):
+      if self.task.num_given:
+        init = self.task.initial_tokens(share.take(given_tokens), self.mask_id)
+      else:
+        init = np.full((len(share.rows), self.task.seq_len), self.mask_id, np.int32)
+      batch_rng = jax.random.fold_in(rng, share.start)
+
+      def run(init, labels):
+        decode = self._executable(key, schedule, record_steps, init, labels, batch_rng,
+                                  timings)
+        began = time.perf_counter()
+        output = jax.block_until_ready(decode(self.transformer_params, init, labels,
+                                              batch_rng))
+        timings['batch_seconds'].append(time.perf_counter() - began)
+        return {'tokens': output.tokens, 'step_tokens': output.step_tokens}
+
+      yield share, parallel.apply_to_local_rows(run, self.mesh, init, share.take(labels))
+
+  def _executable(self, key, schedule, record_steps, init, labels, rng, timings):
+    """The decode of ``schedule`` compiled for these inputs' shapes, compiled on first use."""
+    if key not in self._executables:
+      began = time.perf_counter()
+      decode = make_decoder(self._model, config_lib.decode_plan(self.config, schedule),
+                            config_lib.sampling_options(self.config), record_steps)
+      self._executables[key] = decode.lower(self.transformer_params, init, labels,
+                                            rng).compile()
+      timings['compile_seconds'] += time.perf_counter() - began
+    return self._executables[key]
+
+  def sample_tokens(self, labels: Sequence[int], schedule: ml_collections.ConfigDict,
+                    seed: int = 0, given_tokens: np.ndarray | None = None,
+                    batch_size: int | None = None, record_steps: bool = False,
+                    timings: dict | None = None) -> Any:
+    """``tokens`` (and ``step_tokens`` when recorded) of every sample, gathered on every
+    process (see ``token_batches``)."""
+    batches = [(share, output) for share, output in self.token_batches(
+        schedule, labels, seed, given_tokens, batch_size, record_steps, timings)]
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *[
+        jax.tree.map(lambda x, s=share: parallel.gather_share(x, s), output)
+        for share, output in batches])
+
+  def sample(self, labels: Sequence[int], schedule: ScheduleSpec = config_lib.BASELINE,
+             cache: str | None = None, seed: int = 0, batch_size: int | None = None,
+             record_steps: bool = False) -> Samples:
+    """Class-conditional samples, one per label (``[0, tokens.num_classes)``; any label when
+    the model is unconditional). ``batch_size`` defaults to ``eval.batch_size`` or fewer
+    (rounded up to the data-parallel devices) when there are fewer samples."""
+    if self.task.num_given:
+      raise ValueError(f'this model does {self.task.name}: call predict_frames')
+    labels = tasks.conditioning_labels(np.asarray(labels, np.int32).reshape(-1),
+                                       self.config.tokens.num_classes, 'labels')
+    return self._decode(self.schedule(schedule, cache), labels, None, seed, batch_size,
+                        record_steps)
+
+  def predict_frames(self, condition_frames: np.ndarray, labels: Sequence[int] | None = None,
+                     schedule: ScheduleSpec = config_lib.BASELINE, cache: str | None = None,
+                     seed: int = 0, batch_size: int | None = None) -> Samples:
+    """Clips that continue ``condition_frames`` (uint8 ``[n, config.task.condition_frames, H,
+    W, C]``): ``images`` are the decoded ``[n, T, H, W, C]`` clips, condition frames included
+    (as the tokenizer reconstructs them)."""
+    if not self.task.num_given:
+      raise ValueError(f'this model does {self.task.name}: call sample')
+    frames = np.asarray(condition_frames)
+    data = self.config.data
+    expected = (self.config.task.condition_frames, data.image_size, data.image_size,
+                data.channels)
+    if frames.ndim != 5 or frames.shape[1:] != expected or frames.dtype != np.uint8:
+      raise ValueError(f'condition_frames has shape {frames.shape} and dtype {frames.dtype}; '
+                       f'expected uint8 [n, {", ".join(map(str, expected))}] '
+                       '(config.task.condition_frames, config.data.image_size, channels)')
+    labels = np.zeros(len(frames), np.int32) if labels is None else np.asarray(labels, np.int32)
+    labels = tasks.conditioning_labels(labels, self.config.tokens.num_classes, 'labels')
+    return self._decode(self.schedule(schedule, cache), labels, self.encode_condition(frames),
+                        seed, batch_size, False)
+
+  def _decode(self, schedule, labels, given_tokens, seed, batch_size, record_steps) -> Samples:
+    if batch_size is None:
+      devices = parallel.data_parallel_size(self.mesh)
+      batch_size = min(self.config.eval.batch_size, -(-len(labels) // devices) * devices)
+    timings = {}
+    output = self.sample_tokens(labels, schedule, seed, given_tokens, batch_size, record_steps,
+                                timings)
+    flops = self.flops(schedule)
+    return Samples(
+        images=self.decode(output['tokens'], batch_size), tokens=output['tokens'],
+        labels=labels,
+        schedule=schedule_name(schedule), cache=schedule.cache,
+        gflops_per_sample=flops['gflops_per_sample'], flop_ratio=flops['flop_ratio'],
+        seconds=float(sum(timings['batch_seconds'])),
+        compile_seconds=timings['compile_seconds'],
+        step_widths=[step.width_factor for step in config_lib.decode_plan(self.config,
+                                                                          schedule)],
+        step_tokens=output['step_tokens'])
+
+  # -- the tokenizer -----------------------------------------------------------------------------
+
+  def decode(self, tokens: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """Token ids ``[n, N]`` (the same on every process) -> all the uint8 images or clips on
+    every process, each process decoding its share. Masked positions (``mask_id``) decode as
+    code 0."""
+    tokens = np.where(np.asarray(tokens) == self.mask_id, 0, tokens)
+    batch_size = batch_size or self.config.eval.batch_size
+    return np.concatenate([
+        parallel.gather_share(train_tokenizer.decode_tokens(
+            self.config, self.tokenizer_params, share.take(tokens)), share)
+        for share in parallel.row_shares(len(tokens), batch_size, self.mesh)])
+
+  def encode_condition(self, frames: np.ndarray) -> np.ndarray:
+    """Token ids ``[n, N]`` whose given latent frames encode uint8 ``frames [n, Tc, ...]``:
+    the clip is padded to ``data.num_frames`` by repeating its last frame, which the causal
+    tokenizer's condition latents never see."""
+    pad = self.config.data.num_frames - frames.shape[1]
+    clips = np.concatenate([frames] + [frames[:, -1:]] * pad, axis=1)
+    videos = clips.astype(np.float32) / 127.5 - 1.0
+    batch_size = self.config.eval.batch_size
+    return np.concatenate([
+        parallel.gather_share(train_tokenizer.encode_batch(
+            self.config, self.tokenizer_params, {'video': share.take(videos)}), share)
+        for share in parallel.row_shares(len(videos), batch_size, self.mesh)])
+
+  # -- export --------------------------------------------------------------------------------------
+
+  def save(self, path: str) -> None:
+    """One file with the config and both models' parameters, for ``load`` (single process)."""
+    payload = dict(config=self.config.to_json(),
+                   tokenizer=jax.device_get(self.tokenizer_params),
+                   transformer=jax.device_get(self.transformer_params))
+    io_utils.write_bytes(path, flax.serialization.msgpack_serialize(payload))
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(json.loads(text))
+  config_lib.validate(config)
+  return config
+
+
+def load(path: str, config: ml_collections.ConfigDict | None = None) -> Generator:
+  """The ``Generator`` of a workdir whose tokenizer and transformer finished training (with
+  the config the transformer trained with, unless ``config`` is given), or of a file that
+  ``Generator.save`` wrote."""
+  if path.endswith('.msgpack'):
+    if not io_utils.exists(path):
+      raise NotTrainedError(f'{path}: no such model file')
+    payload = flax.serialization.msgpack_restore(io_utils.read_bytes(path))
+    config = config or config_from_json(payload['config'])
+    mesh = eval_mesh(config)
+    place = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
+    return Generator(config, place(payload['tokenizer']), place(payload['transformer']))
+  transformer_dir = loop.checkpoint_dir(path, train_transformer.NAME)
+  checkpointer = (checkpoints.Checkpointer(transformer_dir)
+                  if io_utils.exists(transformer_dir) else None)
+  if checkpointer is None or checkpointer.latest_step() is None:
+    raise NotTrainedError(f'{path} holds no trained transformer ({transformer_dir} has no '
+                          'checkpoint); train one with --mode=train')
+  if config is None:
+    config = config_from_json(json.dumps(checkpointer.restore_config()))
+  for name, trainer, steps in (
+      ('tokenizer', train_tokenizer, config.tokenizer_training.num_steps),
+      ('transformer', train_transformer, config.training.num_steps)):
+    if not trainer.is_trained(config, path):
+      raise NotTrainedError(f'{path}: the {name} has not finished training ({steps} steps); '
+                            'run the job (or its --mode) to the end first')
+  logging.info('Loading the tokenizer and transformer of %s', path)
+  return Generator(config, train_tokenizer.load_params(config, path),
+                   train_transformer.load_params(config, path))

@@ -1,0 +1,92 @@
+"""The config's data: its training and held-out sources with their transforms, and the
+resumable per-process batches the trainers read."""
+
+import functools
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from nested_decode import parallel
+from nested_decode.data import clips
+from nested_decode.data import moving_mnist
+from nested_decode.data import pipeline
+
+
+DATASETS = ('mnist', 'imagenet2012', 'moving_mnist', 'ucf101', 'kinetics600')
+
+
+def data_sources(config: ml_collections.ConfigDict, num_frames: int | None = None
+                 ) -> tuple[Any, Any, Any, Any]:
+  """``(train_source, eval_source, train_transform, eval_transform)`` of ``config.data``.
+
+  Video transforms cut clips of ``num_frames`` (default ``config.data.num_frames``) frames.
+  """
+  data = config.data
+  if data.name == 'mnist':
+    train, evaluation = pipeline.mnist_sources(data.image_size)
+    return train, evaluation, None, None
+  if data.name == 'imagenet2012':
+    from nested_decode.data import imagenet  # TFDS: only for real runs
+    train = imagenet.imagenet_source('train', data.get('data_dir'), data.get('manual_dir'))
+    evaluation = imagenet.imagenet_source('validation', data.get('data_dir'))
+    return (train, evaluation, imagenet.TrainTransform(data.image_size),
+            imagenet.EvalTransform(data.image_size))
+  frames = num_frames or data.num_frames
+  stride = data.get('frame_stride', 1)
+  if data.name == 'moving_mnist':
+    train, evaluation = moving_mnist.moving_mnist_sources(data.num_train_clips,
+                                                          data.num_eval_clips)
+  elif data.name == 'ucf101':
+    from nested_decode.data import ucf101  # TFDS: only for real runs
+    train = ucf101.ucf101_source('train', data.get('data_dir'))
+    evaluation = ucf101.ucf101_source('test', data.get('data_dir'))
+  elif data.name == 'kinetics600':
+    from nested_decode.data import video_files  # PyAV: only for real runs
+    for key in ('video_dir', 'train_csv', 'eval_csv'):
+      if not data.get(key):
+        raise FileNotFoundError(f'config.data.{key} is empty: Kinetics-600 reads the official '
+                                'CSVs and a folder of the video files')
+    train, evaluation = kinetics_sources(data.video_dir, data.train_csv, data.eval_csv,
+                                         data.num_frames, stride, data.image_size)
+    return (train, evaluation, video_files.TrainClip(frames, stride, data.image_size),
+            video_files.EvalClip(data.num_frames, stride, data.image_size))
+  else:
+    raise ValueError(f"config.data.name={data.name!r} is invalid: allowed values are "
+                     f"{DATASETS}")
+  return (train, evaluation, clips.RandomClip(frames, stride, data.image_size),
+          clips.FirstClip(data.num_frames, stride, data.image_size))
+
+
+@functools.cache  # each stage asks for the sources; scan the video files once per process
+def kinetics_sources(video_dir: str, train_csv: str, eval_csv: str, num_frames: int,
+                     stride: int, image_size: int) -> tuple[Any, Any]:
+  from nested_decode.data import video_files  # PyAV: only for real runs
+  common = dict(num_frames=num_frames, stride=stride, image_size=image_size)
+  train = video_files.VideoFileSource(video_dir, train_csv, **common)
+  evaluation = video_files.VideoFileSource(video_dir, eval_csv, class_names=train.class_names,
+                                           **common)
+  return train, evaluation
+
+
+def resumable_batches(source: Any, transform: Any, global_batch_size: int, seed: int,
+                      key: str = 'training.batch_size'):
+  """``(make_iterator, iterator_state)`` over this process's shard, for the trainers: each
+  process reads its share of the global batch ``config.<key>``."""
+  batch_size = parallel.process_batch_size(global_batch_size, key)
+  loader = pipeline.make_loader(source, batch_size=batch_size, seed=seed, train=True,
+                                transform=transform, shard_index=jax.process_index(),
+                                shard_count=jax.process_count())
+
+  def make_iterator(state):
+    return iter(loader) if state is None else pipeline.restore_iterator(loader, state)
+
+  return make_iterator, pipeline.iterator_state
+
+
+def all_images(source: Any) -> tuple[np.ndarray, np.ndarray]:
+  """Every example of a (small, in-memory) source as uint8 images and labels."""
+  examples = [source[i] for i in range(len(source))]
+  return (np.stack([e['image'] for e in examples]),
+          np.asarray([e['label'] for e in examples], np.int32))
