@@ -35,6 +35,8 @@ def get_config(arg=None):
       num_steps=4 if tiny else 800, batch_size=16 if tiny else 64, learning_rate=1e-3,
       warmup_steps=50, log_every=2 if tiny else 25, checkpoint_every=4 if tiny else 200)
   config.classifier = ml_collections.ConfigDict(dict(steps=4 if tiny else 600, batch_size=128))
+  if tiny:  # the baseline and one MaGNeTS schedule: each decode compiles on its own
+    config.eval.schedules = ml_collections.ConfigDict(dict(magnets=config.eval.schedules.magnets))
   config.eval.num_samples = 20 if tiny else 1000
   config.eval.batch_size = 20 if tiny else 250
   config.eval.grid_per_class = 2 if tiny else 10

@@ -179,6 +179,7 @@ class Generator:
     rng = jax.random.PRNGKey(seed)
     key = (schedule_name(schedule), schedule.cache, schedule.get('refresh_every', 1),
            record_steps, batch_size)
+    decoded = 0
     for share in parallel.row_shares(len(labels), batch_size, self.mesh):
       if self.task.num_given:
         init = self.task.initial_tokens(share.take(given_tokens), self.mask_id)
@@ -196,6 +197,9 @@ class Generator:
         return {'tokens': output.tokens, 'step_tokens': output.step_tokens}
 
       yield share, parallel.apply_to_local_rows(run, self.mesh, init, share.take(labels))
+      decoded += share.num_valid
+    logging.info('Process %d decoded %d of %d samples', jax.process_index(), decoded,
+                 len(labels))
 
   def _executable(self, key, schedule, record_steps, init, labels, rng, timings):
     """The decode of ``schedule`` compiled for these inputs' shapes, compiled on first use."""

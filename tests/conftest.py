@@ -5,6 +5,12 @@ import os
 # TPU compile in another process (another test run, a --mode=compile_tpu job) would fail.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+# The suite's models are tiny, so compiling costs far more than running: LLVM's optimisation
+# level 0 compiles about 40% faster here (what is computed is the same). This process and
+# every JAX process the tests start use it.
+FAST_COMPILE = '--xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
 import dataclasses
 import importlib.util
 import pathlib
@@ -101,8 +107,8 @@ def cpu_env(devices: int, **extra) -> dict:
   cluster = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'JAX_PLATFORMS')
   env = {k: v for k, v in os.environ.items()
          if k not in cluster and not k.startswith(('SLURM_', 'TPU_')) and k != 'XLA_FLAGS'}
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
-             **extra)
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}',
+             JAX_PLATFORMS='cpu', **extra)
   return env
 
 

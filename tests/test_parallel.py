@@ -23,6 +23,7 @@ from nested_decode.data import pipeline
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import train_transformer
 
+from conftest import FAST_COMPILE
 import multihost_checks
 import parallel_checks
 
@@ -34,7 +35,8 @@ SLOW_COLLECTIVES = '--xla_cpu_collective_call_terminate_timeout_seconds=600'
 def subprocess_env(devices: int, cache_dir, **extra) -> dict:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('JAX_', 'SLURM_', 'TPU_')) and k != 'XLA_FLAGS'}
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {SLOW_COLLECTIVES}',
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {SLOW_COLLECTIVES} '
+                       f'{FAST_COMPILE}',
              JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', **extra)
   return env

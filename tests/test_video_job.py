@@ -37,9 +37,9 @@ def frame_prediction_job(tmp_path_factory):
   """``configs/k600.py:tiny`` shrunk by overrides, run as users run it: its workdir and log."""
   workdir = tmp_path_factory.mktemp('k600_tiny')
   overrides = ['--config.tokenizer_training.num_steps=3', '--config.training.num_steps=3',
-               '--config.data.num_train_clips=32', '--config.data.num_eval_clips=8',
-               '--config.eval.num_samples=8', '--config.eval.batch_size=8',
-               '--config.eval.saved_clips=8', '--config.eval.gif_clips=2',
+               '--config.data.num_train_clips=32', '--config.data.num_eval_clips=4',
+               '--config.eval.num_samples=4', '--config.eval.batch_size=4',
+               '--config.eval.saved_clips=4', '--config.eval.gif_clips=2',
                '--config.model.num_layers=1']
   result = subprocess.run(
       [sys.executable, '-m', 'nested_decode.main', '--config=configs/k600.py:tiny',
@@ -51,12 +51,12 @@ def frame_prediction_job(tmp_path_factory):
 
 def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(frame_prediction_job):
   tmp_path, stderr = frame_prediction_job
-  assert 'Sampled 8 clips with schedule magnets' in stderr
+  assert 'Sampled 4 clips with schedule magnets' in stderr
   report = json.loads((tmp_path / 'eval.json').read_text())
   rows = {row['schedule']: row for row in report['rows']}
   assert set(rows) == {'baseline', 'magnets'} and report['task'] == 'frame_prediction'
   for row in rows.values():
-    assert row['num_clips'] == 8 and np.isfinite(row['fvd']) and row['fvd'] >= 0
+    assert row['num_clips'] == 4 and np.isfinite(row['fvd']) and row['fvd'] >= 0
   assert rows['magnets']['flop_ratio'] > 3
   assert set(report['reference_fvd']) == {'tokenizer_reconstruction',
                                           'repeat_last_condition_frame'}
@@ -64,7 +64,7 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(frame_pred
   samples = tmp_path / 'samples'
   load = lambda name: np.load(samples / f'{name}.npz')['videos']
   baseline, magnets, real = load('baseline'), load('magnets'), load('real')
-  assert baseline.shape == real.shape == (8, 16, 32, 32, 1) and baseline.dtype == np.uint8
+  assert baseline.shape == real.shape == (4, 16, 32, 32, 1) and baseline.dtype == np.uint8
   # The causal tokenizer decodes the 5 condition frames from the given latent frames alone, so
   # every schedule shows the same condition frames: sampling never touched those tokens.
   np.testing.assert_array_equal(baseline[:, :5], magnets[:, :5])
