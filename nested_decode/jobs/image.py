@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from nested_decode import api
 from nested_decode import config_lib
 from nested_decode import io_utils
 from nested_decode.data.sources import all_images, data_sources
@@ -40,10 +41,11 @@ def samples_path(workdir: str, name: str) -> str:
   return io_utils.join(workdir, 'samples', f'{name}.npz')
 
 
-def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
-  """Per schedule: ``samples/<name>.npz`` (images, labels) and a PNG grid, one row per class."""
+def sample_stage(config: ml_collections.ConfigDict, workdir: str,
+                 generator: api.Generator | None = None) -> dict[str, dict]:
+  """Per schedule: ``samples/<name>.npz`` (images, labels) and a PNG grid, one row per class.
+  The trained models are loaded (or trained) only when a schedule is left to sample."""
   rows = {row['schedule']: row for row in decode_benchmark.flops_rows(config)}
-  generator = None
   labels = stages.sample_labels(config)
   for name in config_lib.schedules_with_baseline(config):
     path = samples_path(workdir, name)
@@ -68,7 +70,8 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, d
 def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """``eval.json``: per schedule, FLOPs and classifier scores of its samples."""
   stages.check_can_evaluate(config)
-  flops = sample_stage(config, workdir)
+  generator = stages.generator(config, workdir)
+  flops = sample_stage(config, workdir, generator)
   classifier = classifier_stage(config, workdir)
   _, evaluation, _, _ = data_sources(config)
   held_out, held_out_labels = all_images(evaluation)
@@ -83,7 +86,7 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     rows.append(row)
     logging.info('eval %s: %s', name, row)
   eval_tokens, _ = stages.token_dataset(config, workdir, 'eval')
-  reconstructions = stages.generator(config, workdir).decode(eval_tokens)
+  reconstructions = generator.decode(eval_tokens)
   reference = scorer.score(reconstructions, held_out_labels)
   reference['reconstruction_mse'] = float(np.mean(
       (reconstructions.astype(np.float32) / 127.5 - held_out.astype(np.float32) / 127.5) ** 2))
