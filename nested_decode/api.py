@@ -37,7 +37,7 @@ from nested_decode import io_utils
 from nested_decode import parallel
 from nested_decode import tasks
 from nested_decode.decoding.sampler import make_decoder
-from nested_decode.evaluation.flops import decode_flops
+from nested_decode.evaluation import decode_benchmark
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import checkpoints
 from nested_decode.training import loop
@@ -144,11 +144,8 @@ class Generator:
 
   def flops(self, schedule: ml_collections.ConfigDict) -> dict:
     """``gflops_per_sample``, ``flop_ratio`` against the baseline and ``per_step_gflops``."""
-    guided = self.config.sampling.guidance_scale > 0
-    model_config = self._model.config
-    per_step = decode_flops(model_config, config_lib.decode_plan(self.config, schedule), guided)
-    baseline = sum(decode_flops(model_config, config_lib.decode_plan(
-        self.config, self.schedule(config_lib.BASELINE)), guided))
+    per_step = decode_benchmark.step_flops(self.config, schedule)
+    baseline = sum(decode_benchmark.step_flops(self.config, self.schedule(config_lib.BASELINE)))
     return dict(gflops_per_sample=sum(per_step) / 1e9, flop_ratio=baseline / sum(per_step),
                 per_step_gflops=[f / 1e9 for f in per_step])
 

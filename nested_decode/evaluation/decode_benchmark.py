@@ -26,13 +26,18 @@ def device_description() -> str:
   return f'{device.platform}:{device.device_kind} x{jax.device_count()}'
 
 
+def step_flops(config: ml_collections.ConfigDict, sched: ml_collections.ConfigDict
+               ) -> list[float]:
+  """FLOPs per sample of each step of the decode ``sched`` plans (guidance included)."""
+  return decode_flops(config_lib.transformer_config(config), config_lib.decode_plan(config, sched),
+                      config.sampling.guidance_scale > 0)
+
+
 def flops_rows(config: ml_collections.ConfigDict) -> list[dict]:
-  model_config = config_lib.transformer_config(config)
-  guided = config.sampling.guidance_scale > 0
   rows = []
   for name, sched in config_lib.schedules_with_baseline(config).items():
     plan = config_lib.decode_plan(config, sched)
-    per_step = decode_flops(model_config, plan, guided)
+    per_step = step_flops(config, sched)
     rows.append(dict(
         schedule=name, cache=sched.cache, steps=len(plan),
         widths=[list(segment) for segment in sched.widths],
