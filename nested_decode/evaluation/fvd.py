@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nested_decode.evaluation import frechet, i3d
+from nested_decode.evaluation import compiled, frechet, i3d
 
 FEATURE_DIM = i3d.NUM_CLASSES
 
@@ -49,7 +49,6 @@ def preprocess(videos: jax.Array) -> jax.Array:
   return x / 127.5 - 1
 
 
-@jax.jit
 def _logits(variables, videos: jax.Array) -> jax.Array:
   return i3d.InceptionI3D().apply(variables, preprocess(videos))
 
@@ -62,6 +61,7 @@ class I3DFeatures:
 
   def __init__(self, variables=None):
     self.variables = jax.device_put(variables if variables is not None else i3d.load_variables())
+    self._logits = compiled.CompiledPerShape(_logits)
 
   def __call__(self, videos, batch_size: int = 8) -> np.ndarray:
     """float32 features ``[N, 400]`` of uint8 ``videos [N, T, H, W, 3 or 1]``."""
@@ -73,7 +73,7 @@ class I3DFeatures:
     for start in range(0, videos.shape[0], batch_size):
       batch = videos[start:start + batch_size]
       padded = np.pad(batch, [(0, batch_size - batch.shape[0])] + [(0, 0)] * 4)
-      features.append(np.asarray(_logits(self.variables, padded))[:batch.shape[0]])
+      features.append(np.asarray(self._logits(self.variables, padded))[:batch.shape[0]])
     return np.concatenate(features)
 
 
