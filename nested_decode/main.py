@@ -118,7 +118,7 @@ def run_stages(config, config_name: str, workdir: str, mode: str) -> None:
   else:  # 'eval' and the whole job: every stage up to the evaluation
     rows = job.eval_stage(config, workdir)
     print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',
-                              'class_accuracy', 'fd', 'fvd')))
+                              'class_accuracy', 'fd', 'fid', 'inception_score', 'fvd')))
     print(f'Wrote {io_utils.join(workdir, "eval.json")}')
 
 

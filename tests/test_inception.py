@@ -1,7 +1,5 @@
 """InceptionV3 for FID/IS: the weights loader, equivalence with the TorchScript reference, metrics."""
 
-import hashlib
-import io
 import os
 import pickle
 import shutil

@@ -140,13 +140,6 @@ def test_default_workdir_names_the_config_and_its_variant():
   assert main.default_workdir('/abs/configs/mnist.py') == os.path.join('runs', 'mnist')
 
 
-def test_image_configs_without_fid_say_so_before_training():
-  with pytest.raises(config_lib.ConfigError, match="'imagenet2012'.*needs FID"):
-    stages.check_can_evaluate(load_config('imagenet256'))
-  stages.check_can_evaluate(load_config('mnist'))
-  stages.check_can_evaluate(load_config('k600'))
-
-
 # ---- the job split over two processes (2 CPU devices each, one JAX cluster on localhost) ----
 
 SCHEDULES = ('baseline', 'magnets')

@@ -69,6 +69,11 @@ class ToFloat(grain.MapTransform):
     return out
 
 
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+  """``ToFloat``'s inverse: pixels in ``[-1, 1]`` back to uint8 (rounded, clipped)."""
+  return np.clip(np.round((np.asarray(pixels) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 def make_loader(source: Any, *, batch_size: int, seed: int, train: bool,
                 transform: Optional[Transform] = None, shard_index: int = 0,
                 shard_count: int = 1, num_epochs: Optional[int] = None,

@@ -1,5 +1,8 @@
-"""The image job's last stages: class-conditional samples per schedule, and their evaluation
-(MNIST: class accuracy and Fréchet distance on a classifier trained on the training digits)."""
+"""The image job's last stages: class-conditional samples per schedule, and their evaluation.
+
+MNIST: class accuracy and Fréchet distance on a classifier trained on the training digits, with
+every sample kept. Other datasets (ImageNet): FID and Inception Score, streamed
+(``fid_eval.py``)."""
 
 from typing import Any
 
@@ -15,6 +18,7 @@ from nested_decode.data.sources import all_images, data_sources
 from nested_decode.evaluation import decode_benchmark
 from nested_decode.evaluation import mnist_classifier
 from nested_decode.evaluation import sample_writer
+from nested_decode.jobs import fid_eval
 from nested_decode.jobs import stages
 
 
@@ -45,6 +49,8 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str,
                  generator: api.Generator | None = None) -> dict[str, dict]:
   """Per schedule: ``samples/<name>.npz`` (images, labels) and a PNG grid, one row per class.
   The trained models are loaded (or trained) only when a schedule is left to sample."""
+  if config.data.name != 'mnist':
+    return fid_eval.sample_stage(config, workdir, generator)
   rows = {row['schedule']: row for row in decode_benchmark.flops_rows(config)}
   labels = stages.sample_labels(config)
   for name in config_lib.schedules_with_baseline(config):
@@ -69,7 +75,8 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str,
 
 def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """``eval.json``: per schedule, FLOPs and classifier scores of its samples."""
-  stages.check_can_evaluate(config)
+  if config.data.name != 'mnist':
+    return fid_eval.eval_stage(config, workdir)
   generator = stages.generator(config, workdir)
   flops = sample_stage(config, workdir, generator)
   classifier = classifier_stage(config, workdir)

