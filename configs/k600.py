@@ -27,8 +27,12 @@ def get_config(arg=None):
   data = ml_collections.ConfigDict(dict(
       name='kinetics600', video_dir='', train_csv='', eval_csv='', num_frames=16,
       frame_stride=1, image_size=128, channels=3))
-  return config_lib.video_config(arg, config_file='configs/k600.py', data=data, task=task,
-                                 num_classes=0, guidance_scale=0.0)
+  config = config_lib.video_config(arg, config_file='configs/k600.py', data=data, task=task,
+                                   num_classes=0, guidance_scale=0.0)
+  # MAGVIT's protocol (appendix B.3): 50,000 x 4 samples, real clips and conditions from 2
+  # temporal windows x 3 spatial crops of each validation video, FVD at 64x64.
+  config.eval.update(num_samples=50_000, num_folds=4, clip_views=(2, 3), fvd_image_size=64)
+  return config
 
 
 def tiny_config(task):

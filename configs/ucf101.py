@@ -19,5 +19,11 @@ def get_config(arg=None):
       name='ucf101', data_dir=config_dict.placeholder(str), num_frames=16, frame_stride=1,
       image_size=32 if arg == 'tiny' else 128, channels=3))
   task = ml_collections.ConfigDict(dict(name='class_conditional'))
-  return config_lib.video_config(arg, config_file='configs/ucf101.py', data=data, task=task,
-                                 num_classes=101, guidance_scale=1.0)
+  config = config_lib.video_config(arg, config_file='configs/ucf101.py', data=data, task=task,
+                                   num_classes=101, guidance_scale=1.0)
+  # MAGVIT's protocol (appendix B.3): 10,000 x 4 samples against clips of the training videos
+  # (here 2 temporal windows x 3 spatial crops of each), each sample of its real clip's class.
+  config.eval.update(num_samples=10_000, num_folds=4, real_split='train', clip_views=(2, 3))
+  if arg == 'tiny':
+    config.eval.update(num_samples=500, num_folds=1)
+  return config

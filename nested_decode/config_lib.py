@@ -110,6 +110,13 @@ def video_config(arg: str | None, *, config_file: str, data: ml_collections.Conf
   config.eval.batch_size = 64
   config.eval.saved_clips = 64
   config.eval.gif_clips = 8
+  # The FVD protocol (README, "Video evaluation protocols"): real clips from this split, as
+  # (temporal windows, spatial crops) clips per video; FVD on each of num_folds sets of
+  # num_samples clips; clips resized to fvd_image_size first (0: as generated).
+  config.eval.real_split = 'eval'
+  config.eval.clip_views = (1, 1)
+  config.eval.num_folds = 1
+  config.eval.fvd_image_size = 0
   return config
 
 
@@ -205,6 +212,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if task.num_generated <= 0:
       _fail('task.condition_frames', config.task.condition_frames,
             'leaves no latent frames to generate')
+    validate_video_eval(config.eval, conditions_from_real_clips=task.num_given > 0)
   training = config.training
   for key in ('training.num_steps', 'training.batch_size', 'training.log_every',
               'training.checkpoint_every', 'training.keep_checkpoints'):
@@ -281,6 +289,24 @@ def check_schedule(config: ml_collections.ConfigDict, sched: ml_collections.Conf
 
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def validate_video_eval(evaluation: ml_collections.ConfigDict,
+                        conditions_from_real_clips: bool) -> None:
+  """Checks the FVD protocol keys of a video config's ``eval``."""
+  if evaluation.real_split not in ('eval', 'train'):
+    _fail('eval.real_split', evaluation.real_split, "allowed values are ('eval', 'train')")
+  if conditions_from_real_clips and evaluation.real_split != 'eval':
+    _fail('eval.real_split', evaluation.real_split,
+          "frame prediction conditions on the real clips, which come from the 'eval' split")
+  views = tuple(evaluation.clip_views)
+  if len(views) != 2 or views[0] < 1 or views[1] not in (1, 2, 3):
+    _fail('eval.clip_views', views, '(temporal windows >= 1, spatial crops 1 to 3)')
+  for key in ('num_samples', 'num_folds'):
+    if not isinstance(evaluation[key], int) or evaluation[key] < 2 - (key == 'num_folds'):
+      _fail(f'eval.{key}', evaluation[key], 'must be an integer >= 2 (>= 1 for num_folds)')
+  if evaluation.fvd_image_size < 0:
+    _fail('eval.fvd_image_size', evaluation.fvd_image_size, 'must be >= 0 (0: as generated)')
 
 
 def validate_mesh(mesh: ml_collections.ConfigDict) -> None:

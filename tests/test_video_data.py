@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from nested_decode.data import clips, mnist, moving_mnist, pipeline, ucf101, video_files
+from nested_decode.data import clip_views, clips, mnist, moving_mnist, pipeline, ucf101, video_files
 
 # --- Kinetics-600 from video files -------------------------------------------------------------
 
@@ -336,3 +336,52 @@ def test_moving_mnist_sources_and_loader():
   assert batch['video'].shape == (4, 6, 32, 32, 1) and batch['video'].dtype == np.float32
   assert batch['video'].min() == -1.0 and batch['video'].max() == 1.0
   assert batch['label'].dtype == np.int32 and not batch['label'].any()
+
+
+# --- several evaluation clips per video (MAGVIT's FVD protocol) ---------------------------------
+
+def test_clip_views_order_covers_every_video_before_repeating_one():
+  videos = [{'video': np.zeros(1), 'label': np.int32(i)} for i in range(4)]
+  views = clip_views.ClipViews(videos, windows=2, crops=3)
+  assert len(views) == 24
+  first_pass = [views[i] for i in range(4)]
+  assert [int(e['label']) for e in first_pass] == [0, 1, 2, 3]
+  assert all(e['view_window'] == 0 and e['view_crop'] == 0.5 for e in first_pass)
+  seen = {(int(views[i]['label']), int(views[i]['view_window']), float(views[i]['view_crop']))
+          for i in range(24)}
+  assert len(seen) == 24  # each (video, window, crop) once
+  with pytest.raises(ValueError, match=r'clip_views=\(2, 4\)'):
+    clip_views.ClipViews(videos, 2, 4)
+
+
+def test_views_pick_the_temporal_window_and_the_spatial_crop():
+  """Frame t of a landscape video has value t in its left half and 100 + t in its right half."""
+  frames, height, width = 40, 8, 16
+  video = np.zeros((frames, height, width, 1), np.uint8)
+  video[:, :, :width // 2] = np.arange(frames)[:, None, None, None]
+  video[:, :, width // 2:] = 100 + np.arange(frames)[:, None, None, None]
+  views = clip_views.ClipViews([{'video': video, 'label': np.int32(0)}], windows=2, crops=3)
+  transform = clips.FirstClip(num_frames=16, stride=2, image_size=8)  # spans 31 frames
+  by_view = {(int(e['view_window']), float(e['view_crop'])): transform.map(e)['video']
+             for e in (views[i] for i in range(len(views)))}
+  assert by_view[(0, 0.0)][0, 4, 4, 0] == 0 and by_view[(0, 0.0)][-1, 4, 4, 0] == 30
+  assert by_view[(1, 0.0)][0, 4, 4, 0] == 9 and by_view[(1, 0.0)][-1, 4, 4, 0] == 39
+  assert by_view[(0, 1.0)][0, 4, 4, 0] == 100  # the right square
+  center = by_view[(0, 0.5)][0, 4, :, 0]
+  assert center[0] < 50 < center[-1]  # the central square straddles both halves
+  plain = transform.map({'video': video, 'label': np.int32(0)})['video']
+  np.testing.assert_array_equal(plain, by_view[(0, 0.5)])  # no view: first frame, center
+
+
+def test_k600_eval_clip_views_decode_later_windows_and_side_crops(k600):
+  source = video_files.VideoFileSource(*k600, image_size=32)
+  views = clip_views.ClipViews(source, windows=2, crops=3)
+  transform = source.eval_transform()
+  first, later = transform.map(views[0])['video'], transform.map(views[len(source)])['video']
+  clip = source[0]['clip']
+  start = clip.frame_count - 16
+  np.testing.assert_array_equal(later, video_files.decode_clip(clip, start, 16, 1, 32))
+  assert not np.array_equal(first, later)
+  left = transform.map(views[2 * len(source)])['video']  # window 0, crop at the start
+  np.testing.assert_array_equal(left, video_files.decode_clip(clip, 0, 16, 1, 32, crop=0.0))
+  assert not np.array_equal(left, first)

@@ -13,8 +13,12 @@ import pytest
 from PIL import Image
 
 from nested_decode import api
+from nested_decode import config_lib
+from nested_decode.evaluation import frechet
 from nested_decode.evaluation import video_writer
 from nested_decode.jobs import video
+
+from conftest import load_config
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 
@@ -38,7 +42,8 @@ def frame_prediction_job(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('k600_tiny')
   overrides = ['--config.tokenizer_training.num_steps=3', '--config.training.num_steps=3',
                '--config.data.num_train_clips=32', '--config.data.num_eval_clips=4',
-               '--config.eval.num_samples=4', '--config.eval.batch_size=4',
+               '--config.eval.num_samples=2', '--config.eval.num_folds=2',
+               '--config.eval.batch_size=4',
                '--config.eval.saved_clips=4', '--config.eval.gif_clips=2',
                '--config.model.num_layers=1']
   result = subprocess.run(
@@ -57,6 +62,7 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(frame_pred
   assert set(rows) == {'baseline', 'magnets'} and report['task'] == 'frame_prediction'
   for row in rows.values():
     assert row['num_clips'] == 4 and np.isfinite(row['fvd']) and row['fvd'] >= 0
+    assert row['num_folds'] == 2 and row['fvd_std'] > 0  # two folds of 2 clips each
   assert rows['magnets']['flop_ratio'] > 3
   assert set(report['reference_fvd']) == {'tokenizer_reconstruction',
                                           'repeat_last_condition_frame'}
@@ -104,3 +110,57 @@ def test_the_demo_notebook_runs_top_to_bottom(frame_prediction_job):
   images = [o for o in outputs if 'image/png' in o.get('data', {})]
   assert len(images) == 4  # side by side, step by step, your schedule, quality vs GFLOPs
   assert any('image/gif' in o.get('data', {}) for o in outputs)  # the frame prediction
+
+
+# ---- the FVD protocol's pieces ----
+
+def test_fold_fvd_scores_each_fold_against_its_real_fold():
+  rng = np.random.default_rng(0)
+  samples, real = rng.normal(size=(12, 5)), rng.normal(size=(12, 5)) + 1
+  mean, std = video.fold_fvd(samples, real, 3)
+  folds = [frechet.frechet_distance_from_features(samples[i:i + 4], real[i:i + 4])
+           for i in (0, 4, 8)]
+  assert (mean, std) == pytest.approx((np.mean(folds), np.std(folds)))
+  assert video.fold_fvd(samples, real, 1) == pytest.approx(
+      (frechet.frechet_distance_from_features(samples, real), 0.0))
+
+
+def test_samples_pair_with_real_clips_and_wrap_across_folds():
+  config = load_config('k600')
+  config.eval.update(num_samples=5, num_folds=3)
+  np.testing.assert_array_equal(video.real_indices(config, 7),
+                                [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 0])
+  with pytest.raises(ValueError, match=r"num_samples=5 but the real clips \(config.eval."
+                     r"real_split='eval' with clip_views=\(2, 3\)\) number 4"):
+    video.real_indices(config, 4)
+  tokens, labels = np.arange(7)[:, None] * np.ones((1, 3), int), np.zeros(7, np.int32)
+  _, given = video.condition(config, tokens, labels, real_labels=None)
+  np.testing.assert_array_equal(given[:, 0], video.real_indices(config, 7))
+
+
+def test_class_conditional_samples_take_their_real_clips_classes():
+  config = load_config('ucf101', 'tiny')
+  real_labels = np.array([5, 5, 17, 100], np.int32)
+  labels, given = video.condition(config, None, None, real_labels)
+  assert given is None
+  np.testing.assert_array_equal(labels, real_labels)
+
+
+def test_paper_configs_follow_magvit_protocols():
+  k600, ucf = load_config('k600'), load_config('ucf101')
+  assert (k600.eval.num_samples, k600.eval.num_folds, tuple(k600.eval.clip_views),
+          k600.eval.fvd_image_size, k600.eval.real_split) == (50_000, 4, (2, 3), 64, 'eval')
+  assert (ucf.eval.num_samples, ucf.eval.num_folds, tuple(ucf.eval.clip_views),
+          ucf.eval.real_split) == (10_000, 4, (2, 3), 'train')
+  k600.eval.real_split = 'train'
+  with pytest.raises(config_lib.ConfigError, match="eval.real_split='train'.*frame prediction"):
+    config_lib.validate(k600)
+
+
+def test_clips_are_resized_for_fvd():
+  clips = np.full((2, 3, 128, 128, 3), 200, np.uint8)
+  resized = video.resize_for_fvd(clips, 64)
+  assert resized.shape == (2, 3, 64, 64, 3) and resized.dtype == np.uint8
+  assert (resized == 200).all()
+  assert video.resize_for_fvd(clips, 0) is clips
+

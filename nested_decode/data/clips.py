@@ -12,15 +12,17 @@ from typing import Any
 import grain.python as grain
 import numpy as np
 
+from nested_decode.data import clip_views
 from nested_decode.data import video_files
 
 
 def select_frames(video: Any, start: int, num_frames: int, stride: int,
-                  image_size: int) -> np.ndarray:
-  """uint8 ``[num_frames, S, S, 3]``: frames ``start, start + stride, ...`` resized, cropped."""
+                  image_size: int, crop: float = 0.5) -> np.ndarray:
+  """uint8 ``[num_frames, S, S, 3]``: frames ``start, start + stride, ...`` resized, cropped
+  (``crop``: the square's place along the long side, 0.5 central)."""
   video = np.asarray(video, np.uint8)
   indices = video_files.frame_indices(len(video), start, num_frames, stride)
-  return np.stack([video_files.resize_center_crop(video[index], image_size)
+  return np.stack([video_files.resize_center_crop(video[index], image_size, crop)
                    for index in indices])
 
 
@@ -40,11 +42,16 @@ class RandomClip(grain.RandomMapTransform):
 
 @dataclasses.dataclass(frozen=True)
 class FirstClip(grain.MapTransform):
-  """``num_frames`` frames from the first one."""
+  """``num_frames`` frames from the first one, center-cropped, or from the window and crop of a
+  ``clip_views`` element."""
   num_frames: int = 16
   stride: int = 1
   image_size: int = 128
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    video = select_frames(element['video'], 0, self.num_frames, self.stride, self.image_size)
+    video = element['video']
+    start = clip_views.view_start(element, len(video),
+                                  video_files.clip_span(self.num_frames, self.stride))
+    video = select_frames(video, start, self.num_frames, self.stride, self.image_size,
+                          clip_views.view_crop(element))
     return {'video': video, 'label': np.int32(element['label'])}

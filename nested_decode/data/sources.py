@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from nested_decode import parallel
+from nested_decode.data import clip_views
 from nested_decode.data import clips
 from nested_decode.data import moving_mnist
 from nested_decode.data import pipeline
@@ -50,13 +51,22 @@ def data_sources(config: ml_collections.ConfigDict, num_frames: int | None = Non
                                 'CSVs and a folder of the video files')
     train, evaluation = kinetics_sources(data.video_dir, data.train_csv, data.eval_csv,
                                          data.num_frames, stride, data.image_size)
-    return (train, evaluation, video_files.TrainClip(frames, stride, data.image_size),
+    return (train, _eval_views(config, evaluation), video_files.TrainClip(frames, stride, data.image_size),
             video_files.EvalClip(data.num_frames, stride, data.image_size))
   else:
     raise ValueError(f"config.data.name={data.name!r} is invalid: allowed values are "
                      f"{DATASETS}")
-  return (train, evaluation, clips.RandomClip(frames, stride, data.image_size),
+  return (train, _eval_views(config, evaluation),
+          clips.RandomClip(frames, stride, data.image_size),
           clips.FirstClip(data.num_frames, stride, data.image_size))
+
+
+def _eval_views(config: ml_collections.ConfigDict, evaluation: Any) -> Any:
+  """The held-out videos as ``eval.clip_views`` clips each, when they are the real clips of FVD."""
+  views = tuple(config.eval.get('clip_views', (1, 1)))
+  if config.eval.get('real_split', 'eval') != 'eval' or views == (1, 1):
+    return evaluation
+  return clip_views.ClipViews(evaluation, *views)
 
 
 @functools.cache  # each stage asks for the sources; scan the video files once per process

@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from nested_decode import io_utils
+from nested_decode.data import clip_views
 
 VIDEO_EXTENSIONS = ('.mp4', '.webm', '.mkv')
 # A plain ``{youtube_id}`` file this much longer than its clip is the full YouTube video.
@@ -73,11 +74,12 @@ def frame_indices(frame_count: int, start: int, num_frames: int, stride: int) ->
   return np.minimum(indices, max(frame_count - 1, 0))
 
 
-def resize_center_crop(frame: Any, image_size: int) -> np.ndarray:
-  """Resizes the shorter side to ``image_size`` and crops the central square.
+def resize_center_crop(frame: Any, image_size: int, position: float = 0.5) -> np.ndarray:
+  """Resizes the shorter side to ``image_size`` and crops the central square (``position``
+  along the long side: 0 its start, 0.5 the center, 1 its end).
 
   ``frame`` is a PIL image or uint8 ``[H, W, C]``; done as one antialiased bicubic resize of the
-  central square (the same crop without the intermediate). Returns uint8 ``[S, S, C]``.
+  square (the same crop without the intermediate). Returns uint8 ``[S, S, C]``.
   """
   if isinstance(frame, Image.Image):
     image, channels = frame, None
@@ -87,7 +89,7 @@ def resize_center_crop(frame: Any, image_size: int) -> np.ndarray:
     image = Image.fromarray(frame[..., 0] if channels == 1 else frame)
   width, height = image.size
   side = min(width, height)
-  left, top = (width - side) / 2, (height - side) / 2
+  left, top = (width - side) * position, (height - side) * position
   resized = np.asarray(image.resize((image_size, image_size), Image.Resampling.BICUBIC,
                                     box=(left, top, left + side, top + side)))
   return resized[..., None] if channels == 1 else resized
@@ -209,7 +211,7 @@ def probe_file(path: str, clip_seconds: Optional[float] = None,
 
 
 def _decode_selected(clip: ClipFile, start: int, num_frames: int, stride: int,
-                     image_size: int) -> tuple[list[np.ndarray], int]:
+                     image_size: int, crop: float = 0.5) -> tuple[list[np.ndarray], int]:
   """The selected frames, resized, and how many frames were decoded to find them."""
   import av  # lazily: only video files need PyAV
 
@@ -223,7 +225,7 @@ def _decode_selected(clip: ClipFile, start: int, num_frames: int, stride: int,
       for index, frame in enumerate(_window_frames(container, stream, clip.window)):
         seen = index + 1
         if index in wanted:
-          frames.append(resize_center_crop(frame.to_image(), image_size))
+          frames.append(resize_center_crop(frame.to_image(), image_size, crop))
         if index >= last:
           break
   except (av.FFmpegError, OSError, ValueError) as err:  # e.g. a file truncated after the scan
@@ -232,19 +234,19 @@ def _decode_selected(clip: ClipFile, start: int, num_frames: int, stride: int,
 
 
 def decode_clip(clip: ClipFile, start: int, num_frames: int, stride: int,
-                image_size: int) -> np.ndarray:
+                image_size: int, crop: float = 0.5) -> np.ndarray:
   """uint8 ``[num_frames, S, S, 3]``: frames ``start, start + stride, ...`` of ``clip``.
 
   If the file holds fewer frames than its scanned count, the clip moves back to end at the last
   frame; if it is shorter than the clip, the last frame repeats (black frames if none decodes),
   with a warning, rather than stopping a training run.
   """
-  frames, seen = _decode_selected(clip, start, num_frames, stride, image_size)
+  frames, seen = _decode_selected(clip, start, num_frames, stride, image_size, crop)
   span = clip_span(num_frames, stride)
   if len(frames) < num_frames and start > 0 and seen >= span:
     logging.warning('%s has %d frames, fewer than its scanned %d; ending the clip at the last',
                     clip.path, seen, clip.frame_count)
-    frames, seen = _decode_selected(clip, seen - span, num_frames, stride, image_size)
+    frames, seen = _decode_selected(clip, seen - span, num_frames, stride, image_size, crop)
   if len(frames) < num_frames:
     logging.warning('%s: only %d of the %d frames needed decode; repeating the last',
                     clip.path, seen, span)
@@ -255,13 +257,18 @@ def decode_clip(clip: ClipFile, start: int, num_frames: int, stride: int,
 
 @dataclasses.dataclass(frozen=True)
 class EvalClip(grain.MapTransform):
-  """``{'clip', 'label'}`` -> ``{'video': uint8 [T, S, S, 3], 'label'}`` from the first frame."""
+  """``{'clip', 'label'}`` -> ``{'video': uint8 [T, S, S, 3], 'label'}`` from the first frame,
+  center-cropped, or from the window and crop of a ``clip_views`` element."""
   num_frames: int = 16
   stride: int = 1
   image_size: int = 128
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    video = decode_clip(element['clip'], 0, self.num_frames, self.stride, self.image_size)
+    clip = element['clip']
+    start = clip_views.view_start(element, clip.frame_count,
+                                  clip_span(self.num_frames, self.stride))
+    video = decode_clip(clip, start, self.num_frames, self.stride, self.image_size,
+                        clip_views.view_crop(element))
     return {'video': video, 'label': np.int32(element['label'])}
 
 
