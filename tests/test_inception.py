@@ -3,6 +3,9 @@
 import os
 import pickle
 import shutil
+import subprocess
+import sys
+import textwrap
 import zipfile
 
 import numpy as np
@@ -171,13 +174,14 @@ def _noise(images, std, seed=0):
 
 def test_fid_is_zero_against_itself_and_grows_with_blur_and_noise(network, rgb_images,
                                                                  rgb_features):
-  clean = fid.ImageStatistics(len(rgb_images))
-  clean.add({'pool': rgb_features})
+  images = rgb_images[::2]  # one photograph's crops in two of each four: 16 images
+  clean = fid.ImageStatistics(len(images))
+  clean.add({'pool': rgb_features[::2]})
   reference = clean.fid_statistics()
   assert fid.fid(clean, reference) == pytest.approx(0.0, abs=1e-6)
   # 0 (the clean set) < mild < strong, for each corruption.
   for corrupt, levels in ((_blur, (1.0, 3.0)), (_noise, (12.0, 48.0))):
-    scores = [fid.fid(fid.statistics_of(corrupt(rgb_images, level), network), reference)
+    scores = [fid.fid(fid.statistics_of(corrupt(images, level), network), reference)
               for level in levels]
     assert 0 < scores[0] < scores[1], (corrupt.__name__, scores)
 
@@ -259,3 +263,28 @@ def test_adm_reference_batches(tmp_path, network, rgb_images, rgb_features):
   (tmp_path / 'text.npz').write_text('x')
   with pytest.raises(fid.ReferenceError, match='not a readable'):
     fid.read_reference_batch(str(tmp_path / 'text.npz'), 1)
+
+
+def test_batches_split_over_local_devices_give_the_same_features(tmp_path):
+  """Four CPU devices in a fresh process: a batch of 6 (padded to 8) split over them."""
+  script = tmp_path / 'four_devices.py'
+  script.write_text(textwrap.dedent(f"""
+      import sys
+      import numpy as np
+      import jax
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      import inception_images, make_inception_fixture
+      from nested_decode.evaluation import fid, inception
+      assert jax.local_device_count() == 4
+      net = fid.InceptionNetwork(inception.load_variables(), batch_size=6)
+      got = net(inception_images.rgb_images()[:6])['pool']
+      want = np.load(make_inception_fixture.FIXTURE)['rgb'][:6]
+      print(float((np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)).max()))
+  """))
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+             '--xla_force_host_platform_device_count=4')
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert float(result.stdout.strip().splitlines()[-1]) <= RELATIVE_TOLERANCE
+

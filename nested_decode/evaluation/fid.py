@@ -18,6 +18,7 @@ import functools
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from nested_decode import io_utils
 from nested_decode.evaluation import compiled
@@ -32,15 +33,19 @@ class ReferenceError(ValueError):
 
 
 class InceptionNetwork:
-  """Pool features (and logits, with the head) of uint8 images on this process's devices.
+  """Pool features (and logits, with the head) of uint8 images, each batch split over this
+  process's devices (the weights replicated on each).
 
-  Batches are padded to one size, so each image shape compiles once.
+  Batches are padded to one size (a multiple of the local device count), so each image shape
+  compiles once.
   """
 
   def __init__(self, variables=None, batch_size: int = 50):
     variables = variables if variables is not None else inception.load_variables()
     self.has_head = inception.has_head(variables)
-    self.variables = jax.device_put(variables)
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('batch',))
+    self._batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
+    self.variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
     self.batch_size = batch_size
     model = inception.InceptionV3(head=self.has_head)
     self._apply = compiled.CompiledPerShape(
@@ -49,11 +54,13 @@ class InceptionNetwork:
   def __call__(self, images) -> dict[str, np.ndarray]:
     """``{'pool': float32 [N, 2048]}`` plus ``'logits' [N, 1008]`` with the head."""
     images = inception.check_images(images)
-    size = min(self.batch_size, len(images))
+    devices = jax.local_device_count()
+    size = -(-min(self.batch_size, len(images)) // devices) * devices
     outputs = []
     for start in range(0, len(images), size):
       batch = images[start:start + size]
-      padded = np.pad(batch, [(0, size - len(batch))] + [(0, 0)] * 3)
+      padded = jax.device_put(np.pad(batch, [(0, size - len(batch))] + [(0, 0)] * 3),
+                              self._batch_sharding)
       outputs.append({k: np.asarray(v)[:len(batch)]
                       for k, v in self._apply(self.variables, padded).items()})
     return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
