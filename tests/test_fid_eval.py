@@ -2,6 +2,9 @@
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,29 +14,16 @@ from nested_decode.evaluation import fid
 from nested_decode.jobs import fid_eval
 from nested_decode.jobs import stages
 
-from conftest import load_config
-
-NUM_EXAMPLES = 12  # per split of the mock imagenet2012
-
+import mock_imagenet_job
+from conftest import cpu_env, free_port, load_config
+from mock_imagenet_job import NUM_EXAMPLES
 
 @pytest.fixture(scope='module')
 def imagenet_job(tmp_path_factory):
   """The whole job (tokenizer, tokens, transformer, samples, FID) in this process."""
-  from nested_decode import main  # absl flags: imported only here
-  root = tmp_path_factory.mktemp('imagenet')
-  config = load_config('imagenet256', 'tiny')
-  config.data.data_dir = str(root / 'tfds')
-  config.tokenizer_training.update(num_steps=2, batch_size=4, log_every=1, checkpoint_every=2)
-  config.training.update(num_steps=2, batch_size=4, log_every=1, checkpoint_every=2)
-  config.eval.update(num_samples=NUM_EXAMPLES, batch_size=6, grid_per_class=1,
-                     min_reference_images=NUM_EXAMPLES)
-  for name in list(config.eval.schedules):
-    if name != 'magnets':
-      del config.eval.schedules[name]
-  workdir = str(root / 'run')
-  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    main.run_stages(config, 'configs/imagenet256.py:tiny', workdir, 'all')
-    yield config, workdir
+  workdir = str(tmp_path_factory.mktemp('imagenet') / 'run')
+  config = mock_imagenet_job.run(workdir, 'all')
+  yield config, workdir
 
 
 def read_report(workdir):
@@ -111,3 +101,32 @@ def test_missing_inception_weights_stop_the_job_before_training(tmp_path):
   config.eval.inception_weights = str(tmp_path / 'pt_inception.pth')
   with pytest.raises(FileNotFoundError, match='config.eval.inception_weights=.*pt_inception'):
     stages.check_can_evaluate(config)
+
+
+def test_two_processes_give_the_fids_of_one(imagenet_job, tmp_path):
+  """The eval split over two processes (one device each): each decodes its half of every batch
+  and puts it through Inception; the gathered statistics give the one-process FIDs. The
+  trained stages, the tokens and the reference statistics are copied over."""
+  _, reference = imagenet_job
+  workdir = tmp_path / 'run'
+  for kept in ('tokenizer', 'transformer', 'tokens'):
+    shutil.copytree(os.path.join(reference, kept), workdir / kept)
+  name = os.path.basename(fid_eval.statistics_path(reference, 'reference_validation'))
+  (workdir / 'samples').mkdir()
+  shutil.copy(os.path.join(reference, 'samples', name), workdir / 'samples' / name)
+  address = f'127.0.0.1:{free_port()}'
+  runs = [subprocess.Popen(
+      [sys.executable, os.path.join(os.path.dirname(__file__), 'mock_imagenet_job.py'),
+       str(workdir), 'eval'],
+      env=cpu_env(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2',
+                  JAX_PROCESS_ID=str(i)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for run in runs:
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+  one, two = read_report(reference), read_report(str(workdir))
+  assert [r['fid'] for r in two['rows']] == pytest.approx([r['fid'] for r in one['rows']],
+                                                          rel=1e-4)
+  assert two['tokenizer_reconstructions_of_held_out']['fid'] == pytest.approx(
+      one['tokenizer_reconstructions_of_held_out']['fid'], rel=1e-4)
+
