@@ -20,6 +20,7 @@ NUM_EXAMPLES = 12  # per split of the mock imagenet2012
 def tiny_config(data_dir: str):
   config = load_config('imagenet256', 'tiny')
   config.data.data_dir = data_dir
+  config.model.num_layers = 1
   config.tokenizer_training.update(num_steps=2, batch_size=4, log_every=1, checkpoint_every=2)
   config.training.update(num_steps=2, batch_size=4, log_every=1, checkpoint_every=2)
   config.eval.update(num_samples=NUM_EXAMPLES, batch_size=6, grid_per_class=1,
@@ -39,6 +40,8 @@ def run(workdir: str, mode: str):
 
 
 if __name__ == '__main__':
+  from absl import logging
   from nested_decode import parallel
+  logging.set_verbosity(logging.INFO)
   parallel.initialize_distributed()
   run(sys.argv[1], sys.argv[2])
