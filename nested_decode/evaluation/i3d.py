@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from nested_decode.evaluation import weight_shapes
+
 NUM_CLASSES = 400
 IMAGE_SIZE = 224
 MIN_FRAMES = 9
@@ -189,13 +191,5 @@ def load_variables(path: str | None = None) -> dict:
                          'expected [1, ..., 1, C]')
       value = value.reshape(value.shape[-1])
     flat[key] = value
-  expected = variable_shapes()
-  loaded = {k: v.shape for k, v in flat.items()}
-  if loaded != expected:
-    missing = sorted('/'.join(k) for k in expected.keys() - loaded.keys())
-    unused = sorted('/'.join(k) for k in loaded.keys() - expected.keys())
-    wrong = sorted(f'{"/".join(k)} {loaded[k]} != {expected[k]}'
-                   for k in expected.keys() & loaded.keys() if loaded[k] != expected[k])
-    raise ValueError(f'{path} does not match InceptionI3D: missing {missing}, unused {unused}, '
-                     f'wrong shapes {wrong}')
+  weight_shapes.check_matches(flat, variable_shapes(), f'{path} does not match InceptionI3D')
   return traverse_util.unflatten_dict(flat)

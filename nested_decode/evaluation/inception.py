@@ -36,6 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from nested_decode.evaluation import torch_files
+from nested_decode.evaluation import weight_shapes
 
 IMAGE_SIZE = 299
 FEATURE_DIM = 2048
@@ -411,15 +412,8 @@ def load_variables(path: str | None = None) -> dict:
                      f'{type(tree).__name__}')
   flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
   head = ('fc', 'kernel') in flat
-  expected = variable_shapes(head)
-  loaded = {k: v.shape for k, v in flat.items()}
-  if loaded != expected:
-    missing = sorted('/'.join(k) for k in expected.keys() - loaded.keys())
-    unused = sorted('/'.join(k) for k in loaded.keys() - expected.keys())
-    wrong = sorted(f'{"/".join(k)} {loaded[k]} != {expected[k]}'
-                   for k in expected.keys() & loaded.keys() if loaded[k] != expected[k])
-    raise ValueError(f'{path} does not match InceptionV3(head={head}): missing {missing[:5]}, '
-                     f'unused {unused[:5]}, wrong shapes {wrong[:5]}')
+  weight_shapes.check_matches(flat, variable_shapes(head),
+                              f'{path} does not match InceptionV3(head={head})')
   return {'params': traverse_util.unflatten_dict(flat)}
 
 
