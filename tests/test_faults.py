@@ -234,13 +234,13 @@ def toy_step(nan_loss_at=None, nan_state_at=None):
   return train_step
 
 
-def run_toy(workdir, train_step, num_steps, at=None, checkpoint_every=2):
+def run_toy(workdir, train_step, num_steps, at=None, checkpoint_every=2, log_every=1):
   return loop.run(
       name='toy', config=ml_collections.ConfigDict({'seed': 0}), workdir=str(workdir),
       initial_state=ToyState(jnp.array(0, jnp.int32), jnp.zeros(3)), train_step=train_step,
       batches=(lambda s: Counter(0 if s is None else s['position'], at),
                lambda it: {'position': it.position}),
-      prepare=lambda b: b, num_steps=num_steps, log_every=1,
+      prepare=lambda b: b, num_steps=num_steps, log_every=log_every,
       checkpoint_every=checkpoint_every, keep_checkpoints=10)
 
 
@@ -275,6 +275,61 @@ def test_a_nan_loss_at_a_checkpoint_step_stops_without_saving_it(tmp_path):
   assert Checkpointer(os.path.join(tmp_path, 'toy')).latest_step() == 2
   state, _, _ = restored(tmp_path)
   assert np.all(np.isfinite(state.w))
+
+
+def test_a_nan_loss_between_reads_is_caught_before_the_next_checkpoint(tmp_path):
+  """Losses are read every log_every (5) steps, checkpoints every 2: the NaN of step 3 stops
+  the run at step 4, before step 4's state is saved, naming step 3."""
+  with pytest.raises(FloatingPointError, match='toy loss became nan at step 3'):
+    run_toy(tmp_path, toy_step(nan_loss_at=3), num_steps=10, log_every=5)
+  assert Checkpointer(os.path.join(tmp_path, 'toy')).latest_step() == 2
+
+
+def record_implicit_device_reads(monkeypatch) -> list:
+  """Patches jax.Array so that reading a value other than through ``jax.device_get`` (``float``,
+  ``np.asarray``, ``.item()``) is recorded. (``jax.transfer_guard`` does not fire on the CPU.)"""
+  from jax._src import array  # pylint: disable=import-outside-toplevel
+  reads, explicit = [], [0]
+  value, to_numpy = array.ArrayImpl._value, array.ArrayImpl.__array__
+
+  def record(read):
+    def recorded(self, *args, **kwargs):
+      if not explicit[0]:
+        reads.append(self.shape)
+      return read(self, *args, **kwargs)
+    return recorded
+
+  def device_get(tree, _get=jax.device_get):
+    explicit[0] += 1
+    try:
+      return _get(tree)
+    finally:
+      explicit[0] -= 1
+
+  monkeypatch.setattr(array.ArrayImpl, '_value', property(record(value.fget)))
+  monkeypatch.setattr(array.ArrayImpl, '__array__', record(to_numpy))
+  monkeypatch.setattr(jax, 'device_get', device_get)
+  return reads
+
+
+def test_steps_read_nothing_back_from_the_device_but_at_log_steps(tmp_path, monkeypatch):
+  @jax.jit
+  def train_step(state, batch):
+    return ToyState(state.step + 1, state.w + batch), {'loss': jnp.sum(state.w) + 1.0}
+  reads = record_implicit_device_reads(monkeypatch)
+  final = loop.run(
+      name='toy', config=ml_collections.ConfigDict({'seed': 0}), workdir=str(tmp_path),
+      initial_state=ToyState(jnp.array(0, jnp.int32), jnp.zeros(3)), train_step=train_step,
+      batches=(lambda s: Counter(), lambda it: {'position': it.position}),
+      prepare=lambda b: b, num_steps=100, log_every=4, checkpoint_every=100, keep_checkpoints=1,
+      stop_after=8)  # 8 steps, two log steps, no checkpoint
+  assert reads == []
+  assert int(jax.device_get(final.step)) == 8
+  lines = [json.loads(line) for line in (tmp_path / 'toy_metrics.jsonl').read_text().splitlines()]
+  # loss of step k is 1 + 3 * (0 + 1 + ... + (k - 2)): the sum of w before that step's batch.
+  losses = [1 + 3 * sum(range(k - 1)) for k in range(1, 9)]
+  assert [line['loss'] for line in lines] == pytest.approx([np.mean(losses[:4]),
+                                                            np.mean(losses[4:])])
 
 
 def test_inf_in_the_state_with_a_finite_loss_is_never_checkpointed(tmp_path):

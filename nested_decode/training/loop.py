@@ -129,6 +129,20 @@ def _finite_leaves(leaves: list[jax.Array]) -> list[jax.Array]:
   return [jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
 
 
+_NO_BAD_LOSS = (np.int32(-1), np.float32(0))
+
+
+@jax.jit
+def _track_non_finite(first: tuple[jax.Array, jax.Array], loss: jax.Array,
+                      step: int) -> tuple[jax.Array, jax.Array]:
+  """``(step, loss)`` of the first non-finite loss so far, or ``(-1, 0)``: kept on the device,
+  so the loop learns of a bad loss at its next read without reading every step's loss."""
+  bad_step, bad_loss = first
+  new = (bad_step < 0) & ~jnp.isfinite(loss)
+  return (jnp.where(new, step, bad_step).astype(jnp.int32),
+          jnp.where(new, loss, bad_loss).astype(jnp.float32))
+
+
 def non_finite_leaves(state: Any) -> list[str]:
   """Names of the floating-point leaves of ``state`` holding a NaN or an infinity."""
   named = [(path_name(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
@@ -163,18 +177,23 @@ def run(*, name: str, config: ml_collections.ConfigDict, workdir: str, initial_s
         logging.info('Resuming %s training from step %d', name, int(state.step))
       iterator = make_iterator(position)
       logger = MetricLogger(workdir, name, num_steps)
-      start = int(state.step)
+      start = int(jax.device_get(state.step))
+      first_non_finite = _NO_BAD_LOSS
       for step in range(start + 1, num_steps + 1):
         state, metrics = train_step(state, prepare(next(iterator)))
         logger.accumulate(metrics)
-        loss = float(metrics['loss'])
-        if not np.isfinite(loss):
-          raise FloatingPointError(f'{name} loss became {loss} at step {step}; the last good '
-                                   f'checkpoint in {checkpointer.directory} is kept')
+        first_non_finite = _track_non_finite(first_non_finite, metrics['loss'], step)
+        stopping = stop.should_stop(step)
+        saving = step % checkpoint_every == 0 or step == num_steps or stopping
+        if step % log_every == 0 or saving:  # the first reads of the step's values
+          bad_step, bad_loss = jax.device_get(first_non_finite)
+          if bad_step >= 0:
+            raise FloatingPointError(
+                f'{name} loss became {bad_loss} at step {bad_step}; the last good checkpoint '
+                f'in {checkpointer.directory} is kept')
         if step % log_every == 0 or step == num_steps:
           logger.write(step)
-        stopping = stop.should_stop(step)
-        if step % checkpoint_every == 0 or step == num_steps or stopping:
+        if saving:
           bad = non_finite_leaves(state)
           if bad:
             raise FloatingPointError(

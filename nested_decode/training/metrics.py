@@ -1,4 +1,8 @@
-"""Training metrics: averaged with ``clu.metrics``, written as JSON lines, TensorBoard and logs.
+"""Training metrics: summed on the device, averaged and written as JSON lines, TensorBoard and logs.
+
+Each step's scalars are added to running sums on the device, so a step reads nothing back to the
+host and the next step is dispatched while this one runs; ``write`` (every ``log_every`` steps)
+fetches the sums once.
 
 ``DIR/<name>_metrics.jsonl`` is always written. TensorBoard event files come from
 ``clu.metric_writers`` when TensorFlow is installed (``pip install -e ".[tf]"``; its
@@ -15,9 +19,7 @@ import time
 from typing import Callable
 
 import jax
-import numpy as np
 from absl import logging
-from clu import metrics as clu_metrics
 
 from nested_decode import io_utils
 
@@ -50,23 +52,25 @@ class MetricLogger:
     self._log = log
     self._tensorboard = _tensorboard_writer(io_utils.join(workdir, 'tensorboard', name))
     self._lines = earlier_lines(self._path) if jax.process_index() == 0 else []
-    self._averages: dict[str, clu_metrics.Average] = {}
+    self._sums: dict[str, jax.Array] = {}
+    self._count = 0
     self._last_time, self._last_step = time.time(), None
 
   def accumulate(self, scalars: dict) -> None:
+    """Adds one step's scalars (device arrays) to the sums, on the device."""
+    self._count += 1
     for key, value in scalars.items():
-      update = clu_metrics.Average.from_model_output(np.asarray(value, np.float32))
-      self._averages[key] = (self._averages[key].merge(update) if key in self._averages
-                             else update)
+      self._sums[key] = value if key not in self._sums else self._sums[key] + value
 
   def write(self, step: int, extra: dict | None = None) -> dict:
     """Writes the averages since the last call plus ``extra``; logs a progress line with ETA."""
-    scalars = {key: float(avg.compute()) for key, avg in sorted(self._averages.items())}
+    sums = jax.device_get(self._sums)
+    scalars = {key: float(sums[key]) / self._count for key in sorted(sums)}
     scalars.update(extra or {})
     now = time.time()
     if self._last_step is not None and step > self._last_step:
       scalars['steps_per_second'] = (step - self._last_step) / (now - self._last_time)
-    self._averages, self._last_time, self._last_step = {}, now, step
+    self._sums, self._count, self._last_time, self._last_step = {}, 0, now, step
     if jax.process_index() == 0:
       self._lines.append(json.dumps({'step': step, **scalars}) + '\n')
       io_utils.write_text(self._path, ''.join(self._lines))
