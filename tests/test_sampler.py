@@ -157,3 +157,47 @@ def test_guidance_changes_the_samples(setup):
   _, plain = decode(setup, widths, cache='none', guidance_scale=0.0)
   _, guided = decode(setup, widths, cache='none', guidance_scale=3.0)
   assert np.any(np.asarray(plain.tokens) != np.asarray(guided.tokens))
+
+
+def guided_logits(setup, tokens, labels, w):
+  """(1 + w) * conditional - w * unconditional logits, computed by hand with the model."""
+  model, params = setup
+  cond = model.apply(params, tokens, labels)[0]
+  uncond = model.apply(params, tokens, jnp.full_like(labels, model.config.unconditional_id))[0]
+  return (1 + w) * cond - w * uncond
+
+
+@pytest.mark.parametrize('schedule,weight_at_first_step', [('constant', 4.0), ('linear', 2.0)])
+def test_guided_first_step_takes_the_argmax_of_the_hand_computed_guided_logits(
+    setup, schedule, weight_at_first_step):
+  """Two steps of the full model, near-zero temperature and no choice noise: the tokens the
+  first step reveals are the argmax of (1 + w) cond - w uncond with w = 4 (constant) or
+  4 * 1/2 (linear, w grows to 4 over the 2 steps)."""
+  model, params = setup
+  config = model.config
+  init = all_masked(config)
+  labels = jnp.arange(init.shape[0]) % config.num_classes
+  plan = make_plan(config.seq_len, config.seq_len, ((1, 2),), 'none')
+  options = SamplingOptions(temperature=1e-6, choice_temperature=0.0, guidance_scale=4.0,
+                            guidance_schedule=schedule)
+  output = make_decoder(model, plan, options, record_steps=True)(params, init, labels,
+                                                                  jax.random.key(0))
+  first = np.asarray(output.step_tokens[:, 0])
+  revealed = first != config.mask_id
+  expected = np.asarray(jnp.argmax(guided_logits(setup, init, labels, weight_at_first_step), -1))
+  np.testing.assert_array_equal(first[revealed], expected[revealed])
+  other = 4.0 if schedule == 'linear' else 2.0  # another weight reveals other tokens here
+  assert np.any(np.asarray(jnp.argmax(guided_logits(setup, init, labels, other), -1))[revealed]
+                != first[revealed])
+
+
+def test_guidance_weight_zero_in_the_guided_pass_equals_no_guidance(setup, monkeypatch):
+  """The guided pass (conditional and unconditional rows in one batch) with w = 0 decodes what
+  the unguided pass decodes, token for token: the doubled batch mixes nothing between rows."""
+  widths = ((8, 3), (1, 3))
+  _, plain = decode(setup, widths, guidance_scale=0.0)
+  monkeypatch.setattr(SamplingOptions, 'guidance_at', lambda self, ratio: 0.0)
+  compiled_decoder.cache_clear()
+  _, guided_with_zero = decode(setup, widths, guidance_scale=1.0)
+  compiled_decoder.cache_clear()
+  np.testing.assert_array_equal(np.asarray(guided_with_zero.tokens), np.asarray(plain.tokens))

@@ -7,6 +7,7 @@ import pytest
 
 from nested_decode import config_lib
 from nested_decode.data import sources
+from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.data import pipeline
 from nested_decode.training import objective
 from nested_decode.training import train_transformer
@@ -66,6 +67,51 @@ def test_distillation_sends_no_gradient_into_the_teacher():
   grad_student, grad_teacher = jax.grad(loss, argnums=(0, 1))(student, teacher)
   assert np.all(np.asarray(grad_teacher) == 0)
   assert np.any(np.asarray(grad_student) != 0)
+
+
+def test_a_real_train_step_sends_no_distillation_gradient_into_the_teacher(monkeypatch):
+  """widths (1, 2), labels weight 0: the sub-model learns from the teacher's probabilities
+  only. The step's gradient norm equals that of teacher label loss + student distillation to the
+  teacher's logits taken as constants, and differs when the stop-gradient is removed."""
+  config = tiny_config()
+  config.training.update(widths=(1, 2), distill_lambda_start=0.0, distill_lambda_end=0.0,
+                         label_dropout=0.0)
+  model = NestedMaskedTransformer(config_lib.transformer_config(config))
+  batch = next(TokenIterator())
+
+  def step_grad_norm():
+    state = train_transformer.create_train_state(config, model)
+    rng, params = jnp.copy(state.rng), jax.tree.map(jnp.copy, state.params)  # the step donates
+    _, metrics = train_transformer.make_train_step(config, model)(state, batch)
+    return float(metrics['grad_norm']), params, rng
+
+  grad_norm, params, rng = step_grad_norm()
+  # The step's own masking, recomputed: rng -> (next, mask, label dropout).
+  _, mask_rng, _ = jax.random.split(rng, 3)
+  tokens, labels = jnp.asarray(batch['tokens']), jnp.asarray(batch['label'])
+  mask = objective.random_mask(mask_rng, *tokens.shape)
+  inputs = jnp.where(mask, model.config.mask_id, tokens)
+  teacher = lambda p: model.apply(p, inputs, labels, width_factor=1)[0]
+  constant_teacher = teacher(params)
+  smoothing = config.training.label_smoothing
+
+  def expected_loss(p):
+    label = objective.masked_mean(
+        objective.smoothed_cross_entropy(teacher(p), tokens, smoothing), mask)
+    student = model.apply(p, inputs, labels, width_factor=2)[0]
+    distill = objective.masked_mean(objective.soft_cross_entropy(
+        student, jax.nn.softmax(constant_teacher)), mask)
+    return label + distill
+
+  expected = float(optax_norm(jax.grad(expected_loss)(params)))
+  assert grad_norm == pytest.approx(expected, rel=1e-4)
+  monkeypatch.setattr(objective, 'distillation_cross_entropy', lambda s, t: (
+      objective.soft_cross_entropy(s, jax.nn.softmax(t))))
+  assert step_grad_norm()[0] != pytest.approx(expected, rel=1e-3)  # the test can fail
+
+
+def optax_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def test_nested_losses_weight_labels_and_teacher_by_lambda():
