@@ -182,30 +182,30 @@ class Generator:
         init = self.task.initial_tokens(share.take(given_tokens), self.mask_id)
       else:
         init = np.full((len(share.rows), self.task.seq_len), self.mask_id, np.int32)
-      batch_rng = jax.random.fold_in(rng, share.start)
-
-      def run(init, labels):
-        decode = self._executable(key, schedule, record_steps, init, labels, batch_rng,
+      def run(init, labels, rows):
+        decode = self._executable(key, schedule, record_steps, init, labels, rng, rows,
                                   timings)
         began = time.perf_counter()
-        output = jax.block_until_ready(decode(self.transformer_params, init, labels,
-                                              batch_rng))
+        output = jax.block_until_ready(decode(self.transformer_params, init, labels, rng,
+                                              rows))
         timings['batch_seconds'].append(time.perf_counter() - began)
         return {'tokens': output.tokens, 'step_tokens': output.step_tokens}
 
-      yield share, parallel.apply_to_local_rows(run, self.mesh, init, share.take(labels))
+      # Sample i's random numbers come from (seed, i): the same in any batch, on any mesh.
+      yield share, parallel.apply_to_local_rows(run, self.mesh, init, share.take(labels),
+                                                share.rows.astype(np.int32))
       decoded += share.num_valid
     logging.info('Process %d decoded %d of %d samples', jax.process_index(), decoded,
                  len(labels))
 
-  def _executable(self, key, schedule, record_steps, init, labels, rng, timings):
+  def _executable(self, key, schedule, record_steps, init, labels, rng, rows, timings):
     """The decode of ``schedule`` compiled for these inputs' shapes, compiled on first use."""
     if key not in self._executables:
       began = time.perf_counter()
       decode = make_decoder(self._model, config_lib.decode_plan(self.config, schedule),
                             config_lib.sampling_options(self.config), record_steps)
-      self._executables[key] = decode.lower(self.transformer_params, init, labels,
-                                            rng).compile()
+      self._executables[key] = decode.lower(self.transformer_params, init, labels, rng,
+                                            rows).compile()
       timings['compile_seconds'] += time.perf_counter() - began
     return self._executables[key]
 

@@ -44,16 +44,26 @@ class DecodeOutput(NamedTuple):
   step_tokens: jax.Array | None = None  # [B, T, N] the canvas after each step (record_steps)
 
 
-def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: float,
+def sample_tokens(logits: jax.Array, gumbel_noise: jax.Array, temperature: float,
                   top_k: int) -> tuple[jax.Array, jax.Array]:
-  """Samples ids from ``logits [..., V]``; returns them and their log-probabilities."""
+  """Samples ids from ``logits [..., V]`` with standard Gumbel ``noise`` of the same shape
+  (the Gumbel-max draw ``jax.random.categorical`` makes); returns them and their
+  log-probabilities."""
   logits = logits / max(temperature, 1e-6)
   if top_k:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-  ids = jax.random.categorical(rng, logits)
+  ids = jnp.argmax(logits + gumbel_noise, axis=-1)
   log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), ids[..., None], axis=-1)[..., 0]
   return ids, log_probs
+
+
+def keyed_gumbel(keys: jax.Array, positions: jax.Array, tail: tuple[int, ...] = ()
+                 ) -> jax.Array:
+  """Gumbel noise ``[B, P, *tail]`` whose entry ``[b, p]`` depends only on ``keys[b]`` and
+  ``positions[b, p]``: a token's noise is the same whichever other tokens a pass computes."""
+  draw = lambda key, position: jax.random.gumbel(jax.random.fold_in(key, position), tail)
+  return jax.vmap(jax.vmap(draw, in_axes=(None, 0)))(keys, positions)
 
 
 def mask_least_confident(confidence: jax.Array, count: int) -> jax.Array:
@@ -88,10 +98,13 @@ def _masked_per_row(tokens, mask_id: int) -> np.ndarray:
 def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
                  options: SamplingOptions, record_steps: bool = False
                  ) -> Callable[..., DecodeOutput]:
-  """Returns ``decode(params, init_tokens [B, N], labels [B], rng) -> DecodeOutput``.
+  """Returns ``decode(params, init_tokens [B, N], labels [B], rng, row_ids=None) ->
+  DecodeOutput``.
 
   ``init_tokens`` holds ``mask_id`` at the positions to generate and given tokens elsewhere;
-  every row must have ``plan[0].masked_before`` masked positions.
+  every row must have ``plan[0].masked_before`` masked positions. Row ``b``'s random numbers
+  come from ``rng`` and ``row_ids[b]`` (default ``b``) alone: a sample does not depend on the
+  batch it is decoded in.
 
   On a mesh, pass ``init_tokens`` and ``labels`` split over the batch (``parallel.shard_batch``)
   and the parameters replicated or sharded as trained: the decode runs where its inputs live
@@ -116,29 +129,40 @@ def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
       logits = (1 + w) * cond - w * uncond
     return logits, cache
 
-  def decode(params, init_tokens, labels, rng):
+  def decode(params, init_tokens, labels, rng, row_ids=None):
     tokens = init_tokens
+    batch, length = tokens.shape
+    all_positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    if row_ids is None:
+      row_ids = jnp.arange(batch)
+    # Noise is keyed by (sample, step, position), so two decodes of one seed differ only
+    # where their computations differ (a cached pass draws what a full pass draws).
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, row_ids)
     masked = tokens == cfg.mask_id
     masked_at_previous_start = masked
     cache = None
     masked_counts, logit_counts, step_tokens = [], [], []
     for step in plan:
-      rng, sample_rng, choice_rng = jax.random.split(rng, 3)
+      step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step.index)
+      sample_keys, choice_keys = (jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys, i)
+                                  for i in (0, 1))
       if step.full_pass:
         logits, cache = run_model(params, tokens, labels, step, None, cache)
-        ids, log_probs = sample_tokens(logits, sample_rng, options.temperature, options.top_k)
+        noise = keyed_gumbel(sample_keys, all_positions, (cfg.codebook_size,))
+        ids, log_probs = sample_tokens(logits, noise, options.temperature, options.top_k)
       else:
         active = positions_of(masked_at_previous_start, step.num_queries)
         active_tokens = jnp.take_along_axis(tokens, active, axis=1)
         logits, cache = run_model(params, active_tokens, labels, step, active + 1, cache)
-        ids, log_probs = sample_tokens(logits, sample_rng, options.temperature, options.top_k)
+        noise = keyed_gumbel(sample_keys, active, (cfg.codebook_size,))
+        ids, log_probs = sample_tokens(logits, noise, options.temperature, options.top_k)
         ids = scatter(tokens, active, ids)
         log_probs = scatter(jnp.zeros(tokens.shape, log_probs.dtype), active, log_probs)
       logit_counts.append(logits.shape[1])
 
       candidate = jnp.where(masked, ids, tokens)
       anneal = options.choice_temperature * (1.0 - (step.index + 1) / num_steps)
-      confidence = log_probs + anneal * jax.random.gumbel(choice_rng, tokens.shape)
+      confidence = log_probs + anneal * keyed_gumbel(choice_keys, all_positions)
       confidence = jnp.where(masked, confidence, jnp.inf)
       still_masked = mask_least_confident(confidence, step.masked_after)
       tokens = jnp.where(still_masked, cfg.mask_id, candidate)
@@ -150,13 +174,13 @@ def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
 
   jitted = jax.jit(decode)
 
-  def checked_decode(params, init_tokens, labels, rng) -> DecodeOutput:
+  def checked_decode(params, init_tokens, labels, rng, row_ids=None) -> DecodeOutput:
     if not isinstance(init_tokens, jax.core.Tracer):
       unknown = _masked_per_row(init_tokens, cfg.mask_id)
       if np.any(unknown != plan[0].masked_before):
         raise ValueError(f'init_tokens rows have {sorted(set(unknown.tolist()))} masked tokens; '
                          f'the plan expects {plan[0].masked_before} in every row')
-    return jitted(params, init_tokens, labels, rng)
+    return jitted(params, init_tokens, labels, rng, row_ids)
 
   checked_decode.lower = jitted.lower
   return checked_decode
