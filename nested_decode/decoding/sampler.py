@@ -58,12 +58,11 @@ def sample_tokens(logits: jax.Array, gumbel_noise: jax.Array, temperature: float
   return ids, log_probs
 
 
-def keyed_gumbel(keys: jax.Array, positions: jax.Array, tail: tuple[int, ...] = ()
-                 ) -> jax.Array:
-  """Gumbel noise ``[B, P, *tail]`` whose entry ``[b, p]`` depends only on ``keys[b]`` and
-  ``positions[b, p]``: a token's noise is the same whichever other tokens a pass computes."""
-  draw = lambda key, position: jax.random.gumbel(jax.random.fold_in(key, position), tail)
-  return jax.vmap(jax.vmap(draw, in_axes=(None, 0)))(keys, positions)
+def position_gumbel(keys: jax.Array, length: int, tail: tuple[int, ...] = ()) -> jax.Array:
+  """Gumbel noise ``[B, length, *tail]``; row ``b`` comes from ``keys[b]`` alone. A pass over
+  some positions takes their rows of it, so a token's noise is the same whichever other tokens
+  the pass computes."""
+  return jax.vmap(lambda key: jax.random.gumbel(key, (length,) + tail))(keys)
 
 
 def mask_least_confident(confidence: jax.Array, count: int) -> jax.Array:
@@ -132,7 +131,6 @@ def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
   def decode(params, init_tokens, labels, rng, row_ids=None):
     tokens = init_tokens
     batch, length = tokens.shape
-    all_positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     if row_ids is None:
       row_ids = jnp.arange(batch)
     # Noise is keyed by (sample, step, position), so two decodes of one seed differ only
@@ -148,13 +146,14 @@ def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
                                   for i in (0, 1))
       if step.full_pass:
         logits, cache = run_model(params, tokens, labels, step, None, cache)
-        noise = keyed_gumbel(sample_keys, all_positions, (cfg.codebook_size,))
+        noise = position_gumbel(sample_keys, length, (cfg.codebook_size,))
         ids, log_probs = sample_tokens(logits, noise, options.temperature, options.top_k)
       else:
         active = positions_of(masked_at_previous_start, step.num_queries)
         active_tokens = jnp.take_along_axis(tokens, active, axis=1)
         logits, cache = run_model(params, active_tokens, labels, step, active + 1, cache)
-        noise = keyed_gumbel(sample_keys, active, (cfg.codebook_size,))
+        noise = jnp.take_along_axis(position_gumbel(sample_keys, length, (cfg.codebook_size,)),
+                                    active[..., None], axis=1)
         ids, log_probs = sample_tokens(logits, noise, options.temperature, options.top_k)
         ids = scatter(tokens, active, ids)
         log_probs = scatter(jnp.zeros(tokens.shape, log_probs.dtype), active, log_probs)
@@ -162,7 +161,7 @@ def make_decoder(model: NestedMaskedTransformer, plan: Sequence[DecodeStep],
 
       candidate = jnp.where(masked, ids, tokens)
       anneal = options.choice_temperature * (1.0 - (step.index + 1) / num_steps)
-      confidence = log_probs + anneal * keyed_gumbel(choice_keys, all_positions)
+      confidence = log_probs + anneal * position_gumbel(choice_keys, length)
       confidence = jnp.where(masked, confidence, jnp.inf)
       still_masked = mask_least_confident(confidence, step.masked_after)
       tokens = jnp.where(still_masked, cfg.mask_id, candidate)
