@@ -174,13 +174,6 @@ def fid(samples: ImageStatistics, reference: tuple[np.ndarray, np.ndarray]) -> f
   return frechet.frechet_distance(*samples.fid_statistics(), *reference)
 
 
-def fid_of_images(images_a: np.ndarray, images_b: np.ndarray,
-                  net: InceptionNetwork | None = None) -> float:
-  """FID between two sets of uint8 images (at least 2 each; sizes and resolutions may differ)."""
-  net = net or network()
-  return fid(statistics_of(images_a, net), statistics_of(images_b, net).fid_statistics())
-
-
 def read_reference_batch(path: str, min_images: int, net: InceptionNetwork | None = None
                          ) -> tuple[tuple[np.ndarray, np.ndarray], int | None]:
   """``((mu, sigma), number of images or None)`` from an ADM-format reference batch ``.npz``.

@@ -79,6 +79,14 @@ def _grid_rows(labels: np.ndarray, per_class: int) -> tuple[int, np.ndarray]:
   return int(rows.max()) + 1, rows
 
 
+def _schedule_images(generator: api.Generator, name: str, labels: np.ndarray):
+  """``(share, this process's uint8 images)`` of schedule ``name``'s samples, batch by batch."""
+  config = generator.config
+  for share, output in generator.token_batches(generator.schedule(name), labels, config.seed):
+    yield share, train_tokenizer.decode_tokens(config, generator.tokenizer_params,
+                                               output['tokens'])
+
+
 def sample_stage(config: ml_collections.ConfigDict, workdir: str,
                  generator: api.Generator | None = None) -> dict[str, fid.ImageStatistics]:
   """Per schedule (baseline first): Inception statistics of its samples and a PNG grid."""
@@ -89,17 +97,11 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str,
   result = {}
   for name in config_lib.schedules_with_baseline(config):
     path = statistics_path(workdir, name)
-    if not io_utils.exists(path):
-      generator = generator or stages.generator(config, workdir)
-    gen = generator
-
-    def batches():
-      for share, output in gen.token_batches(gen.schedule(name), labels, config.seed):
-        yield share, train_tokenizer.decode_tokens(config, gen.tokenizer_params,
-                                                   output['tokens'])
-
-    stats, kept = _streamed_statistics(path, len(labels), batches, net, f'schedule {name}',
-                                       keep)
+    if generator is None and not io_utils.exists(path):
+      generator = stages.generator(config, workdir)
+    stats, kept = _streamed_statistics(path, len(labels),
+                                       lambda: _schedule_images(generator, name, labels), net,
+                                       f'schedule {name}', keep)
     if kept is not None and jax.process_index() == 0:
       title = f'{name}: {flops[name]["gflops_per_sample"]:.3g} GFLOPs/sample'
       sample_writer.save_grid_png(path.replace('_inception.npz', '.png'), kept[grid_rows],

@@ -13,6 +13,7 @@ import optax
 from jax.sharding import Mesh
 
 from nested_decode import parallel
+from nested_decode.data import pipeline
 from nested_decode.models import vqgan
 from nested_decode.training import loop
 from nested_decode.training.checkpoints import path_name
@@ -242,5 +243,5 @@ def decode_tokens(config: ml_collections.ConfigDict, params: Any, tokens: np.nda
     images = parallel.apply_to_local_rows(lambda x: decode(params, x), mesh, ids)
     if is_video(config):
       images = images[:, :config.data.num_frames]
-    out.append(np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8))
+    out.append(pipeline.to_uint8(images))
   return np.concatenate(out)
