@@ -1,14 +1,17 @@
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from nested_decode import config_lib
 from nested_decode.data import sources
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.data import pipeline
+from nested_decode.training import loop
 from nested_decode.training import objective
 from nested_decode.training import train_transformer
 from nested_decode.training.checkpoints import Checkpointer, CheckpointShapeError
@@ -172,3 +175,43 @@ def test_restoring_into_another_model_shape_names_both_shapes(tmp_path):
   expected = r'params/.* has shape \(\d+, 64\) but the model expects \(\d+, 128\)'
   with pytest.raises(CheckpointShapeError, match=expected):
     train_transformer.load_params(wider, str(tmp_path))
+
+
+def test_weight_decay_shrinks_the_kernels_only():
+  """One step with zero gradients moves only what weight decay acts on: every dense kernel
+  shrinks by lr x decay, LayerNorm parameters, biases and embedding tables stay."""
+  config = tiny_config()
+  config.training.warmup_steps = 0
+  model = NestedMaskedTransformer(config_lib.transformer_config(config))
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32),
+                               jnp.zeros((1,), jnp.int32)))
+  optimizer = train_transformer.make_optimizer(config.training)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+  decayed = {jax.tree_util.keystr(path): bool(jnp.any(update != 0))
+             for path, update in jax.tree_util.tree_leaves_with_path(updates)}
+  kernels = {name for name in decayed if name.endswith("['kernel']")}
+  assert len(kernels) == 7 and all(decayed[name] for name in kernels)  # q, k, v, out, 2 mlp, head
+  assert not any(decayed[name] for name in set(decayed) - kernels)
+  assert {'embedding', 'scale', 'bias'} <= {name.rsplit("'", 2)[-2] for name in decayed}
+  lr = float(loop.lr_schedule(config.training)(0))
+  kernel = params['params']['logits']['kernel']
+  np.testing.assert_allclose(updates['params']['logits']['kernel'],
+                             -lr * config.training.weight_decay * kernel, rtol=1e-5)
+
+
+def test_parameters_load_from_a_checkpoint_with_an_older_optimizer_state(tmp_path):
+  """Sampling reads the parameters alone: a workdir whose optimizer state has another
+  structure (an older version's adamw, without the decay mask) still loads."""
+  config = tiny_config()
+  model = NestedMaskedTransformer(config_lib.transformer_config(config))
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32),
+                               jnp.zeros((1,), jnp.int32)))
+  older = optax.adamw(1e-3, weight_decay=0.1)
+  state = train_transformer.TrainState(step=jnp.int32(8), params=params,
+                                       opt_state=older.init(params), rng=jnp.zeros(2, jnp.uint32))
+  checkpointer = Checkpointer(loop.checkpoint_dir(str(tmp_path), train_transformer.NAME))
+  checkpointer.save(8, state, {'position': 0}, config)
+  checkpointer.close()
+  loaded = train_transformer.load_params(config, str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)

@@ -86,12 +86,18 @@ class Checkpointer:
         config=ocp.args.JsonRestore()))
     return restored['state'], self._own_data_state(step, restored['data']), restored['config']
 
-  def restore_state(self, abstract_state: Any, step: int | None = None) -> Any:
-    """The state alone (e.g. parameters to sample with), on any number of processes."""
-    step = self._step_to_restore(step, abstract_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored['state']
+  def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+    """The state's ``params`` alone (to sample with), on any number of processes: the optimizer
+    state is not read, so it takes no memory and may have any structure (an older version's)."""
+    wanted = {'params': abstract_params}
+    step = self._step_to_restore(step, wanted)
+    reader = ocp.CheckpointManager(self.directory, item_handlers=dict(
+        state=ocp.PyTreeCheckpointHandler()))
+    restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+        partial_restore=True)))
+    reader.close()
+    return restored['state']['params']
 
   def restore_config(self, step: int | None = None) -> dict:
     """The config (as a dict) that the run writing ``step`` (default: the latest) trained with."""

@@ -53,9 +53,9 @@ def is_finished(workdir: str, name: str, num_steps: int) -> bool:
   return io_utils.exists(directory) and Checkpointer(directory).latest_step() == num_steps
 
 
-def restore_state(workdir: str, name: str, abstract_state: Any) -> Any:
-  """The latest checkpointed state of trainer ``name``, shape-checked against the model."""
-  return Checkpointer(checkpoint_dir(workdir, name)).restore_state(abstract_state)
+def restore_params(workdir: str, name: str, abstract_params: Any) -> Any:
+  """The parameters of trainer ``name``'s latest checkpoint, shape-checked against the model."""
+  return Checkpointer(checkpoint_dir(workdir, name)).restore_params(abstract_params)
 
 
 class Preempted(Exception):

@@ -191,7 +191,7 @@ def is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
 def load_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
   mesh = parallel.make_mesh(config)
   abstract = parallel.abstract_state(_init_fn(config), state_shardings(config, mesh))
-  return loop.restore_state(workdir, NAME, abstract).params
+  return loop.restore_params(workdir, NAME, abstract.params)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.MakeIterator,

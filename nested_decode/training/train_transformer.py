@@ -25,11 +25,18 @@ class TrainState:
   rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
 
 
+def is_kernel(params: Any) -> Any:
+  """True at the dense kernels, the only parameters weight decay applies to (LayerNorm scales
+  and biases, biases and embedding tables are not decayed, as in MaskGIT-style recipes)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(getattr(key, 'key', None) == 'kernel' for key in path), params)
+
+
 def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(training.grad_clip),
       optax.adamw(loop.lr_schedule(training), b1=training.b1, b2=training.b2,
-                  weight_decay=training.weight_decay))
+                  weight_decay=training.weight_decay, mask=is_kernel))
 
 
 def boxed_init(config: ml_collections.ConfigDict, model: NestedMaskedTransformer
@@ -117,7 +124,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
   mesh = parallel.make_mesh(config)
   abstract = parallel.abstract_state(boxed_init(config, model),
                                      state_shardings(config, model, mesh))
-  return loop.restore_state(workdir, NAME, abstract).params
+  return loop.restore_params(workdir, NAME, abstract.params)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.MakeIterator,
