@@ -1,3 +1,7 @@
+import numpy as np
+import pytest
+
+from nested_decode.evaluation import paired
 from nested_decode.jobs import schedule_search
 from nested_decode.jobs import study
 
@@ -29,3 +33,28 @@ def test_search_moves_one_step_to_the_next_narrower_width_and_keeps_a_full_width
   assert schedule_search.cheaper_neighbours((0, 0, 0, 12)) == [(0, 0, 1, 11)]
   assert sorted(schedule_search.cheaper_neighbours((0, 2, 0, 1))) == [(1, 1, 0, 1)]
   assert schedule_search.widths_of((3, 0, 2, 7), (8, 4, 2, 1)) == ((8, 3), (2, 2), (1, 7))
+
+
+def test_paired_difference_uses_the_spread_of_the_differences():
+  reference = np.array([10.0, 20.0, 30.0, 40.0])
+  mean, se = paired.paired_difference(reference + [1.0, 3.0, 1.0, 3.0], reference)
+  assert mean == 2.0 and se == pytest.approx(np.std([1, 3, 1, 3], ddof=1) / 2)
+  mean, se = paired.paired_difference([[1, 0, 1], [1, 1, 1]], [[1, 1, 0], [1, 1, 1]])
+  assert mean == 0.0 and se == pytest.approx(np.std([0, -1, 1, 0, 0, 0], ddof=1) / np.sqrt(6))
+  assert np.isnan(paired.paired_difference([3.0], [1.0])[1])
+  with pytest.raises(ValueError, match=r'shapes \(2,\) and \(3,\)'):
+    paired.paired_difference([1, 2], [1, 2, 3])
+
+
+def test_study_rows_are_compared_with_the_baseline_sample_by_sample():
+  rows = [dict(gflops_per_sample=10.0, seconds_per_batch=2.0, fd_per_seed=[50.0, 54.0]),
+          dict(gflops_per_sample=2.5, seconds_per_batch=1.0, fd_per_seed=[56.0, 59.0])]
+  correct = [np.array([[1, 1, 0, 1], [1, 0, 1, 1]], bool),
+             np.array([[1, 0, 0, 1], [1, 0, 1, 0]], bool)]
+  study.add_comparisons(rows, correct, baseline_index=0)
+  assert rows[0]['fd_diff'] == 0 and rows[0]['class_accuracy_diff'] == 0
+  assert rows[1]['flop_ratio'] == 4.0 and rows[1]['speedup'] == 2.0
+  assert rows[1]['fd_diff'] == 5.5 and rows[1]['fd_diff_se'] == pytest.approx(0.5)
+  assert rows[1]['class_accuracy_diff'] == -0.25
+  assert rows[1]['class_accuracy_diff_se'] == pytest.approx(
+      np.std([0, -1, 0, 0, 0, 0, 0, -1], ddof=1) / np.sqrt(8))

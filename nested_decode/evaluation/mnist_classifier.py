@@ -177,10 +177,19 @@ class SampleScorer:
 
   def score(self, sample_images: np.ndarray, sample_labels: np.ndarray) -> dict[str, float]:
     """Class accuracy of the samples and the Fréchet distance of their features."""
+    correct, fd = self.correct_and_fd(sample_images, sample_labels)
+    return dict(class_accuracy=float(correct.mean()), fd=fd)
+
+  def correct_and_fd(self, sample_images: np.ndarray, sample_labels: np.ndarray
+                     ) -> tuple[np.ndarray, float]:
+    """Whether each sample is classified as its label (bool ``[n]``, for paired comparisons)
+    and the Fréchet distance of the samples' features."""
     logits, features = self.classifier.logits_and_features(sample_images)
-    return dict(
-        class_accuracy=class_accuracy(logits.argmax(-1), sample_labels),
-        fd=frechet.frechet_distance(*frechet.feature_statistics(features), *self._reference))
+    predicted, wanted = logits.argmax(-1), np.asarray(sample_labels)
+    if predicted.shape != wanted.shape:
+      raise ValueError(f'{len(predicted)} samples but labels of shape {wanted.shape}')
+    fd = frechet.frechet_distance(*frechet.feature_statistics(features), *self._reference)
+    return predicted == wanted, fd
 
 
 def score_samples(params, sample_images: np.ndarray, sample_labels: np.ndarray,

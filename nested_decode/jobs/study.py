@@ -2,7 +2,9 @@
 and what nesting and distillation cost, on the offline MNIST task.
 
 Every row is scored on the held-out digits with several sampling seeds (mean and standard
-deviation); its time comes from the same sampling runs (the median over seeds of the mean
+deviation) and compared with the 12-step full-width baseline as paired differences (the same
+seeds, labels and noise; ``evaluation/paired.py``) with their standard errors: "± se" after
+a difference. Its time comes from the same sampling runs (the median over seeds of the mean
 time of a compiled batch decode), so speedups are measured in one process.
 """
 
@@ -22,6 +24,7 @@ from nested_decode import io_utils
 from nested_decode.data import pipeline
 from nested_decode.data.sources import all_images, data_sources, resumable_batches
 from nested_decode.evaluation import mnist_classifier
+from nested_decode.evaluation import paired
 from nested_decode.jobs import image
 from nested_decode.jobs import stages
 from nested_decode.models.transformer import NestedMaskedTransformer
@@ -29,6 +32,7 @@ from nested_decode.training import objective
 from nested_decode.training import train_transformer
 
 CACHES = ('none', 'refresh_on_switch')
+BASELINE = 'baseline_T12'  # what every row is compared with: full width, 12 steps, no cache
 
 
 def decode_grid(steps: int = 12) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
@@ -50,27 +54,39 @@ class Scorer:
   """Samples decodes of a trained model and scores them against reference digits."""
   generator: api.Generator
   samples: mnist_classifier.SampleScorer
+  compile_seconds: float = 0.0  # spent compiling decodes by this scorer's calls
 
   def score(self, widths, cache: str, seeds: list[int], num_samples: int) -> dict:
+    """The row of one decode: its cost, time and scores (mean, std and per seed)."""
+    return self.score_samples(widths, cache, seeds, num_samples)[0]
+
+  def score_samples(self, widths, cache: str, seeds: list[int], num_samples: int
+                    ) -> tuple[dict, np.ndarray]:
+    """``score``'s row and whether each sample was classified as its label (bool
+    ``[seeds, num_samples]``; sample ``i`` has label ``i % num_classes`` under every schedule)."""
     config = self.generator.config
     schedule = self.generator.schedule(widths, cache)
     labels = np.arange(num_samples, dtype=np.int32) % config.tokens.num_classes
-    accuracies, distances, seconds = [], [], []
+    correct, distances, seconds = [], [], []
     for seed in seeds:
       samples = self.generator.sample(labels, schedule, seed=seed,
                                       batch_size=config.eval.batch_size)
-      scores = self.samples.score(samples.images, labels)
-      accuracies.append(scores['class_accuracy'])
-      distances.append(scores['fd'])
+      seed_correct, fd = self.samples.correct_and_fd(samples.images, labels)
+      correct.append(seed_correct)
+      distances.append(fd)
       seconds.append(samples.seconds / -(-num_samples // config.eval.batch_size))
-    return dict(
+      self.compile_seconds += samples.compile_seconds
+    accuracies = [float(c.mean()) for c in correct]
+    row = dict(
         widths=[list(s) for s in widths], cache=cache, steps=len(samples.step_widths),
         gflops_per_sample=samples.gflops_per_sample,
         seconds_per_batch=statistics.median(seconds),
         class_accuracy_mean=float(np.mean(accuracies)),
         class_accuracy_std=float(np.std(accuracies)),
         fd_mean=float(np.mean(distances)), fd_std=float(np.std(distances)),
+        class_accuracy_per_seed=accuracies, fd_per_seed=[float(d) for d in distances],
         num_samples=num_samples, seeds=len(seeds))
+    return row, np.stack(correct)
 
   def with_model(self, config: ml_collections.ConfigDict, transformer: Any) -> 'Scorer':
     """The same references and tokenizer, another transformer."""
@@ -142,18 +158,17 @@ def run_study(config: ml_collections.ConfigDict, workdir: str,
   seeds = list(range(study.seeds))
   params = stages.transformer_stage(config, workdir)
   scorer = make_scorer(config, workdir, params)
-  rows = []
+  rows, correct = [], []
   for name, widths in decode_grid(config.sampling.steps):
     for cache in CACHES:
-      row = dict(schedule=name, model='nested', **scorer.score(widths, cache, seeds,
-                                                                study.num_samples))
-      rows.append(row)
+      row, row_correct = scorer.score_samples(widths, cache, seeds, study.num_samples)
+      rows.append(dict(schedule=name, model='nested', **row))
+      correct.append(row_correct)
       log(f"study {name} {cache}: {row['gflops_per_sample']:.3g} GFLOPs, "
           f"acc {row['class_accuracy_mean']:.3f}, fd {row['fd_mean']:.1f}")
-  baseline = next(r for r in rows if r['schedule'] == 'baseline_T12' and r['cache'] == 'none')
-  for row in rows:
-    row['flop_ratio'] = baseline['gflops_per_sample'] / row['gflops_per_sample']
-    row['speedup'] = baseline['seconds_per_batch'] / row['seconds_per_batch']
+  add_comparisons(rows, correct, next(i for i, r in enumerate(rows)
+                                      if r['schedule'] == BASELINE and r['cache'] == 'none'))
+  log(f'study: the decode grid compiled for {scorer.compile_seconds:.1f} s')
 
   factors = tuple(config.model.nesting_factors)
   comparisons = [dict(model='nested', token_accuracy=heldout_token_accuracy(
@@ -170,11 +185,25 @@ def run_study(config: ml_collections.ConfigDict, workdir: str,
     comparisons.append(entry)
     log(f'study variant {name}: {entry}')
 
-  report = dict(rows=rows, models=comparisons, config=json_config(config))
+  report = dict(rows=rows, models=comparisons, config=json_config(config),
+                decode_compile_seconds=scorer.compile_seconds)
   io_utils.write_json(io_utils.join(out_dir, 'results.json'), report)
   io_utils.write_bytes(io_utils.join(out_dir, 'results.md'), markdown(report).encode())
   plot_pareto(rows, io_utils.join(out_dir, 'fd_vs_gflops.png'))
   return report
+
+
+def add_comparisons(rows: list[dict], correct: list[np.ndarray], baseline_index: int) -> None:
+  """Adds to each row its FLOP ratio, speedup and quality against the baseline row, as paired
+  differences with standard errors: class accuracy over (seed, sample) pairs, fd over seeds."""
+  baseline = rows[baseline_index]
+  for row, row_correct in zip(rows, correct):
+    row['flop_ratio'] = baseline['gflops_per_sample'] / row['gflops_per_sample']
+    row['speedup'] = baseline['seconds_per_batch'] / row['seconds_per_batch']
+    row['class_accuracy_diff'], row['class_accuracy_diff_se'] = paired.paired_difference(
+        row_correct, correct[baseline_index])
+    row['fd_diff'], row['fd_diff_se'] = paired.paired_difference(row['fd_per_seed'],
+                                                                 baseline['fd_per_seed'])
 
 
 def json_config(config: ml_collections.ConfigDict) -> dict:
@@ -194,14 +223,17 @@ def pareto_front(rows: list[dict]) -> list[dict]:
 
 def markdown(report: dict) -> str:
   front = {id(r) for r in pareto_front(report['rows'])}
-  lines = ['| schedule | cache | GFLOPs | flop_ratio | speedup | class acc | fd | Pareto |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- |']
+  lines = ['| schedule | cache | GFLOPs | flop_ratio | speedup | class acc | fd | '
+           'class acc - baseline | fd - baseline | Pareto |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in report['rows']:
     lines.append(
         f"| {r['schedule']} | {r['cache']} | {r['gflops_per_sample']:.3f} | "
         f"{r['flop_ratio']:.2f} | {r['speedup']:.2f} | "
         f"{r['class_accuracy_mean']:.3f} ± {r['class_accuracy_std']:.3f} | "
-        f"{r['fd_mean']:.1f} ± {r['fd_std']:.1f} | {'*' if id(r) in front else ''} |")
+        f"{r['fd_mean']:.1f} ± {r['fd_std']:.1f} | "
+        f"{r['class_accuracy_diff']:+.3f} ± {r['class_accuracy_diff_se']:.3f} | "
+        f"{r['fd_diff']:+.1f} ± {r['fd_diff_se']:.1f} | {'*' if id(r) in front else ''} |")
   lines += ['', '| model | masked-token accuracy (held out) | samples: class acc / fd |',
             '| --- | --- | --- |']
   for m in report['models']:
