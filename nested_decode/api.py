@@ -13,9 +13,11 @@ frames (video frame prediction workdirs).
 
 Decoding runs in global batches of ``batch_size`` rows whose rows are split over the processes
 and devices (``parallel.row_shares``); a batch's random numbers are drawn for the whole global
-batch, so samples do not depend on how many processes or devices share the work. Each decode is
-compiled once per batch shape and reused; ``seconds`` times the compiled transformer decode
-alone (what ``gflops_per_sample`` counts), not compilation or the tokenizer.
+batch, so samples do not depend on how many processes or devices share the work. Decode steps
+run compiled programs shared by every schedule of the model (one per width, pass kind, query
+bucket and batch shape; ``sampler.Decoder``); parameters are cast to the compute dtype once, at
+load. ``seconds`` times the compiled transformer decode alone (what ``gflops_per_sample``
+counts), not compilation or the tokenizer.
 
 The job's stages (``nested_decode/jobs``), the study, the schedule search and the demo notebook
 all sample through ``Generator``.
@@ -36,9 +38,9 @@ from nested_decode import config_lib
 from nested_decode import io_utils
 from nested_decode import parallel
 from nested_decode import tasks
-from nested_decode.decoding.sampler import make_decoder
+from nested_decode.decoding import sampler
 from nested_decode.evaluation import decode_benchmark
-from nested_decode.models.transformer import NestedMaskedTransformer
+from nested_decode.models.transformer import cast_for_inference
 from nested_decode.training import checkpoints
 from nested_decode.training import loop
 from nested_decode.training import train_tokenizer
@@ -99,12 +101,13 @@ class Generator:
     self.transformer_params = transformer_params
     self.task = tasks.task_of(config)
     self.mesh = eval_mesh(config)
-    self._model = NestedMaskedTransformer(config_lib.transformer_config(config))
-    self._executables: dict[tuple, Any] = {}
+    model_config = config_lib.transformer_config(config)
+    self._decoder = sampler.decoder_for(model_config, config_lib.sampling_options(config))
+    self._inference_params = cast_for_inference(transformer_params, model_config.dtype)
 
   @property
   def mask_id(self) -> int:
-    return self._model.config.mask_id
+    return self._decoder.model.config.mask_id
 
   # -- schedules and their cost ----------------------------------------------------------------
 
@@ -174,8 +177,7 @@ class Generator:
     timings.setdefault('batch_seconds', [])
     timings.setdefault('compile_seconds', 0.0)
     rng = jax.random.PRNGKey(seed)
-    key = (schedule_name(schedule), schedule.cache, schedule.get('refresh_every', 1),
-           record_steps, batch_size)
+    plan = config_lib.decode_plan(self.config, schedule)
     decoded = 0
     for share in parallel.row_shares(len(labels), batch_size, self.mesh):
       if self.task.num_given:
@@ -183,12 +185,12 @@ class Generator:
       else:
         init = np.full((len(share.rows), self.task.seq_len), self.mask_id, np.int32)
       def run(init, labels, rows):
-        decode = self._executable(key, schedule, record_steps, init, labels, rng, rows,
-                                  timings)
-        began = time.perf_counter()
-        output = jax.block_until_ready(decode(self.transformer_params, init, labels, rng,
-                                              rows))
-        timings['batch_seconds'].append(time.perf_counter() - began)
+        began, compiled_before = time.perf_counter(), self._decoder.compile_seconds
+        output = jax.block_until_ready(self._decoder(self._inference_params, init, labels, rng,
+                                                     plan, rows, record_steps))
+        compiling = self._decoder.compile_seconds - compiled_before
+        timings['compile_seconds'] += compiling
+        timings['batch_seconds'].append(time.perf_counter() - began - compiling)
         return {'tokens': output.tokens, 'step_tokens': output.step_tokens}
 
       # Sample i's random numbers come from (seed, i): the same in any batch, on any mesh.
@@ -197,17 +199,6 @@ class Generator:
       decoded += share.num_valid
     logging.info('Process %d decoded %d of %d samples', jax.process_index(), decoded,
                  len(labels))
-
-  def _executable(self, key, schedule, record_steps, init, labels, rng, rows, timings):
-    """The decode of ``schedule`` compiled for these inputs' shapes, compiled on first use."""
-    if key not in self._executables:
-      began = time.perf_counter()
-      decode = make_decoder(self._model, config_lib.decode_plan(self.config, schedule),
-                            config_lib.sampling_options(self.config), record_steps)
-      self._executables[key] = decode.lower(self.transformer_params, init, labels, rng,
-                                            rows).compile()
-      timings['compile_seconds'] += time.perf_counter() - began
-    return self._executables[key]
 
   def sample_tokens(self, labels: Sequence[int], schedule: ml_collections.ConfigDict,
                     seed: int = 0, given_tokens: np.ndarray | None = None,

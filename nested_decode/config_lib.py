@@ -22,6 +22,11 @@ REMAT_BOOLS = {True: 'full', False: 'none'}  # what the older boolean model.rema
 BASELINE = 'baseline'
 
 
+# Cached decode steps run their exact token count (0), or that count padded to one of this many
+# sizes so that more steps share a compiled program, at the padding's FLOPs (decoding/plan.py).
+QUERY_BUCKETS = 0
+
+
 class ConfigError(ValueError):
   """A config value is invalid; the message names the key and what is allowed."""
 
@@ -53,7 +58,8 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
       shape=tuple(token_shape), codebook_size=codebook_size, num_classes=num_classes))
   config.sampling = ml_collections.ConfigDict(dict(
       steps=12, mask_schedule='cosine', temperature=1.0, top_k=0, choice_temperature=4.5,
-      guidance_scale=guidance_scale, guidance_schedule='constant'))
+      guidance_scale=guidance_scale, guidance_schedule='constant',
+      query_buckets=QUERY_BUCKETS))
   config.eval = ml_collections.ConfigDict(dict(schedules=default_schedules()))
   config.bench = ml_collections.ConfigDict(dict(batch_size=batch_size, warmup_runs=1,
                                                 timed_runs=5))
@@ -133,6 +139,8 @@ def fill_missing_defaults(config: ml_collections.ConfigDict) -> ml_collections.C
   for key, value in defaults.items():
     if key not in config.eval:
       config.eval[key] = value
+  if 'query_buckets' not in config.sampling:
+    config.sampling.query_buckets = QUERY_BUCKETS
   return config
 
 
@@ -260,6 +268,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= sampling.top_k <= config.tokens.codebook_size:
     _fail('sampling.top_k', sampling.top_k,
           f'must be in [0, tokens.codebook_size={config.tokens.codebook_size}]')
+  if not isinstance(sampling.query_buckets, int) or sampling.query_buckets < 0:
+    _fail('sampling.query_buckets', sampling.query_buckets,
+          'must be an integer >= 0 (0: cached steps run their exact token count)')
   if sampling.steps > seq_len(config):
     _fail('sampling.steps', sampling.steps, f'must be <= the number of tokens {seq_len(config)}')
 
@@ -399,4 +410,5 @@ def decode_plan(config: ml_collections.ConfigDict, sched: ml_collections.ConfigD
   """The plan of generating the task's tokens (all ``seq_len`` for class-conditional tasks)
   with schedule ``sched``."""
   return make_plan(seq_len(config), tasks.task_of(config).num_generated, sched.widths,
-                   sched.cache, sched.get('refresh_every', 1), config.sampling.mask_schedule)
+                   sched.cache, sched.get('refresh_every', 1), config.sampling.mask_schedule,
+                   config.sampling.query_buckets)

@@ -63,10 +63,11 @@ def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
 
 def run_decode_cost(config, config_name: str, workdir: str, mode: str) -> None:
   from nested_decode.evaluation import decode_benchmark
+  from nested_decode.jobs import bench_decode
   if mode == 'flops':
     rows = decode_benchmark.flops_rows(config)
   else:
-    rows = decode_benchmark.bench_rows(config, log=logging.info)
+    rows = bench_decode.bench_rows(config, log=logging.info)
   path = io_utils.join(workdir, f'{mode}.json')
   io_utils.write_json(path, dict(config=config_name,
                                  device=decode_benchmark.device_description(), rows=rows))

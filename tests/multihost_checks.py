@@ -21,7 +21,7 @@ import numpy as np
 import parallel_checks
 from nested_decode import config_lib
 from nested_decode import parallel
-from nested_decode.decoding.sampler import make_decoder
+from nested_decode.decoding.sampler import Decoder
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.data import pipeline
 from nested_decode.training import train_transformer
@@ -87,17 +87,17 @@ def main(workdir: str) -> None:
 
   # Decoding a global batch split across the processes, against every process decoding it all.
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
-  decode = make_decoder(model, config_lib.decode_plan(config, config.eval.schedules.small),
-                        config_lib.sampling_options(config))
+  plan = config_lib.decode_plan(config, config.eval.schedules.small)
+  decode = Decoder(model, config_lib.sampling_options(config))
   labels = np.arange(16, dtype=np.int32) % 3
   init = np.full((16, model.config.seq_len), model.config.mask_id, np.int32)
   mesh = parallel.make_mesh(config)
   rows = parallel.local_rows(len(labels), mesh)
   batch = parallel.shard_batch({'init': init[rows], 'labels': labels[rows]}, mesh)
   rng = jax.random.PRNGKey(1)
-  split = parallel.to_host(decode(final.params, batch['init'], batch['labels'], rng).tokens)
-  whole = parallel.to_host(decode(final.params, jnp.asarray(init), jnp.asarray(labels),
-                                  rng).tokens)
+  split = parallel.to_host(decode(final.params, batch['init'], batch['labels'], rng, plan).tokens)
+  whole = parallel.to_host(decode(final.params, jnp.asarray(init), jnp.asarray(labels), rng,
+                                  plan).tokens)
   seconds['decode'] = time.perf_counter() - started
 
   # Rows of global batches shared out, computed where they live and gathered back in order.

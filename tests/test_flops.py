@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 from nested_decode.decoding.plan import make_plan
-from nested_decode.decoding.sampler import SamplingOptions, make_decoder
+from nested_decode.decoding.sampler import Decoder, SamplingOptions
 from nested_decode.evaluation.flops import decode_flops, pass_flops, step_flops
 from nested_decode.models.transformer import NestedMaskedTransformer, TransformerConfig
 
@@ -14,11 +14,13 @@ CONFIG = TransformerConfig(num_layers=2, width=256, num_heads=8, mlp_dim=1024, c
 BATCH = 2
 
 
+def cost(executable) -> dict:
+  analysis = executable.cost_analysis()
+  return analysis[0] if isinstance(analysis, list) else analysis  # older jax: one per computation
+
+
 def xla_flops(fn, *args) -> float:
-  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-  if isinstance(analysis, list):  # older jax returns one dict per computation
-    analysis = analysis[0]
-  return analysis['flops']
+  return cost(jax.jit(fn).lower(*args).compile())['flops']
 
 
 @pytest.fixture(scope='module')
@@ -89,12 +91,26 @@ def test_matmul_flops_by_hand():
 @pytest.mark.parametrize('widths,cache', [(((1, 12),), 'none'),
                                           (((8, 3), (4, 3), (2, 3), (1, 3)), 'refresh_on_switch')])
 def test_whole_guided_decode_flops_match_xla_cost_analysis(abstract_inputs, widths, cache):
-  """The compiled decode (guidance, caching and sampling included) against the step-wise count."""
+  """The compiled step programs of a decode (guidance, caching, sampling and the padding of
+  cached steps to 4 query buckets included) against the step-wise count."""
   model, params, _, labels = abstract_inputs
-  plan = make_plan(CONFIG.seq_len, CONFIG.seq_len, widths, cache)
-  decoder = make_decoder(model, plan, SamplingOptions(guidance_scale=1.0))
+  plan = make_plan(CONFIG.seq_len, CONFIG.seq_len, widths, cache, query_buckets=4)
+  decoder = Decoder(model, SamplingOptions(guidance_scale=1.0))
   init = jnp.full((BATCH, CONFIG.seq_len), CONFIG.mask_id, jnp.int32)
-  analysis = decoder.lower(params, init, labels, jax.random.key(0)).compile().cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  executables = decoder.compile_plan(params, init, labels, jax.random.key(0), plan)
+  measured = sum(cost(executable)['flops'] for executable in executables)
   counted = BATCH * sum(decode_flops(CONFIG, plan, guided=True))
-  assert analysis['flops'] == pytest.approx(counted, rel=0.05)
+  assert measured == pytest.approx(counted, rel=0.05)
+
+
+def test_padding_cached_steps_to_query_buckets_is_counted():
+  n = CONFIG.seq_len
+  widths = ((8, 3), (4, 3), (2, 3), (1, 3))
+  exact = make_plan(n, n, widths, 'refresh_on_switch')
+  padded = make_plan(n, n, widths, 'refresh_on_switch', query_buckets=4)
+  assert [s.num_active for s in padded] == [s.num_queries for s in exact]
+  assert all(s.num_queries % (n // 4) == 0 for s in padded if not s.full_pass)
+  extra = sum(decode_flops(CONFIG, padded, False)) - sum(decode_flops(CONFIG, exact, False))
+  assert extra == sum(pass_flops(CONFIG, s.width_factor, s.num_queries, n + 1, s.num_queries).total
+                      - pass_flops(CONFIG, s.width_factor, s.num_active, n + 1, s.num_active).total
+                      for s in padded) > 0

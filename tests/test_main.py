@@ -16,6 +16,7 @@ from nested_decode import tasks
 from nested_decode.evaluation import decode_benchmark
 from nested_decode.jobs import image
 from nested_decode.jobs import stages
+from nested_decode.jobs.study import decode_grid as study_grid
 from nested_decode.training.checkpoints import Checkpointer
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
@@ -108,6 +109,24 @@ def test_main_job_on_tiny_mnist_in_a_bucket_writes_samples_and_eval_then_skips_f
   assert {'searched', 'magnets', 'baseline'} <= set(found['heldout'])
   snippet = io_utils.read_text(io_utils.join(workdir, 'search', 'best_schedule.py'))
   assert snippet.startswith('config.eval.schedules.searched = config_lib.schedule(')
+
+  study = run_main(*command, '--mode=study', cwd=cwd, env=env, timeout=900)
+  assert study.returncode == 0, study.stderr
+  report = json.loads(io_utils.read_text(io_utils.join(workdir, 'study', 'results.json')))
+  rows = {(row['schedule'], row['cache']): row for row in report['rows']}
+  assert len(rows) == 2 * len(list(study_grid(12)))
+  baseline = rows['baseline_T12', 'none']
+  assert baseline['flop_ratio'] == 1 and baseline['fd_diff'] == 0 == baseline['fd_diff_se']
+  for row in report['rows']:
+    assert len(row['fd_per_seed']) == 2 and row['class_accuracy_diff_se'] >= 0
+    assert row['fd_diff'] == pytest.approx(row['fd_mean'] - baseline['fd_mean'])
+  assert rows['up_8x3_4x3_2x3_1x3', 'refresh_on_switch']['flop_ratio'] > 3
+  assert 0 < report['decode_compile_seconds']
+  assert {m['model'] for m in report['models']} == {
+      'nested', 'separate_width64', 'separate_width32', 'separate_width16', 'separate_width8',
+      'nested_no_distillation'}
+  for name in ('results.md', 'fd_vs_gflops.png'):
+    assert io_utils.exists(io_utils.join(workdir, 'study', name))
   assert os.listdir(job.cwd) == [] and os.listdir(job.tmp) == []
 
 

@@ -227,6 +227,8 @@ def test_sharded_tokenizer_training_matches_one_device(eight_devices):
 def test_decoding_a_sharded_batch_gives_the_one_device_tokens(eight_devices):
   assert eight_devices['reference_devices'] == 1
   assert eight_devices['decoded_tokens']['shard_shapes'] == [[2, 16]]  # 16 rows over 8
+  compiled, expected = eight_devices['decode_executables']
+  assert compiled == expected
   assert eight_devices['tokens_equal'] == 1.0
 
 

@@ -8,7 +8,8 @@ import pytest
 from conftest import init_params, small_config
 from nested_decode.decoding.mask_schedule import MASK_SCHEDULES, mask_ratio, masked_counts
 from nested_decode.decoding.plan import make_plan
-from nested_decode.decoding.sampler import SamplingOptions, make_decoder, sample_tokens
+from nested_decode.decoding.sampler import (Decoder, SamplingOptions, mask_least_confident,
+                                            program_key, sample_tokens)
 from nested_decode.models.transformer import NestedMaskedTransformer
 
 SCHEDULES = [((8, 3), (4, 3), (2, 3), (1, 3)), ((8, 6), (1, 6)), ((1, 12),),
@@ -26,21 +27,21 @@ def all_masked(config, batch=4):
 
 
 @functools.cache
-def compiled_decoder(model, plan, options):
-  return make_decoder(model, plan, options)
+def shared_decoder(model, options):
+  return Decoder(model, options)
 
 
 def decode(setup, widths, cache='refresh_on_switch', refresh_every=1, init=None, seed=1,
-           **options):
+           query_buckets=0, **options):
   model, params = setup
   config = model.config
   init = all_masked(config) if init is None else init
   num_unknown = int(np.sum(np.asarray(init[0]) == config.mask_id))
-  plan = make_plan(config.seq_len, num_unknown, widths, cache, refresh_every)
-  options = SamplingOptions(**{'guidance_scale': 1.0, **options})
-  decoder = compiled_decoder(model, plan, options)
+  plan = make_plan(config.seq_len, num_unknown, widths, cache, refresh_every,
+                   query_buckets=query_buckets)
+  decoder = shared_decoder(model, SamplingOptions(**{'guidance_scale': 1.0, **options}))
   labels = jnp.arange(init.shape[0]) % config.num_classes
-  return plan, decoder(params, init, labels, jax.random.key(seed))
+  return plan, decoder(params, init, labels, jax.random.key(seed), plan)
 
 
 @pytest.fixture(scope='module')
@@ -52,13 +53,17 @@ def one_layer():
 
 
 @pytest.mark.parametrize('widths', SCHEDULES[3:])  # narrow, wide, full: switches both ways
-@pytest.mark.parametrize('cache,refresh_every', [('refresh_on_switch', 1),
-                                                 ('refresh_every_k', 2)])
-def test_one_layer_cached_decode_equals_the_uncached_one_token_for_token(one_layer, widths,
-                                                                         cache, refresh_every):
+@pytest.mark.parametrize('cache,refresh_every,query_buckets', [
+    ('refresh_on_switch', 1, 0), ('refresh_on_switch', 1, 3), ('refresh_every_k', 2, 0)])
+def test_one_layer_cached_decode_equals_the_uncached_one_token_for_token(
+    one_layer, widths, cache, refresh_every, query_buckets):
+  """Also with cached steps padded to 3 query buckets: the padding's samples are unused."""
   _, uncached = decode(one_layer, widths, cache='none')
-  plan, cached = decode(one_layer, widths, cache=cache, refresh_every=refresh_every)
+  plan, cached = decode(one_layer, widths, cache=cache, refresh_every=refresh_every,
+                        query_buckets=query_buckets)
   assert sum(not step.full_pass for step in plan) >= 1
+  if query_buckets:
+    assert any(step.num_queries > step.num_active for step in plan)
   np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(uncached.tokens))
   np.testing.assert_array_equal(cached.masked_counts, uncached.masked_counts)
 
@@ -67,13 +72,13 @@ def test_a_sample_does_not_depend_on_the_batch_it_is_decoded_in(setup):
   model, params = setup
   config = model.config
   plan = make_plan(config.seq_len, config.seq_len, ((8, 3), (1, 3)), 'refresh_on_switch')
-  decoder = compiled_decoder(model, plan, SamplingOptions(guidance_scale=1.0))
+  decoder = shared_decoder(model, SamplingOptions(guidance_scale=1.0))
   labels = jnp.arange(4) % config.num_classes
-  whole = decoder(params, all_masked(config, 4), labels, jax.random.key(3))
-  part = decoder(params, all_masked(config, 2), labels[2:], jax.random.key(3),
+  whole = decoder(params, all_masked(config, 4), labels, jax.random.key(3), plan)
+  part = decoder(params, all_masked(config, 2), labels[2:], jax.random.key(3), plan,
                  jnp.array([2, 3], jnp.int32))
   np.testing.assert_array_equal(np.asarray(part.tokens), np.asarray(whole.tokens)[2:])
-  other_rows = decoder(params, all_masked(config, 2), labels[2:], jax.random.key(3))
+  other_rows = decoder(params, all_masked(config, 2), labels[2:], jax.random.key(3), plan)
   assert np.any(np.asarray(other_rows.tokens) != np.asarray(part.tokens))
 
 
@@ -208,8 +213,8 @@ def test_guided_first_step_takes_the_argmax_of_the_hand_computed_guided_logits(
   plan = make_plan(config.seq_len, config.seq_len, ((1, 2),), 'none')
   options = SamplingOptions(temperature=1e-6, choice_temperature=0.0, guidance_scale=4.0,
                             guidance_schedule=schedule)
-  output = make_decoder(model, plan, options, record_steps=True)(params, init, labels,
-                                                                  jax.random.key(0))
+  output = Decoder(model, options)(params, init, labels, jax.random.key(0), plan,
+                                   record_steps=True)
   first = np.asarray(output.step_tokens[:, 0])
   revealed = first != config.mask_id
   expected = np.asarray(jnp.argmax(guided_logits(setup, init, labels, weight_at_first_step), -1))
@@ -225,7 +230,31 @@ def test_guidance_weight_zero_in_the_guided_pass_equals_no_guidance(setup, monke
   widths = ((8, 3), (1, 3))
   _, plain = decode(setup, widths, guidance_scale=0.0)
   monkeypatch.setattr(SamplingOptions, 'guidance_at', lambda self, ratio: 0.0)
-  compiled_decoder.cache_clear()
   _, guided_with_zero = decode(setup, widths, guidance_scale=1.0)
-  compiled_decoder.cache_clear()
   np.testing.assert_array_equal(np.asarray(guided_with_zero.tokens), np.asarray(plain.tokens))
+
+
+def test_steps_and_schedules_of_one_width_and_bucket_share_one_executable(setup):
+  """Two schedules with cached steps padded to 4 buckets compile one program per (width, pass
+  kind, bucket) and one for the noise, not per step or schedule; decoding again compiles
+  nothing."""
+  model, params = setup
+  n = model.config.seq_len
+  decoder = Decoder(model, SamplingOptions(guidance_scale=1.0))
+  labels = jnp.arange(4) % model.config.num_classes
+  plans = [make_plan(n, n, widths, 'refresh_on_switch', query_buckets=4)
+           for widths in (((8, 4), (1, 8)), ((8, 6), (1, 6)))]
+  for plan in plans:
+    decoder(params, all_masked(model.config), labels, jax.random.key(0), plan)
+  programs = len({program_key(step) for plan in plans for step in plan}) + 1  # + the noise
+  assert decoder.num_compiled == programs < sum(map(len, plans)) - 6
+  decoder(params, all_masked(model.config), labels, jax.random.key(1), plans[0])
+  assert decoder.num_compiled == programs
+
+
+def test_mask_least_confident_keeps_exactly_count_lowest_with_ties_to_the_lower_position():
+  confidence = jnp.array([[0.5, -1.0, 0.5, jnp.inf, 0.2], [3.0, 2.0, 1.0, 0.0, -1.0]])
+  np.testing.assert_array_equal(mask_least_confident(confidence, jnp.int32(3)),
+                                [[True, True, False, False, True],
+                                 [False, False, True, True, True]])
+  np.testing.assert_array_equal(mask_least_confident(confidence, 0), np.zeros((2, 5), bool))

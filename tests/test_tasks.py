@@ -10,7 +10,7 @@ import pytest
 
 from nested_decode import config_lib
 from nested_decode import tasks
-from nested_decode.decoding.sampler import SamplingOptions, make_decoder
+from nested_decode.decoding.sampler import Decoder, SamplingOptions
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import objective
 from nested_decode.training import train_transformer
@@ -60,9 +60,11 @@ def test_sampling_never_changes_the_condition_tokens(cache):
   condition = np.random.default_rng(0).integers(0, config.codebook_size, (3, task.seq_len))
   init = task.initial_tokens(condition, config.mask_id)
   assert (init[:, task.num_given:] == config.mask_id).all()
-  plan = config_lib.make_plan(task.seq_len, task.num_generated, ((4, 3), (1, 3)), cache)
-  decode = make_decoder(model, plan, SamplingOptions())
-  out = decode(params, jnp.asarray(init), jnp.zeros(3, jnp.int32), jax.random.key(0))
+  # Cached steps padded to 4 query buckets: the padding runs given tokens too.
+  plan = config_lib.make_plan(task.seq_len, task.num_generated, ((4, 3), (1, 3)), cache,
+                              query_buckets=4)
+  decode = Decoder(model, SamplingOptions())
+  out = decode(params, jnp.asarray(init), jnp.zeros(3, jnp.int32), jax.random.key(0), plan)
   tokens = np.asarray(out.tokens)
   np.testing.assert_array_equal(tokens[:, :task.num_given], condition[:, :task.num_given])
   assert not (tokens == config.mask_id).any()

@@ -2,7 +2,13 @@
 
 Everything here is host-side Python derived from the config, so the sampler's shapes are static
 and the FLOP counter reads exactly the plan the sampler runs.
+
+A cached step runs its active tokens padded up to one of ``query_buckets`` evenly spaced sizes,
+so that steps and schedules of one width share a few compiled programs instead of one per
+active-token count; the padding is counted as work (``num_queries``), the exact count is
+``num_active``.
 """
+import math
 
 import dataclasses
 from typing import Sequence
@@ -17,11 +23,12 @@ class DecodeStep:
   index: int
   width_factor: int
   full_pass: bool      # True: all 1 + N positions run and the cache is rebuilt
-  num_queries: int     # positions run through the network at this step
+  num_queries: int     # positions run through the network at this step (padding included)
   num_keys: int        # positions attended to (always 1 + N)
   num_logits: int      # positions whose logits are computed
   masked_before: int   # content tokens masked when the step starts
   masked_after: int    # content tokens masked when it ends
+  num_active: int      # positions whose results the step uses (num_queries without padding)
 
 
 def expand_width_schedule(width_schedule: Sequence[Sequence[int]]) -> list[int]:
@@ -29,16 +36,26 @@ def expand_width_schedule(width_schedule: Sequence[Sequence[int]]) -> list[int]:
   return [int(factor) for factor, steps in width_schedule for _ in range(int(steps))]
 
 
+def query_bucket(num_active: int, seq_len: int, query_buckets: int) -> int:
+  """The padded query count of a cached step: ``num_active`` rounded up to a multiple of
+  ``ceil(seq_len / query_buckets)`` (at most ``seq_len``); ``query_buckets=0`` pads nothing."""
+  if not query_buckets:
+    return num_active
+  size = math.ceil(seq_len / query_buckets)
+  return min(seq_len, -(-num_active // size) * size)
+
+
 def make_plan(seq_len: int, num_unknown: int, width_schedule: Sequence[Sequence[int]],
               cache_policy: str = 'refresh_on_switch', refresh_every: int = 1,
-              mask_schedule: str = 'cosine') -> tuple[DecodeStep, ...]:
+              mask_schedule: str = 'cosine', query_buckets: int = 0
+              ) -> tuple[DecodeStep, ...]:
   """Plans a decode of ``seq_len`` content tokens of which ``num_unknown`` start masked.
 
   With a cache, a step runs as queries only its *active* tokens: those still masked plus those
   revealed at the previous step (their cached keys/values still describe the mask token). That
   set is exactly the tokens masked when the previous step started, so its size is known ahead.
   The first step, every width switch and (``refresh_every_k``) every k-th step since the last
-  refresh are full passes.
+  refresh are full passes. ``query_buckets`` pads cached steps (see the module docstring).
   """
   if cache_policy not in CACHE_POLICIES:
     raise ValueError(f'Unknown cache policy {cache_policy!r}; allowed: {CACHE_POLICIES}')
@@ -53,8 +70,10 @@ def make_plan(seq_len: int, num_unknown: int, width_schedule: Sequence[Sequence[
             or (cache_policy == 'refresh_every_k' and since_refresh >= refresh_every))
     since_refresh = 1 if full else since_refresh + 1
     active = seq_len + 1 if full else before[t - 1]
-    steps.append(DecodeStep(index=t, width_factor=factor, full_pass=full, num_queries=active,
+    queries = active if full else query_bucket(active, seq_len, query_buckets)
+    steps.append(DecodeStep(index=t, width_factor=factor, full_pass=full, num_queries=queries,
                             num_keys=seq_len + 1,
-                            num_logits=seq_len if full else active,
-                            masked_before=before[t], masked_after=after[t]))
+                            num_logits=seq_len if full else queries,
+                            masked_before=before[t], masked_after=after[t],
+                            num_active=active))
   return tuple(steps)

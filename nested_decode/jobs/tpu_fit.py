@@ -11,7 +11,8 @@ ordinary int32 inputs of the decode, its plan generates the task's tokens only.
 
 Per program it reports XLA's per-device memory (arguments, outputs, temporaries; the total is
 arguments + temporaries + outputs not aliased to arguments) against the chip's HBM, and FLOPs
-per device. XLA's cost analysis counts one iteration of a ``scan``: with scanned layers the
+per device. A decode runs one executable per step (shared between steps and schedules, see
+``decoding/sampler.py``): its memory is its largest executable's, its FLOPs the sum over steps. XLA's cost analysis counts one iteration of a ``scan``: with scanned layers the
 counts are multiplied by ``num_layers``, which also multiplies the work outside the layers
 (embeddings, output head, sampling) and so slightly overstates the total.
 """
@@ -30,8 +31,8 @@ from jax.sharding import Mesh
 from nested_decode import config_lib
 from nested_decode import parallel
 from nested_decode.config_lib import ConfigError
-from nested_decode.decoding.sampler import make_decoder
-from nested_decode.models.transformer import NestedMaskedTransformer
+from nested_decode.decoding.sampler import Decoder
+from nested_decode.models.transformer import NestedMaskedTransformer, cast_for_inference
 from nested_decode.training import train_transformer
 
 GIB = 2 ** 30
@@ -88,14 +89,13 @@ def train_inputs(config: ml_collections.ConfigDict, model: NestedMaskedTransform
 
 def decode_inputs(config: ml_collections.ConfigDict, model: NestedMaskedTransformer,
                   mesh: Mesh) -> tuple[Any, ...]:
-  """Abstract ``(params, init_tokens, labels, rng)`` of a decode: parameters replicated in the
-  model dtype, the batch split over the batch axes."""
+  """Abstract ``(params, init_tokens, labels, rng)`` of a decode: parameters replicated and
+  cast for inference as sampling casts them, the batch split over the batch axes."""
   cfg = model.config
-  dtype = jnp.dtype(cfg.dtype)
   tokens = jnp.zeros((1, cfg.seq_len), jnp.int32)
   labels = jnp.zeros((1,), jnp.int32)
-  params = jax.eval_shape(lambda: jax.tree.map(
-      lambda x: x.astype(dtype), nn.unbox(model.init(jax.random.PRNGKey(0), tokens, labels))))
+  params = jax.eval_shape(lambda: cast_for_inference(
+      nn.unbox(model.init(jax.random.PRNGKey(0), tokens, labels)), cfg.dtype))
   replicated = parallel.replicated(mesh)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                         params)
@@ -120,23 +120,27 @@ def out_of_memory_report(message: str, hbm: int, seconds: float) -> dict:
               error=message.strip().splitlines()[0][:300])
 
 
-def compile_report(function: Any, inputs: tuple, mesh: Mesh, hbm: int, layers: int) -> dict:
-  """Compiles ``function`` (a ``jax.jit`` function) for abstract ``inputs`` with ``mesh`` as
-  the context mesh (for kernels placed with ``shard_map``) and reads per-device memory and
-  FLOPs from the executable."""
+def compile_report(compile_steps: Callable[[], list[Any]], mesh: Mesh, hbm: int,
+                   layers: int) -> dict:
+  """Compiles what a program runs (``compile_steps``: the executable of each of its steps, the
+  train step's one or a decode's one per step, shared ones repeated) with ``mesh`` as the
+  context mesh (for kernels placed with ``shard_map``) and reads per-device memory (of the
+  largest executable: they run one after another) and FLOPs (of all steps)."""
   start = time.perf_counter()
   try:
     with jax.set_mesh(mesh):  # only around lowering: eager ops under it would target the TPUs
-      compiled = function.lower(*inputs).compile()
+      executables = compile_steps()
   except jax.errors.JaxRuntimeError as error:
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
     return out_of_memory_report(str(error), hbm, time.perf_counter() - start)
   seconds = time.perf_counter() - start
-  memory = compiled.memory_analysis()
+  memory = max((executable.memory_analysis() for executable in executables),
+               key=lambda m: m.argument_size_in_bytes + m.temp_size_in_bytes
+               + m.output_size_in_bytes - m.alias_size_in_bytes)
   total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
-  flops = compiled.cost_analysis().get('flops', 0.0)
+  flops = sum(executable.cost_analysis().get('flops', 0.0) for executable in executables)
   return dict(
       argument_gib=memory.argument_size_in_bytes / GIB,
       output_gib=memory.output_size_in_bytes / GIB,
@@ -160,20 +164,21 @@ def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] =
   common = dict(topology=config.tpu_fit.topology, device_kind=devices[0].device_kind,
                 devices=len(devices), mesh=parallel.describe(mesh),
                 remat=model.config.remat, attention_impl=model.config.attention_impl)
-  programs = [('train', config.training.batch_size,
-               train_transformer.make_train_step(config, model, mesh),
-               train_inputs(config, model, mesh))]
+  train_step = train_transformer.make_train_step(config, model, mesh)
+  train = train_inputs(config, model, mesh)
+  programs = [('train', config.training.batch_size, lambda: [train_step.lower(*train).compile()])]
   schedules = config_lib.schedules_with_baseline(config) if config.tpu_fit.decodes else {}
   inputs = decode_inputs(config, model, mesh) if schedules else None
+  decoder = Decoder(model, config_lib.sampling_options(config))
   for name, sched in schedules.items():
-    decoder = make_decoder(model, config_lib.decode_plan(config, sched),
-                           config_lib.sampling_options(config))
-    programs.append((f'decode:{name}', config.eval.batch_size, decoder, inputs))
+    plan = config_lib.decode_plan(config, sched)
+    programs.append((f'decode:{name}', config.eval.batch_size,
+                     lambda plan=plan: decoder.compile_plan(*inputs, plan)))
 
   rows = []
-  for program, batch, function, inputs in programs:
+  for program, batch, compile_steps in programs:
     row = dict(program=program, global_batch=batch, **common)
-    row.update(compile_report(function, inputs, mesh, hbm, layers))
+    row.update(compile_report(compile_steps, mesh, hbm, layers))
     if 'error' in row:
       log(f"{program:>28s}: DOES NOT FIT: {row['error']}")
     else:

@@ -15,7 +15,7 @@ One module serves training and both kinds of decode step:
 """
 
 import functools
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -78,6 +78,19 @@ def scatter_rows(cache: jax.Array, positions: jax.Array, rows: jax.Array) -> jax
   batch = jnp.arange(cache.shape[0])[:, None]
   return cache.at[batch, positions].set(rows.astype(cache.dtype), unique_indices=True,
                                         indices_are_sorted=True)
+
+
+def cast_for_inference(params: Any, dtype: str) -> Any:
+  """``params`` as every pass uses them in ``dtype``: kernels, biases and embedding tables cast
+  (the layers cast them on every call otherwise), LayerNorm parameters kept as they are (norms
+  compute in float32). Cast once per call site, a decode's steps then read half the bytes."""
+  dtype = jnp.dtype(dtype)
+
+  def cast(path, x):
+    in_norm = any(str(getattr(key, 'key', '')).endswith('_norm') for key in path)
+    return x if in_norm or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 class NestedBlock(nn.Module):
