@@ -193,10 +193,11 @@ def main(workdir: str) -> None:
   result['tokens_equal'] = float(np.mean(np.asarray(sharded) == np.asarray(reference)))
   result['decoded_tokens'] = described(sharded)
   result['reference_devices'] = len(reference.sharding.device_set)
-  # One executable per step program and input placement: the sharded steps hand each other
-  # their state placed as the next program expects, so none compiles twice.
+  # One executable per step program and input placement (the sharded steps hand each other
+  # their state placed as the next program expects, so none compiles twice), and one noise
+  # program for both: its inputs, the key and the row ids, are the same host arrays.
   result['decode_executables'] = [decode.num_compiled,
-                                  2 * (len({program_key(s) for s in plan}) + 1)]  # + the noise
+                                  2 * len({program_key(s) for s in plan}) + 1]
 
   tokenizer_checks(workdir, result)
 
