@@ -17,7 +17,8 @@ Each collective counts once per *execution*: a collective inside a ``while`` bod
 over layers, ``lax.scan``) is multiplied by the loop's trip count, read from XLA's
 ``known_trip_count`` annotation when present, else from the loop itself: the condition compares
 the induction variable (an element of the loop tuple) with a constant, the initial value comes
-from the ``while`` operand tuple, the step from the body's ``add``. Nested loops multiply.
+from the ``while`` operand tuple, the step from the body's ``add``. Nested loops multiply; a loop
+whose count cannot be read this way is an error, not a guess.
 Computations called by fusions (the TPU compiler wraps collectives in async fusions and turns a
 reduce-scatter into an all-reduce fused with a dynamic slice, ``all-reduce-scatter``), calls and
 conditionals inherit their caller's count (a conditional branch counts as if it ran).
@@ -189,8 +190,8 @@ def trip_count(computations: dict[str, list[Instruction]], caller: str,
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.rest)
   if known:
     return int(known.group(1))
-  condition = computations.get(_attribute(loop.rest, 'condition').lstrip('%'))
-  body = computations.get(_attribute(loop.rest, 'body').lstrip('%'))
+  condition = computations.get((_attribute(loop.rest, 'condition') or '').lstrip('%'))
+  body = computations.get((_attribute(loop.rest, 'body') or '').lstrip('%'))
   if not condition or not body:
     return None
   root = next((i for i in condition if i.root), None)
@@ -205,15 +206,14 @@ def trip_count(computations: dict[str, list[Instruction]], caller: str,
   if index is None or bound is None or op is None:
     return None
   # the initial value: element ``index`` of the tuple the loop starts from
-  init = 0
   operand = _OPERANDS.findall(loop.rest.split(')')[0])
   start = next((i for i in computations[caller] if operand and i.name == operand[0]), None)
-  if start is not None and start.opcode == 'tuple':
-    elements = _OPERANDS.findall(start.rest.split(')')[0])
-    value = _constant(computations[caller], elements[index]) if index < len(elements) else None
-    if value is None:
-      return None
-    init = value
+  if start is None or start.opcode != 'tuple':
+    return None
+  elements = _OPERANDS.findall(start.rest.split(')')[0])
+  init = _constant(computations[caller], elements[index]) if index < len(elements) else None
+  if init is None:
+    return None
   # the step: the body's new element ``index`` is ``add(element, constant)``
   step = None
   body_root = next((i for i in body if i.root), None)
