@@ -67,10 +67,11 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   # Device mesh (nested_decode/parallel.py); -1: the devices the other axes leave.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # --mode=compile_tpu: the TPU slice to compile for, its HBM per chip in GiB (0: known from
-  # the chip generation, see tpu_fit.HBM_GIB), and whether to compile the decodes too (each
-  # takes minutes on a small CPU) or only the train step.
+  # the chip generation, see tpu_fit.HBM_GIB), whether to compile the decodes too (each
+  # takes minutes on a small CPU) or only the train step, and whether to compile a
+  # single-width train step (training.widths=(1,)) too, to compare its collective traffic.
   config.tpu_fit = ml_collections.ConfigDict(dict(topology='v5e:4x4', hbm_gib=0.0,
-                                                  decodes=True))
+                                                  decodes=True, single_width=False))
   return config
 
 
@@ -370,6 +371,8 @@ def validate_tpu_fit(tpu_fit: ml_collections.ConfigDict) -> None:
     _fail('tpu_fit.hbm_gib', hbm, 'must be a number of GiB >= 0 (0: from the chip generation)')
   if not isinstance(tpu_fit.decodes, bool):
     _fail('tpu_fit.decodes', tpu_fit.decodes, 'must be True or False')
+  if not isinstance(tpu_fit.get('single_width', False), bool):
+    _fail('tpu_fit.single_width', tpu_fit.single_width, 'must be True or False')
 
 
 def remat_policy(remat) -> str:

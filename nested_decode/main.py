@@ -85,6 +85,8 @@ def run_compile_tpu(config, config_name: str, workdir: str) -> None:
   path = io_utils.join(workdir, 'compile_tpu.json')
   io_utils.write_json(path, dict(config=config_name, rows=rows))
   print(tpu_fit.markdown_table(rows, config_name))
+  if any('collective_gib' in row for row in rows):
+    print(tpu_fit.collectives_table(rows, config_name))
   print(f'Wrote {path}')
 
 

@@ -23,6 +23,9 @@ if importlib.util.find_spec('libtpu') is None:
               '(pip install -e ".[dev]")', allow_module_level=True)
 
 TOPOLOGY = 'v5e:2x2'
+# nested / single-width collective traffic of the train step of small_config(data=2, tensor=2)
+# (docs/tpu_fit.md)
+TINY_TENSOR_RATIO = 2.05
 
 
 def small_config(**mesh):
@@ -44,14 +47,28 @@ def test_the_test_process_runs_on_cpu():
 
 
 def test_train_step_and_decodes_compile_and_fit(tmp_path, capsys):
-  main.run_compile_tpu(small_config(data=2, tensor=2), 'mnist:tiny', str(tmp_path))
+  config = small_config(data=2, tensor=2)
+  config.tpu_fit.single_width = True
+  main.run_compile_tpu(config, 'mnist:tiny', str(tmp_path))
   with open(tmp_path / 'compile_tpu.json') as f:
     report = json.load(f)
   rows = report['rows']
   assert report['config'] == 'mnist:tiny'
-  assert [row['program'] for row in rows] == ['train', 'decode:baseline', 'decode:magnets']
-  assert '| mnist:tiny | v5e:2x2 | data=2 x fsdp=1 x tensor=2 | train | 8 | full | splash |' in (
-      capsys.readouterr().out)
+  assert [row['program'] for row in rows] == ['train', 'train:single_width', 'decode:baseline',
+                                              'decode:magnets']
+  out = capsys.readouterr().out
+  assert '| mnist:tiny | v5e:2x2 | data=2 x fsdp=1 x tensor=2 | train | 8 | full | splash |' in out
+  # collective traffic of the train steps (docs/tpu_fit.md): all-reduces of activations over
+  # 'tensor' and of gradients over 'data', and for the narrow widths, whose heads and MLP units
+  # all sit on the first tensor shard, collective-permutes
+  nested, single = rows[0], rows[1]
+  assert f"| {nested['collective_vs_single']:.2f}x |" in out
+  assert nested['collective_vs_single'] == pytest.approx(
+      nested['collective_wire_gib'] / single['collective_wire_gib'])
+  assert nested['collective_vs_single'] == pytest.approx(TINY_TENSOR_RATIO, rel=0.02)
+  assert nested['collective_permute_gib'] > 0 == single['collective_permute_gib']
+  assert 0 < single['all_reduce_gib'] < nested['all_reduce_gib']
+  assert all('collective_gib' not in row for row in rows[2:])
   for row in rows:
     assert row['device_kind'] == 'TPU v5 lite' and row['devices'] == 4
     assert row['mesh'] == 'data=2 x fsdp=1 x tensor=2' and row['hbm_gib'] == 16

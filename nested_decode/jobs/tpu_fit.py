@@ -15,6 +15,12 @@ per device. A decode runs one executable per step (shared between steps and sche
 ``decoding/sampler.py``): its memory is its largest executable's, its FLOPs the sum over steps. XLA's cost analysis counts one iteration of a ``scan``: with scanned layers the
 counts are multiplied by ``num_layers``, which also multiplies the work outside the layers
 (embeddings, output head, sampling) and so slightly overstates the total.
+
+Train steps also report the bytes their collectives move per device in one step
+(``evaluation/collectives.py``: all-gather, reduce-scatter, all-reduce, all-to-all,
+collective-permute, loops counted by their trip counts), and with ``config.tpu_fit.single_width``
+a single-width train step (``training.widths=(1,)``, the same model) is compiled too, so the
+nested step's row says how much more it moves (``collective_vs_single``, on the ring estimate).
 """
 
 import os
@@ -32,6 +38,7 @@ from nested_decode import config_lib
 from nested_decode import parallel
 from nested_decode.config_lib import ConfigError
 from nested_decode.decoding.sampler import Decoder
+from nested_decode.evaluation import collectives
 from nested_decode.models.transformer import NestedMaskedTransformer, cast_for_inference
 from nested_decode.training import train_transformer
 
@@ -120,12 +127,29 @@ def out_of_memory_report(message: str, hbm: int, seconds: float) -> dict:
               error=message.strip().splitlines()[0][:300])
 
 
+COLLECTIVE_COLUMNS = tuple(kind.replace('-', '_') + '_gib' for kind in collectives.KINDS)
+
+
+def collective_report(hlos: list[str]) -> dict:
+  """Per-device GiB of one run of the programs ``hlos`` per collective kind (the larger side of
+  each collective, ``collectives.py``), their total, and the ring estimate of what is sent."""
+  summaries = [collectives.collective_bytes(hlo) for hlo in hlos]
+  total = lambda kind, field: sum(summary[kind][field] for summary in summaries)
+  row = {column: total(kind, 'bytes') / GIB
+         for column, kind in zip(COLLECTIVE_COLUMNS, collectives.KINDS)}
+  row.update(collective_gib=total('total', 'bytes') / GIB,
+             collective_wire_gib=total('total', 'wire_bytes') / GIB,
+             collective_count=total('total', 'count'))
+  return row
+
+
 def compile_report(compile_steps: Callable[[], list[Any]], mesh: Mesh, hbm: int,
-                   layers: int) -> dict:
+                   layers: int, count_collectives: bool = False) -> dict:
   """Compiles what a program runs (``compile_steps``: the executable of each of its steps, the
   train step's one or a decode's one per step, shared ones repeated) with ``mesh`` as the
   context mesh (for kernels placed with ``shard_map``) and reads per-device memory (of the
-  largest executable: they run one after another) and FLOPs (of all steps)."""
+  largest executable: they run one after another), FLOPs (of all steps) and, with
+  ``count_collectives``, the collective traffic."""
   start = time.perf_counter()
   try:
     with jax.set_mesh(mesh):  # only around lowering: eager ops under it would target the TPUs
@@ -141,6 +165,8 @@ def compile_report(compile_steps: Callable[[], list[Any]], mesh: Mesh, hbm: int,
   total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
   flops = sum(executable.cost_analysis().get('flops', 0.0) for executable in executables)
+  traffic = (collective_report([executable.as_text() for executable in executables])
+             if count_collectives else {})
   return dict(
       argument_gib=memory.argument_size_in_bytes / GIB,
       output_gib=memory.output_size_in_bytes / GIB,
@@ -149,7 +175,14 @@ def compile_report(compile_steps: Callable[[], list[Any]], mesh: Mesh, hbm: int,
       total_gib=total / GIB, hbm_gib=hbm / GIB, fits=total <= hbm,
       xla_tflops_per_device=flops / 1e12,
       tflops_per_device=flops * layers / 1e12,
-      compile_seconds=seconds)
+      compile_seconds=seconds, **traffic)
+
+
+def single_width_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` training the full width only (the same model and parameters)."""
+  single = config.copy_and_resolve_references()
+  single.training.widths = (1,)
+  return single
 
 
 def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] = print
@@ -164,9 +197,13 @@ def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] =
   common = dict(topology=config.tpu_fit.topology, device_kind=devices[0].device_kind,
                 devices=len(devices), mesh=parallel.describe(mesh),
                 remat=model.config.remat, attention_impl=model.config.attention_impl)
-  train_step = train_transformer.make_train_step(config, model, mesh)
   train = train_inputs(config, model, mesh)
-  programs = [('train', config.training.batch_size, lambda: [train_step.lower(*train).compile()])]
+  compile_train = lambda train_config: lambda: [train_transformer.make_train_step(
+      train_config, model, mesh).lower(*train).compile()]
+  programs = [('train', config.training.batch_size, compile_train(config))]
+  if config.tpu_fit.get('single_width', False):
+    programs.append(('train:single_width', config.training.batch_size,
+                     compile_train(single_width_config(config))))
   schedules = config_lib.schedules_with_baseline(config) if config.tpu_fit.decodes else {}
   inputs = decode_inputs(config, model, mesh) if schedules else None
   decoder = Decoder(model, config_lib.sampling_options(config))
@@ -178,7 +215,8 @@ def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] =
   rows = []
   for program, batch, compile_steps in programs:
     row = dict(program=program, global_batch=batch, **common)
-    row.update(compile_report(compile_steps, mesh, hbm, layers))
+    row.update(compile_report(compile_steps, mesh, hbm, layers,
+                              count_collectives=program.startswith('train')))
     if 'error' in row:
       log(f"{program:>28s}: DOES NOT FIT: {row['error']}")
     else:
@@ -186,7 +224,15 @@ def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] =
           f"= {row['total_gib']:.2f} of {row['hbm_gib']:.0f} GiB per chip, "
           f"{'fits' if row['fits'] else 'DOES NOT FIT'} "
           f"(compiled in {row['compile_seconds']:.0f} s)")
+    if 'collective_gib' in row:
+      log(f"{program:>28s}: collectives move {row['collective_gib']:.2f} GiB per chip per step "
+          f"(ring estimate {row['collective_wire_gib']:.2f} GiB sent)")
     rows.append(row)
+  by_program = {row['program']: row for row in rows}
+  nested, single = by_program['train'], by_program.get('train:single_width')
+  if single and single.get('collective_wire_gib') and 'collective_wire_gib' in nested:
+    nested['collective_vs_single'] = (nested['collective_wire_gib']
+                                      / single['collective_wire_gib'])
   return rows
 
 
@@ -200,11 +246,28 @@ MARKDOWN_COLUMNS = (
 
 def markdown_table(rows: list[dict], config_name: str) -> str:
   """The rows of ``compile_rows`` as a markdown table (``docs/tpu_fit.md`` joins several)."""
-  lines = ['| ' + ' | '.join(name for name, _ in MARKDOWN_COLUMNS) + ' |',
-           '|' + ' --- |' * len(MARKDOWN_COLUMNS)]
+  return _table(rows, config_name, MARKDOWN_COLUMNS)
+
+
+COLLECTIVE_MARKDOWN_COLUMNS = (
+    ('config', '{}'), ('topology', '{}'), ('mesh', '{}'), ('program', '{}'),
+    ('global_batch', '{}'), ('remat', '{}'),
+    *((column, '{:.3f}') for column in COLLECTIVE_COLUMNS),
+    ('collective_gib', '{:.2f}'), ('collective_wire_gib', '{:.2f}'),
+    ('collective_vs_single', '{:.2f}x'))
+
+
+def collectives_table(rows: list[dict], config_name: str) -> str:
+  """The train rows' collective traffic (GiB per chip per step) as a markdown table."""
+  return _table([row for row in rows if 'collective_gib' in row], config_name,
+                COLLECTIVE_MARKDOWN_COLUMNS)
+
+
+def _table(rows: list[dict], config_name: str, columns: tuple) -> str:
+  lines = ['| ' + ' | '.join(name for name, _ in columns) + ' |',
+           '|' + ' --- |' * len(columns)]
   for row in rows:
     row = dict(row, config=config_name, fits='yes' if row['fits'] else '**no**')
-    cells = ('?' if row[name] is None else form.format(row[name])
-             for name, form in MARKDOWN_COLUMNS)
+    cells = ('?' if row.get(name) is None else form.format(row[name]) for name, form in columns)
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
