@@ -42,7 +42,9 @@ def with_image_pipeline(config, *, image_size, channel_multipliers, base_channel
   config.data = ml_collections.ConfigDict(dict(
       name='imagenet2012', image_size=image_size, channels=3,
       # placeholders, not None: a None field cannot be set with --config.data.data_dir=...
-      data_dir=config_dict.placeholder(str), manual_dir=config_dict.placeholder(str)))
+      data_dir=config_dict.placeholder(str), manual_dir=config_dict.placeholder(str),
+      # JPEG decoding and random crops of a host's share of the batch, off the training thread.
+      **config_lib.data_workers(8)))
   config.tokenizer = ml_collections.ConfigDict(dict(
       base_channels=base_channels, channel_multipliers=channel_multipliers, num_res_blocks=2,
       embedding_dim=embedding_dim, commitment_cost=0.25, num_groups=32))

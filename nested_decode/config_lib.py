@@ -229,6 +229,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail('task.condition_frames', config.task.condition_frames,
             'leaves no latent frames to generate')
     validate_video_eval(config.eval, conditions_from_real_clips=task.num_given > 0)
+  if 'data' in config:
+    validate_data_workers(config.data)
   training = config.training
   for key in ('training.num_steps', 'training.batch_size', 'training.log_every',
               'training.checkpoint_every', 'training.keep_checkpoints'):
@@ -305,6 +307,19 @@ def check_schedule(config: ml_collections.ConfigDict, sched: ml_collections.Conf
 
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def data_workers(worker_count: int, worker_buffer_size: int = 2) -> dict[str, int]:
+  """``config.data`` keys of the pixel pipeline's grain worker processes (per process of the
+  job; 0: decode in the training thread) and the batches each prepares ahead."""
+  return dict(worker_count=worker_count, worker_buffer_size=worker_buffer_size)
+
+
+def validate_data_workers(data: ml_collections.ConfigDict) -> None:
+  for key, minimum in (('worker_count', 0), ('worker_buffer_size', 1)):
+    value = data.get(key, minimum)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+      _fail(f'data.{key}', value, f'must be an integer >= {minimum}')
 
 
 def validate_video_eval(evaluation: ml_collections.ConfigDict,
