@@ -55,8 +55,10 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
       steps=12, mask_schedule='cosine', temperature=1.0, top_k=0, choice_temperature=4.5,
       guidance_scale=guidance_scale, guidance_schedule='constant'))
   config.eval = ml_collections.ConfigDict(dict(schedules=default_schedules()))
+  # --mode=bench uses batch_size, warmup_runs, timed_runs; --mode=bench_train the train_ keys.
   config.bench = ml_collections.ConfigDict(dict(batch_size=batch_size, warmup_runs=1,
-                                                timed_runs=5))
+                                                timed_runs=5, train_warmup_steps=2,
+                                                train_steps=20))
   config.training = training_config()
   # Device mesh (nested_decode/parallel.py); -1: the devices the other axes leave.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -188,6 +190,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ('model.num_layers', 'model.width', 'model.num_heads', 'model.mlp_dim',
               'tokens.codebook_size', 'sampling.steps', 'bench.batch_size', 'bench.timed_runs'):
     _check_positive_int(config, key)
+  for key in ('bench.train_warmup_steps', 'bench.train_steps'):
+    if key.split('.')[1] in config.bench:  # configs saved before the keys existed lack them
+      _check_positive_int(config, key)
   model = config.model
   factors = tuple(model.nesting_factors)
   if not factors or any(not isinstance(f, int) or f <= 0 for f in factors) or 1 not in factors:
