@@ -102,8 +102,8 @@ def run_bench_train(config, config_name: str, workdir: str) -> None:
   rows = [dict(step=name, **row) for name, row in report['rows'].items()]
   print(format_table(rows, ('step', 'batch_size', 'step_seconds', 'steps_per_second',
                             'examples_per_second', 'data_wait_fraction', 'worker_count')))
-  print(f"nested / single-width step time: {report['nested_over_single']:.3f} "
-        f"(dense-layer FLOPs: {report['dense_flop_ratio']:.3f})")
+  print(f"nested / single-width step time: {report['nested_over_single']:.3f} (FLOPs: "
+        f"{report['flop_ratio']:.3f}; dense layers only: {report['dense_flop_ratio']:.3f})")
   print(f'Wrote {path}')
 
 

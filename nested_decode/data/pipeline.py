@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import grain.python as grain
 import numpy as np
+from absl import flags
 
 from nested_decode.data import mnist
 
@@ -116,6 +117,10 @@ def make_loader(source: Any, *, batch_size: int, seed: int, train: bool,
                                num_epochs=num_epochs, seed=seed)
   operations = [] if transform is None else [transform]
   operations += [KeepFeatures(), grain.Batch(batch_size, drop_remainder=train)]
+  if worker_count and not flags.FLAGS.is_parsed():
+    # grain reads its absl flags when it starts workers; outside an absl app (a notebook, the
+    # tests) they keep their defaults instead of failing as unparsed.
+    flags.FLAGS.mark_as_parsed()
   read_threads = getattr(source, 'read_threads', None)
   read_options = None if read_threads is None else grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=0 if read_threads == 0 else 500)

@@ -19,9 +19,12 @@ steps, blocked on at the end. ``step_seconds`` is the timed wall time over the s
 time spent inside ``next(iterator)`` is ``data_wait_seconds`` and its share of the wall time
 ``data_wait_fraction``: the time the step loop could not dispatch work because the next batch
 was not ready (steps are dispatched asynchronously, so this is what input costs the trainer).
-``nested_over_single`` is the nested step time over the single-width one;
-``dense_flop_ratio`` what it would be if time followed the FLOPs of the width-sliced dense
-layers (quadratic in the width: ``sum(1 / p**2)`` over the factors ``p``).
+``nested_over_single`` is the nested step time over the single-width one, to compare with
+what it would be if time followed FLOPs: ``dense_flop_ratio`` counts only the width-sliced
+dense layers (quadratic in the width: ``sum(1 / p**2)`` over the factors ``p``, 1.33 for
+1, 2, 4, 8); ``flop_ratio`` counts a whole forward pass of each width (``evaluation/flops.py``:
+attention and the elementwise work too, which shrink only linearly with the width; the
+backward pass scales alike), the bound for models whose sequence is long next to their width.
 """
 
 import copy
@@ -37,6 +40,7 @@ from nested_decode import parallel
 from nested_decode import tasks
 from nested_decode.data import pipeline
 from nested_decode.data.sources import data_sources, resumable_batches, worker_options
+from nested_decode.evaluation.flops import pass_flops
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import train_tokenizer
 from nested_decode.training import train_transformer
@@ -103,17 +107,20 @@ def tokenizer_row(config: ml_collections.ConfigDict, warmup: int, steps: int) ->
   workers = worker_options(config)
   make_iterator, _ = resumable_batches(train, transform, batch_size, config.seed,
                                        key='tokenizer_training.batch_size', **workers)
-  iterator = make_iterator(None)
-  try:
-    row = time_steps(
-        train_tokenizer.make_train_step(config, mesh), train_tokenizer.create_state(config, mesh),
-        iterator, lambda batch: parallel.shard_batch(train_tokenizer.host_inputs(config, batch),
-                                                     mesh),
-        warmup, steps, batch_size)
-  finally:
-    if hasattr(iterator, 'close'):  # stops the worker processes now, not at garbage collection
-      iterator.close()
+  row = time_steps(
+      train_tokenizer.make_train_step(config, mesh), train_tokenizer.create_state(config, mesh),
+      make_iterator(None),  # its worker processes end with it, when this returns
+      lambda batch: parallel.shard_batch(train_tokenizer.host_inputs(config, batch), mesh),
+      warmup, steps, batch_size)
   return dict(**workers, **row)
+
+
+def flop_ratio(config: ml_collections.ConfigDict, widths: tuple[int, ...]) -> float:
+  """Forward FLOPs of a training pass at every width of ``widths`` over the full width's."""
+  model = config_lib.transformer_config(config)
+  n = model.seq_len
+  flops = lambda p: pass_flops(model, p, num_queries=n + 1, num_keys=n + 1, num_logits=n).total
+  return sum(flops(p) for p in widths) / flops(1)
 
 
 def bench_train(config: ml_collections.ConfigDict, log: Callable[..., None] = print) -> dict:
@@ -133,4 +140,5 @@ def bench_train(config: ml_collections.ConfigDict, log: Callable[..., None] = pr
       rows=rows,
       nested_over_single=nested['step_seconds'] / single['step_seconds'],
       dense_flop_ratio=sum(1 / p ** 2 for p in widths),
+      flop_ratio=flop_ratio(config, widths),
       max_data_wait_fraction=max(row['data_wait_fraction'] for row in rows.values()))
