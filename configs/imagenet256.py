@@ -21,6 +21,9 @@ def get_config(arg=None):
     config.eval.batch_size = 50
     config.eval.fid_reference = 'validation'
     config.eval.min_reference_images = 1000
+    # Real images at 64px for a small machine: one worker already hid the decoding entirely
+    # on 2 CPU cores (README, "Input pipeline and training speed"); 8 would crowd them.
+    config.data.update(config_lib.data_workers(2))
     return config
   if arg is not None:
     raise ValueError(f'Unknown variant {arg!r} of configs/imagenet256.py; allowed: tiny')
@@ -42,7 +45,9 @@ def with_image_pipeline(config, *, image_size, channel_multipliers, base_channel
   config.data = ml_collections.ConfigDict(dict(
       name='imagenet2012', image_size=image_size, channels=3,
       # placeholders, not None: a None field cannot be set with --config.data.data_dir=...
-      data_dir=config_dict.placeholder(str), manual_dir=config_dict.placeholder(str)))
+      data_dir=config_dict.placeholder(str), manual_dir=config_dict.placeholder(str),
+      # JPEG decoding and random crops of a host's share of the batch, off the training thread.
+      **config_lib.data_workers(8)))
   config.tokenizer = ml_collections.ConfigDict(dict(
       base_channels=base_channels, channel_multipliers=channel_multipliers, num_res_blocks=2,
       embedding_dim=embedding_dim, commitment_cost=0.25, num_groups=32))

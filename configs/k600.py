@@ -26,7 +26,9 @@ def get_config(arg=None):
     return tiny_config(task)
   data = ml_collections.ConfigDict(dict(
       name='kinetics600', video_dir='', train_csv='', eval_csv='', num_frames=16,
-      frame_stride=1, image_size=128, channels=3))
+      frame_stride=1, image_size=128, channels=3,
+      # Decoding video files (PyAV) is the heaviest input work of any config here.
+      **config_lib.data_workers(16)))
   config = config_lib.video_config(arg, config_file='configs/k600.py', data=data, task=task,
                                    num_classes=0, guidance_scale=0.0)
   # MAGVIT's protocol (appendix B.3): 50,000 x 4 samples, real clips and conditions from 2
@@ -38,7 +40,7 @@ def get_config(arg=None):
 def tiny_config(task):
   data = ml_collections.ConfigDict(dict(
       name='moving_mnist', num_frames=16, image_size=32, channels=1, num_train_clips=4000,
-      num_eval_clips=128))
+      num_eval_clips=128, **config_lib.data_workers(0)))
   config = config_lib.video_config('tiny', config_file='configs/k600.py', data=data, task=task,
                                    num_classes=0, guidance_scale=0.0)
   config.tokenizer_training.update(dict(

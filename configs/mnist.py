@@ -21,7 +21,9 @@ def get_config(arg=None):
       num_layers=1 if tiny else 4, width=64 if tiny else 128, num_heads=8, token_shape=(7, 7),
       codebook_size=32 if tiny else 128, num_classes=10, guidance_scale=2.0, batch_size=100)
   config.model.dtype = 'float32'
-  config.data = ml_collections.ConfigDict(dict(name='mnist', image_size=28, channels=1))
+  # Digits are rows of an in-memory array: nothing to decode, so no worker processes.
+  config.data = ml_collections.ConfigDict(dict(name='mnist', image_size=28, channels=1,
+                                               **config_lib.data_workers(0)))
   config.tokenizer = ml_collections.ConfigDict(dict(
       base_channels=8 if tiny else 16, channel_multipliers=(1, 2, 4), num_res_blocks=1,
       embedding_dim=16 if tiny else 32, commitment_cost=0.25, num_groups=8))

@@ -17,7 +17,10 @@ from nested_decode import config_lib
 def get_config(arg=None):
   data = ml_collections.ConfigDict(dict(
       name='ucf101', data_dir=config_dict.placeholder(str), num_frames=16, frame_stride=1,
-      image_size=32 if arg == 'tiny' else 128, channels=3))
+      image_size=32 if arg == 'tiny' else 128, channels=3,
+      # Frame decoding of TFDS records off the training thread; fewer for the small machines of
+      # :tiny.
+      **config_lib.data_workers(2 if arg == 'tiny' else 8)))
   task = ml_collections.ConfigDict(dict(name='class_conditional'))
   config = config_lib.video_config(arg, config_file='configs/ucf101.py', data=data, task=task,
                                    num_classes=101, guidance_scale=1.0)

@@ -283,13 +283,12 @@ class Generator:
     the clip is padded to ``data.num_frames`` by repeating its last frame, which the causal
     tokenizer's condition latents never see."""
     pad = self.config.data.num_frames - frames.shape[1]
-    clips = np.concatenate([frames] + [frames[:, -1:]] * pad, axis=1)
-    videos = clips.astype(np.float32) / 127.5 - 1.0
+    clips = np.concatenate([frames] + [frames[:, -1:]] * pad, axis=1).astype(np.uint8)
     batch_size = self.config.eval.batch_size
     return np.concatenate([
         parallel.gather_share(train_tokenizer.encode_batch(
-            self.config, self.tokenizer_params, {'video': share.take(videos)}), share)
-        for share in parallel.row_shares(len(videos), batch_size, self.mesh)])
+            self.config, self.tokenizer_params, {'video': share.take(clips)}), share)
+        for share in parallel.row_shares(len(clips), batch_size, self.mesh)])
 
   # -- export --------------------------------------------------------------------------------------
 

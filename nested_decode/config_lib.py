@@ -61,8 +61,10 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
       guidance_scale=guidance_scale, guidance_schedule='constant',
       query_buckets=QUERY_BUCKETS))
   config.eval = ml_collections.ConfigDict(dict(schedules=default_schedules()))
+  # --mode=bench uses batch_size, warmup_runs, timed_runs; --mode=bench_train the train_ keys.
   config.bench = ml_collections.ConfigDict(dict(batch_size=batch_size, warmup_runs=1,
-                                                timed_runs=5))
+                                                timed_runs=5, train_warmup_steps=2,
+                                                train_steps=20))
   config.training = training_config()
   # Device mesh (nested_decode/parallel.py); -1: the devices the other axes leave.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -197,6 +199,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ('model.num_layers', 'model.width', 'model.num_heads', 'model.mlp_dim',
               'tokens.codebook_size', 'sampling.steps', 'bench.batch_size', 'bench.timed_runs'):
     _check_positive_int(config, key)
+  for key in ('bench.train_warmup_steps', 'bench.train_steps'):
+    if key.split('.')[1] in config.bench:  # configs saved before the keys existed lack them
+      _check_positive_int(config, key)
   model = config.model
   factors = tuple(model.nesting_factors)
   if not factors or any(not isinstance(f, int) or f <= 0 for f in factors) or 1 not in factors:
@@ -238,6 +243,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail('task.condition_frames', config.task.condition_frames,
             'leaves no latent frames to generate')
     validate_video_eval(config.eval, conditions_from_real_clips=task.num_given > 0)
+  if 'data' in config:
+    validate_data_workers(config.data)
   training = config.training
   for key in ('training.num_steps', 'training.batch_size', 'training.log_every',
               'training.checkpoint_every', 'training.keep_checkpoints'):
@@ -317,6 +324,19 @@ def check_schedule(config: ml_collections.ConfigDict, sched: ml_collections.Conf
 
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def data_workers(worker_count: int, worker_buffer_size: int = 2) -> dict[str, int]:
+  """``config.data`` keys of the pixel pipeline's grain worker processes (per process of the
+  job; 0: decode in the training thread) and the batches each prepares ahead."""
+  return dict(worker_count=worker_count, worker_buffer_size=worker_buffer_size)
+
+
+def validate_data_workers(data: ml_collections.ConfigDict) -> None:
+  for key, minimum in (('worker_count', 0), ('worker_buffer_size', 1)):
+    value = data.get(key, minimum)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+      _fail(f'data.{key}', value, f'must be an integer >= {minimum}')
 
 
 def validate_video_eval(evaluation: ml_collections.ConfigDict,

@@ -13,6 +13,9 @@ Modes:
                    nested_decode.api.load (e.g. the demo notebook's model);
   flops            analytic GFLOPs per sample of each decode, DIR/flops.json;
   bench            the same rows plus measured seconds per batch decode, DIR/bench.json;
+  bench_train      steps/s, examples/s and the time spent waiting for data of the train steps
+                   (full-width and nested transformer, tokenizer) through the real loaders,
+                   DIR/bench_train.json (nested_decode/jobs/bench_train.py says how);
   compile_tpu      compile the train step and every decode ahead of time for the TPU slice
                    config.tpu_fit.topology (e.g. v5e:4x4; needs libtpu, no TPU) and report
                    per-chip memory against HBM and FLOPs, DIR/compile_tpu.json;
@@ -35,7 +38,7 @@ from nested_decode import parallel
 from nested_decode import tasks
 
 MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'export', 'flops', 'bench',
-         'compile_tpu', 'study', 'search_schedule')
+         'bench_train', 'compile_tpu', 'study', 'search_schedule')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/k600.py:tiny')
 _WORKDIR = flags.DEFINE_string(
@@ -87,6 +90,23 @@ def run_compile_tpu(config, config_name: str, workdir: str) -> None:
   print(tpu_fit.markdown_table(rows, config_name))
   if any('collective_gib' in row for row in rows):
     print(tpu_fit.collectives_table(rows, config_name))
+  print(f'Wrote {path}')
+
+
+def run_bench_train(config, config_name: str, workdir: str) -> None:
+  from nested_decode.evaluation import decode_benchmark
+  from nested_decode.jobs import bench_train
+  from nested_decode.jobs import stages
+  stages.check_data(config, config_name)
+  report = bench_train.bench_train(config, log=logging.info)
+  path = io_utils.join(workdir, 'bench_train.json')
+  io_utils.write_json(path, dict(config=config_name,
+                                 device=decode_benchmark.device_description(), **report))
+  rows = [dict(step=name, **row) for name, row in report['rows'].items()]
+  print(format_table(rows, ('step', 'batch_size', 'step_seconds', 'steps_per_second',
+                            'examples_per_second', 'data_wait_fraction', 'worker_count')))
+  print(f"nested / single-width step time: {report['nested_over_single']:.3f} (FLOPs: "
+        f"{report['flop_ratio']:.3f}; dense layers only: {report['dense_flop_ratio']:.3f})")
   print(f'Wrote {path}')
 
 
@@ -198,6 +218,8 @@ def main(argv):
     run_reporting_faults(run_decode_cost, config, config_name, workdir, mode)
   elif mode == 'compile_tpu':
     run_reporting_faults(run_compile_tpu, config, config_name, workdir)
+  elif mode == 'bench_train':
+    run_reporting_faults(run_bench_train, config, config_name, workdir)
   else:
     run_reporting_faults(run_stages, config, config_name, workdir, mode)
 

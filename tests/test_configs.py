@@ -129,6 +129,12 @@ def test_unknown_attention_implementation():
   assert "config.model.attention_impl='flash'" in message and 'splash' in message
 
 
+def test_bad_data_worker_and_bench_train_keys():
+  assert 'config.data.worker_count=-1' in bad(data__worker_count=-1)
+  assert 'config.data.worker_buffer_size=0' in bad(data__worker_buffer_size=0)
+  assert 'config.bench.train_steps=0' in bad(bench__train_steps=0)
+
+
 def test_malformed_tpu_topology():
   message = bad(tpu_fit__topology='v5e')
   assert "config.tpu_fit.topology='v5e'" in message and 'v5e:4x4' in message

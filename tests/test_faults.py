@@ -5,6 +5,7 @@ import importlib.util
 import io
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -475,3 +476,10 @@ def test_a_record_that_fails_to_decode_names_its_example_through_the_loader():
   with pytest.raises(io_utils.CorruptDataError,
                      match='Example 2 of imagenet2012 train in /data cannot be decoded'):
     next(iterator)
+
+
+def test_the_decode_checked_source_reaches_grain_worker_processes():
+  """Workers get the source pickled; a delegating ``__getattr__`` must survive unpickling."""
+  source = imagenet.DecodeCheckedSource([{'image': jpeg_bytes(), 'label': 1}] * 2, 'two images')
+  copy = pickle.loads(pickle.dumps(source))
+  assert copy[1]['label'] == 1 and len(copy) == 2

@@ -43,6 +43,30 @@ def test_flops_mode_writes_rows_for_baseline_and_every_schedule(tmp_path):
   assert rows['magnets']['flop_ratio'] >= 3
 
 
+def test_bench_train_mode_writes_step_rates_and_data_waits(tmp_path):
+  result = run_main('--config=configs/mnist.py:tiny', f'--workdir={tmp_path}',
+                    '--mode=bench_train', '--config.bench.train_warmup_steps=1',
+                    '--config.bench.train_steps=2', '--config.training.widths=(1, 8)',
+                    env=cpu_env(1))
+  assert result.returncode == 0, result.stderr
+  report = json.loads((tmp_path / 'bench_train.json').read_text())
+  rows = report['rows']
+  assert set(rows) == {'transformer_single', 'transformer_nested', 'tokenizer'}
+  assert rows['transformer_single']['widths'] == [1]
+  assert rows['transformer_nested']['widths'] == [1, 8]
+  for row in rows.values():
+    assert row['steps'] == 2 and row['step_seconds'] > 0
+    assert row['steps_per_second'] == pytest.approx(1 / row['step_seconds'])
+    assert row['examples_per_second'] == pytest.approx(16 * row['steps_per_second'])
+    assert 0 <= row['data_wait_seconds'] <= 2 * row['step_seconds']
+    assert row['data_wait_fraction'] == pytest.approx(
+        row['data_wait_seconds'] / (2 * row['step_seconds']))
+  assert report['nested_over_single'] == pytest.approx(
+      rows['transformer_nested']['step_seconds'] / rows['transformer_single']['step_seconds'])
+  assert report['dense_flop_ratio'] == pytest.approx(1 + 1 / 64)
+  assert 1 + 1 / 64 < report['flop_ratio'] < 1 + 1 / 8  # attention shrinks only linearly
+
+
 def test_bench_mode_times_every_schedule_with_config_overrides(tmp_path):
   result = run_main('--config=configs/k600.py:tiny', f'--workdir={tmp_path}', '--mode=bench',
                     '--config.model.num_layers=1', '--config.bench.timed_runs=1',

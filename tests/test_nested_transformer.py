@@ -163,3 +163,18 @@ def test_class_token_conditions_the_logits():
   a, _ = apply(params, tokens, jnp.zeros(3, jnp.int32), width_factor=1)
   b, _ = apply(params, tokens, jnp.full(3, config.unconditional_id), width_factor=1)
   assert not np.allclose(a, b)
+
+
+def test_nested_pass_equals_one_pass_per_width():
+  """The training pass of several widths at once (one loop over the layers) gives each width
+  the logits of its own full pass (the gradients: tests/test_training.py, the real step)."""
+  config = small_config(scan_layers=True)
+  model = NestedMaskedTransformer(config)
+  params = perturbed(init_params(config))
+  tokens, labels = random_batch(config)
+  widths = (1, 8)
+  joint, cache = jitted_apply(model)(params, tokens, labels, width_factor=widths)
+  assert cache is None  # training keeps no keys and values
+  for logits, width in zip(joint, widths):
+    alone, _ = jitted_apply(model)(params, tokens, labels, width_factor=width)
+    np.testing.assert_allclose(logits, alone, rtol=1e-5, atol=1e-5)

@@ -33,7 +33,7 @@ def test_tokenizer_training_lowers_reconstruction_error_on_real_digits(tmp_path)
 
   params = train_tokenizer.load_params(config, str(tmp_path))
   images, _ = sources.all_images(train)
-  tokens = train_tokenizer.encode_batch(config, params, {'image': images[:10] / 127.5 - 1.0})
+  tokens = train_tokenizer.encode_batch(config, params, {'image': images[:10]})
   assert tokens.shape == (10, 49) and tokens.dtype == np.int32
   assert tokens.min() >= 0 and tokens.max() < config.tokens.codebook_size
   decoded = train_tokenizer.decode_tokens(config, params, tokens)

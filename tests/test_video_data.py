@@ -187,8 +187,7 @@ def test_k600_loader_batches(k600):
   loader = pipeline.make_loader(source, batch_size=2, seed=0, train=True,
                                 transform=source.train_transform())
   batch = next(iter(loader))
-  assert batch['video'].shape == (2, 8, 16, 16, 3) and batch['video'].dtype == np.float32
-  assert -1.0 <= batch['video'].min() and batch['video'].max() <= 1.0
+  assert batch['video'].shape == (2, 8, 16, 16, 3) and batch['video'].dtype == np.uint8
   assert batch['label'].dtype == np.int32 and set(batch) == {'video', 'label'}
 
 
@@ -254,7 +253,7 @@ def test_ucf101_loader_batch(mock_ucf101):
   loader = pipeline.make_loader(mock_ucf101, batch_size=2, seed=0, train=True,
                                 transform=clips.RandomClip(num_frames=8, image_size=16))
   batch = next(iter(loader))
-  assert batch['video'].shape == (2, 8, 16, 16, 3) and batch['video'].dtype == np.float32
+  assert batch['video'].shape == (2, 8, 16, 16, 3) and batch['video'].dtype == np.uint8
   assert batch['label'].shape == (2,) and batch['label'].dtype == np.int32
 
 
@@ -333,8 +332,8 @@ def test_moving_mnist_sources_and_loader():
   np.testing.assert_array_equal(held_out[1]['video'],
                                 moving_mnist.moving_mnist('eval', 4, num_frames=6, size=32)[1])
   batch = next(iter(pipeline.make_loader(train, batch_size=4, seed=0, train=True)))
-  assert batch['video'].shape == (4, 6, 32, 32, 1) and batch['video'].dtype == np.float32
-  assert batch['video'].min() == -1.0 and batch['video'].max() == 1.0
+  assert batch['video'].shape == (4, 6, 32, 32, 1) and batch['video'].dtype == np.uint8
+  assert batch['video'].min() == 0 and batch['video'].max() == 255
   assert batch['label'].dtype == np.int32 and not batch['label'].any()
 
 

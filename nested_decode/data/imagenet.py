@@ -94,6 +94,10 @@ class DecodeCheckedSource:
     return repr(self._source)
 
   def __getattr__(self, name: str) -> Any:
+    # Only for names the wrapper lacks. While a grain worker process unpickles it, ``_source``
+    # is not set yet: looking it up here again would recurse without end.
+    if name == '_source':
+      raise AttributeError(name)
     return getattr(self._source, name)
 
 

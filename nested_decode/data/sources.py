@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from nested_decode import parallel
+from nested_decode.config_lib import ConfigError
 from nested_decode.data import clip_views
 from nested_decode.data import clips
 from nested_decode.data import moving_mnist
@@ -80,17 +81,40 @@ def kinetics_sources(video_dir: str, train_csv: str, eval_csv: str, num_frames: 
   return train, evaluation
 
 
+def worker_options(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """``config.data``'s grain worker processes and their prefetch, for ``resumable_batches``
+  of pixels (configs saved before these keys existed read in this process)."""
+  return dict(worker_count=config.data.get('worker_count', 0),
+              worker_buffer_size=config.data.get('worker_buffer_size', 1))
+
+
 def resumable_batches(source: Any, transform: Any, global_batch_size: int, seed: int,
-                      key: str = 'training.batch_size'):
+                      key: str = 'training.batch_size', worker_count: int = 0,
+                      worker_buffer_size: int = 1):
   """``(make_iterator, iterator_state)`` over this process's shard, for the trainers: each
-  process reads its share of the global batch ``config.<key>``."""
+  process reads its share of the global batch ``config.<key>``, in ``worker_count`` grain
+  processes (``worker_options``) or in this one.
+
+  A checkpointed position restores only with the worker count it was saved with; another one
+  is a ``ConfigError`` that names the count to resume with.
+  """
   batch_size = parallel.process_batch_size(global_batch_size, key)
   loader = pipeline.make_loader(source, batch_size=batch_size, seed=seed, train=True,
                                 transform=transform, shard_index=jax.process_index(),
-                                shard_count=jax.process_count())
+                                shard_count=jax.process_count(), worker_count=worker_count,
+                                worker_buffer_size=worker_buffer_size)
 
   def make_iterator(state):
-    return iter(loader) if state is None else pipeline.restore_iterator(loader, state)
+    if state is None:
+      return iter(loader)
+    try:
+      return pipeline.restore_iterator(loader, state)
+    except pipeline.WorkerCountError as error:
+      raise ConfigError(
+          f'config.data.worker_count={worker_count} cannot resume this run: {error}. Resume '
+          f'with --config.data.worker_count={state["worker_count"]} (batches depend on the '
+          'count, so a checkpointed data position continues only with its own), or train in '
+          'a new workdir') from error
 
   return make_iterator, pipeline.iterator_state
 

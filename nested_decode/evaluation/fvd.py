@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nested_decode.data import pixels
 from nested_decode.evaluation import compiled, frechet, i3d
 
 FEATURE_DIM = i3d.NUM_CLASSES
@@ -40,13 +41,13 @@ def check_videos(videos) -> np.ndarray:
 
 def preprocess(videos: jax.Array) -> jax.Array:
   """uint8 ``[B, T, H, W, C]`` -> float32 ``[B, T, 224, 224, 3]`` in [-1, 1] (bilinear resize)."""
-  x = videos.astype(jnp.float32)
+  x = pixels.to_float(videos)  # scaling first: bilinear resizing is affine-equivariant
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
   size = (i3d.IMAGE_SIZE, i3d.IMAGE_SIZE)
   if x.shape[2:4] != size:
     x = jax.image.resize(x, x.shape[:2] + size + (3,), method='bilinear', antialias=False)
-  return x / 127.5 - 1
+  return x
 
 
 def _logits(variables, videos: jax.Array) -> jax.Array:

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from nested_decode import io_utils
+from nested_decode.data import pixels
 from nested_decode.evaluation import frechet
 
 SIZE = 28
@@ -54,7 +55,7 @@ def to_network_input(images: jax.Array) -> jax.Array:
   """uint8 ``[B, H, W, 1]`` -> float ``[B, 28, 28, 1]`` in [-1, 1], center-cropped or padded."""
   if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != 1:
     raise ValueError(f'expected uint8 images [N, H, W, 1], got {images.dtype} {images.shape}')
-  x = images.astype(jnp.float32) / 127.5 - 1
+  x = pixels.to_float(images)
   for axis in (1, 2):
     excess = x.shape[axis] - SIZE
     if excess > 0:

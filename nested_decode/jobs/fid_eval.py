@@ -129,7 +129,7 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
 
   def batches():
     for share in parallel.row_shares(len(source), config.eval.batch_size, api.eval_mesh(config)):
-      yield share, pipeline.to_uint8(pipeline.examples_at(source, share.rows, transform)['image'])
+      yield share, pipeline.examples_at(source, share.rows, transform)['image']
 
   safe_name = spec.replace('[', '_').replace(']', '').replace(':', '-').replace('%', 'pc')
   stats, _ = _streamed_statistics(statistics_path(workdir, f'reference_{safe_name}'),

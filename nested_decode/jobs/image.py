@@ -14,6 +14,7 @@ from absl import logging
 from nested_decode import api
 from nested_decode import config_lib
 from nested_decode import io_utils
+from nested_decode.data import pixels
 from nested_decode.data.sources import all_images, data_sources
 from nested_decode.evaluation import decode_benchmark
 from nested_decode.evaluation import mnist_classifier
@@ -96,7 +97,7 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   reconstructions = generator.decode(eval_tokens)
   reference = scorer.score(reconstructions, held_out_labels)
   reference['reconstruction_mse'] = float(np.mean(
-      (reconstructions.astype(np.float32) / 127.5 - held_out.astype(np.float32) / 127.5) ** 2))
+      (pixels.to_float(reconstructions) - pixels.to_float(held_out)) ** 2))
   report = dict(rows=rows, tokenizer_reconstructions_of_held_out=reference,
                 held_out_classifier_accuracy=mnist_classifier.class_accuracy(
                     scorer.classifier.predict(held_out),

@@ -21,7 +21,7 @@ from nested_decode import io_utils
 from nested_decode import parallel
 from nested_decode import tasks
 from nested_decode.data import pipeline
-from nested_decode.data.sources import data_sources, resumable_batches
+from nested_decode.data.sources import data_sources, resumable_batches, worker_options
 from nested_decode.evaluation import inception
 from nested_decode.training import train_tokenizer
 from nested_decode.training import train_transformer
@@ -81,7 +81,8 @@ def tokenizer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
     train, _, transform, _ = data_sources(config,
                                           config.tokenizer_training.get('num_frames'))
     batches = resumable_batches(train, transform, config.tokenizer_training.batch_size,
-                                config.seed, key='tokenizer_training.batch_size')
+                                config.seed, key='tokenizer_training.batch_size',
+                                **worker_options(config))
     train_tokenizer.train(config, workdir, *batches)
   return train_tokenizer.load_params(config, workdir)
 
@@ -151,6 +152,8 @@ def transformer_stage(config: ml_collections.ConfigDict, workdir: str) -> Any:
     tokens, labels = token_dataset(config, workdir, 'train')
     source = pipeline.ArraySource(f'tokens/train/{config.data.name}', tokens=tokens,
                                   label=labels)
+    # Rows of an in-memory array, read in this process: a worker would get a pickled copy of
+    # the whole array for indexing that takes microseconds.
     batches = resumable_batches(source, None, config.training.batch_size, config.seed)
     train_transformer.train(config, workdir, *batches)
   return train_transformer.load_params(config, workdir)

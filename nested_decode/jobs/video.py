@@ -74,7 +74,7 @@ def real_clips(config: ml_collections.ConfigDict) -> Iterator[
   indices = real_indices(config, len(source))
   for share in parallel.row_shares(len(indices), config.eval.batch_size, api.eval_mesh(config)):
     batch = pipeline.examples_at(source, indices[share.rows], transform)
-    yield share, pipeline.to_uint8(batch['video']), batch['label']
+    yield share, batch['video'], batch['label']
 
 
 def check_num_samples(config: ml_collections.ConfigDict, available: int) -> None:

@@ -11,7 +11,12 @@ One module serves training and both kinds of decode step:
 * cached pass: ``tokens [B, A]`` at sequence ``positions [B, A]`` (content token ``i`` sits at
   ``1 + i``) plus a cache from an earlier pass of the same width; the active tokens' fresh keys
   and values are written into the cache, the tokens attend over the whole updated cache, and
-  the logits ``[B, A, V]`` and the updated cache come back.
+  the logits ``[B, A, V]`` and the updated cache come back;
+* nested pass (``width_factor`` a tuple of factors, no cache): the full pass of every one of
+  those widths, as one pass over the layers whose blocks run each width in turn, so the widths'
+  independent work sits side by side in one loop body (on 2 CPU cores the nested train step
+  took 2.3x the full-width one as separate passes, 1.3x so; 2026-11-28); returns the tuple of
+  their logits and no cache.
 """
 
 import functools
@@ -94,55 +99,65 @@ def cast_for_inference(params: Any, dtype: str) -> Any:
 
 
 class NestedBlock(nn.Module):
-  """Pre-LayerNorm transformer block at width ``D / factor``."""
+  """Pre-LayerNorm transformer block, applied at each width ``D / p`` of ``factors`` to that
+  width's activations (one parameter set, sliced per width)."""
 
   config: TransformerConfig
-  factor: int
+  factors: tuple[int, ...]
 
   @nn.compact
-  def __call__(self, x, layer_cache: Optional[KVCache], positions: Optional[jax.Array]):
-    cfg, p = self.config, self.factor
+  def __call__(self, xs: tuple[jax.Array, ...], layer_cache: Optional[KVCache],
+               positions: Optional[jax.Array]):
+    cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     h, d = cfg.num_heads, cfg.head_dim
     qkv = functools.partial(NestedDense, in_shape=(cfg.width,), out_shape=(h, d),
                             in_nested=(True,), out_nested=(True, False),
                             logical_axes=('embed', 'heads', 'kv'), dtype=dtype)
-    y = NestedLayerNorm(cfg.width, dtype=dtype, name='attention_norm')(x, p)
-    q = qkv(name='query')(y, p)
-    k = qkv(name='key')(y, p)
-    v = qkv(name='value')(y, p)
-    if layer_cache is not None:
-      k = scatter_rows(layer_cache.keys, positions, k)
-      v = scatter_rows(layer_cache.values, positions, v)
-    attended = attention.attend(q, k, v, cfg.attention_impl)
-    attended = checkpoint_name(attended, 'attention_out')
-    x = x + NestedDense(in_shape=(h, d), out_shape=(cfg.width,), in_nested=(True, False),
-                        out_nested=(True,), logical_axes=('heads', 'kv', 'embed'), dtype=dtype,
-                        name='attention_out')(attended, p)
-
-    y = NestedLayerNorm(cfg.width, dtype=dtype, name='mlp_norm')(x, p)
-    y = NestedDense(in_shape=(cfg.width,), out_shape=(cfg.mlp_dim,), in_nested=(True,),
-                    out_nested=(True,), logical_axes=('embed', 'mlp'), use_bias=True,
-                    dtype=dtype, name='mlp_in')(y, p)
-    y = nn.gelu(y)
-    x = x + NestedDense(in_shape=(cfg.mlp_dim,), out_shape=(cfg.width,), in_nested=(True,),
-                        out_nested=(True,), logical_axes=('mlp', 'embed'), use_bias=True,
-                        dtype=dtype, name='mlp_out')(y, p)
-    return x, KVCache(k, v)
+    attention_norm = NestedLayerNorm(cfg.width, dtype=dtype, name='attention_norm')
+    query, key, value = qkv(name='query'), qkv(name='key'), qkv(name='value')
+    attention_out = NestedDense(in_shape=(h, d), out_shape=(cfg.width,), in_nested=(True, False),
+                                out_nested=(True,), logical_axes=('heads', 'kv', 'embed'),
+                                dtype=dtype, name='attention_out')
+    mlp_norm = NestedLayerNorm(cfg.width, dtype=dtype, name='mlp_norm')
+    mlp_in = NestedDense(in_shape=(cfg.width,), out_shape=(cfg.mlp_dim,), in_nested=(True,),
+                         out_nested=(True,), logical_axes=('embed', 'mlp'), use_bias=True,
+                         dtype=dtype, name='mlp_in')
+    mlp_out = NestedDense(in_shape=(cfg.mlp_dim,), out_shape=(cfg.width,), in_nested=(True,),
+                          out_nested=(True,), logical_axes=('mlp', 'embed'), use_bias=True,
+                          dtype=dtype, name='mlp_out')
+    outputs = []
+    for x, p in zip(xs, self.factors):
+      y = attention_norm(x, p)
+      q, k, v = query(y, p), key(y, p), value(y, p)
+      if layer_cache is not None:
+        k = scatter_rows(layer_cache.keys, positions, k)
+        v = scatter_rows(layer_cache.values, positions, v)
+      attended = attention.attend(q, k, v, cfg.attention_impl)
+      attended = checkpoint_name(attended, 'attention_out')
+      x = x + attention_out(attended, p)
+      y = nn.gelu(mlp_in(mlp_norm(x, p), p))
+      outputs.append(x + mlp_out(y, p))
+    # Keys and values only for a single width: decoding caches them, training drops them.
+    return tuple(outputs), KVCache(k, v) if len(self.factors) == 1 else None
 
 
 class NestedMaskedTransformer(nn.Module):
-  """The nested masked-token transformer; see the module docstring for the two call forms."""
+  """The nested masked-token transformer; see the module docstring for the call forms."""
 
   config: TransformerConfig
 
   @nn.compact
   def __call__(self, tokens: jax.Array, labels: Optional[jax.Array] = None, *,
-               width_factor: int = 1, positions: Optional[jax.Array] = None,
-               cache: Optional[KVCache] = None) -> tuple[jax.Array, KVCache]:
-    cfg, p = self.config, width_factor
-    if p not in cfg.nesting_factors:
-      raise ValueError(f'width_factor={p} is not one of nesting_factors={cfg.nesting_factors}')
+               width_factor: int | tuple[int, ...] = 1, positions: Optional[jax.Array] = None,
+               cache: Optional[KVCache] = None):
+    cfg = self.config
+    factors = (width_factor,) if isinstance(width_factor, int) else tuple(width_factor)
+    for p in factors:
+      if p not in cfg.nesting_factors:
+        raise ValueError(f'width_factor={p} is not one of nesting_factors={cfg.nesting_factors}')
+    if len(factors) > 1 and cache is not None:
+      raise ValueError(f'A cached pass runs one width; got width_factor={width_factor}')
     dtype = jnp.dtype(cfg.dtype)
     token_embed = NestedEmbed(cfg.codebook_size + 1, cfg.width, dtype=dtype, name='token_embed')
     position_table = NestedEmbed(cfg.seq_len + 1, cfg.width, ('position', 'embed'), dtype=dtype,
@@ -152,24 +167,29 @@ class NestedMaskedTransformer(nn.Module):
         raise ValueError('A full pass needs labels (use the unconditional id for none).')
       class_embed = NestedEmbed(cfg.num_classes + 1, cfg.width, ('classes', 'embed'),
                                 dtype=dtype, name='class_embed')
-      x = jnp.concatenate([class_embed(labels[:, None], p), token_embed(tokens, p)], axis=1)
-      x = x + position_table(jnp.arange(cfg.seq_len + 1)[None], p)
+      xs = tuple(jnp.concatenate([class_embed(labels[:, None], p), token_embed(tokens, p)],
+                                 axis=1) + position_table(jnp.arange(cfg.seq_len + 1)[None], p)
+                 for p in factors)
     else:
       if positions is None:
         raise ValueError('A cached pass needs the positions of its tokens.')
-      x = token_embed(tokens, p) + position_table(positions, p)
+      xs = (token_embed(tokens, factors[0]) + position_table(positions, factors[0]),)
+    xs, new_cache = self._layers(xs, cache, positions, factors)
+    final_norm = NestedLayerNorm(cfg.width, dtype=dtype, name='final_norm')
+    logits_layer = NestedDense(in_shape=(cfg.width,), out_shape=(cfg.codebook_size,),
+                               in_nested=(True,), out_nested=(False,),
+                               logical_axes=('embed', 'vocab'), use_bias=True, bias_nested=False,
+                               dtype=dtype, name='logits')
+    logits = []
+    for x, p in zip(xs, factors):
+      if cache is None:
+        x = x[:, 1:]  # logits for content tokens only
+      logits.append(logits_layer(final_norm(x, p), p).astype(jnp.float32))
+    if isinstance(width_factor, int):
+      return logits[0], new_cache
+    return tuple(logits), None
 
-    x, new_cache = self._layers(x, cache, positions, p)
-
-    if cache is None:
-      x = x[:, 1:]  # logits for content tokens only
-    x = NestedLayerNorm(cfg.width, dtype=dtype, name='final_norm')(x, p)
-    logits = NestedDense(in_shape=(cfg.width,), out_shape=(cfg.codebook_size,), in_nested=(True,),
-                         out_nested=(False,), logical_axes=('embed', 'vocab'), use_bias=True,
-                         bias_nested=False, dtype=dtype, name='logits')(x, p)
-    return logits.astype(jnp.float32), new_cache
-
-  def _layers(self, x, cache, positions, factor):
+  def _layers(self, xs, cache, positions, factors):
     cfg = self.config
     block = NestedBlock
     if cfg.remat not in REMAT_POLICIES:
@@ -180,10 +200,10 @@ class NestedMaskedTransformer(nn.Module):
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=(0, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      return stack(cfg, factor, name='layers')(x, cache, positions)
+      return stack(cfg, factors, name='layers')(xs, cache, positions)
     layer_caches = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
-      x, new_layer_cache = block(cfg, factor, name=f'layers_{i}')(x, layer_cache, positions)
+      xs, new_layer_cache = block(cfg, factors, name=f'layers_{i}')(xs, layer_cache, positions)
       layer_caches.append(new_layer_cache)
-    return x, jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
+    return xs, jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)

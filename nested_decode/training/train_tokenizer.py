@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh
 
 from nested_decode import parallel
-from nested_decode.data import pipeline
+from nested_decode.data import pixels
 from nested_decode.models import vqgan
 from nested_decode.training import loop
 from nested_decode.training.checkpoints import path_name
@@ -55,8 +55,9 @@ def example_shape(config: ml_collections.ConfigDict, num_frames: int) -> tuple[i
 
 
 def host_inputs(config: ml_collections.ConfigDict, batch: dict) -> np.ndarray:
-  """A loader batch's ``image`` or ``video`` as the tokenizer's input (videos causally
-  padded), in numpy, before the batch is split over the mesh."""
+  """A loader batch's uint8 ``image`` or ``video`` as the tokenizer's input (videos causally
+  padded), still uint8 and in numpy, before the batch is split over the mesh; the jitted
+  step scales it (``pixels.to_float``)."""
   if not is_video(config):
     return np.asarray(batch['image'])
   return vqgan.pad_to_causal(np.asarray(batch['video']),
@@ -114,7 +115,7 @@ def with_codebook(params: Any, codebook: jax.Array) -> Any:
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh | None = None):
-  """The compiled step over a batch split over data x fsdp (``parallel.shard_batch`` of
+  """The compiled step over a uint8 batch split over data x fsdp (``parallel.shard_batch`` of
   ``host_inputs``); the state keeps its shardings and is donated."""
   mesh = parallel.make_mesh(config) if mesh is None else mesh
   shardings = state_shardings(config, mesh)
@@ -146,6 +147,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     return loss + training.r1_gamma / 2 * r1, {'discriminator_loss': loss, 'r1_penalty': r1}
 
   def train_step(state: TokenizerState, images: jax.Array):
+    images = pixels.to_float(images)
     rng, restart_rng = jax.random.split(state.rng)
     grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
     (loss, (metrics, ids, reconstruction, encodings)), grads = grad_fn(
@@ -213,13 +215,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.M
 @functools.cache
 def _coder(tokenizer: vqgan.TokenizerConfig):
   model = vqgan.VQGAN(tokenizer)
-  encode = jax.jit(lambda p, x: model.apply(p, x, method=model.encode)[0])
+  encode = jax.jit(lambda p, x: model.apply(p, pixels.to_float(x), method=model.encode)[0])
   decode = jax.jit(lambda p, ids: model.apply(p, ids, method=model.decode_ids))
   return encode, decode
 
 
 def encode_batch(config: ml_collections.ConfigDict, params: Any, batch: dict) -> np.ndarray:
-  """A loader batch (float images ``[b, H, W, C]`` or videos ``[b, T, H, W, C]`` in [-1, 1])
+  """A loader batch (uint8 images ``[b, H, W, C]`` or videos ``[b, T, H, W, C]``)
   -> token ids ``[b, N]``. On several processes each passes its own rows, as many as the
   others (the encode is one computation over the mesh, ``parallel.apply_to_local_rows``)."""
   encode, _ = _coder(tokenizer_config(config))
@@ -243,5 +245,5 @@ def decode_tokens(config: ml_collections.ConfigDict, params: Any, tokens: np.nda
     images = parallel.apply_to_local_rows(lambda x: decode(params, x), mesh, ids)
     if is_video(config):
       images = images[:, :config.data.num_frames]
-    out.append(pipeline.to_uint8(images))
+    out.append(pixels.to_uint8(images))
   return np.concatenate(out)

@@ -96,7 +96,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransf
                                   training.distill_lambda_start, training.distill_lambda_end)
 
     def loss_fn(params):
-      logits = {p: model.apply(params, inputs, labels, width_factor=p)[0] for p in widths}
+      logits = dict(zip(widths, model.apply(params, inputs, labels, width_factor=widths)[0]))
       return objective.nested_losses(logits, tokens, mask, training.label_smoothing, lam)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
