@@ -27,6 +27,7 @@ import numpy as np
 from nested_decode import config_lib
 from nested_decode import parallel
 from nested_decode.decoding.sampler import Decoder, program_key
+from nested_decode.evaluation import collectives
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import train_tokenizer
 from nested_decode.training import train_transformer
@@ -198,6 +199,17 @@ def main(workdir: str) -> None:
   # program for both: its inputs, the key and the row ids, are the same host arrays.
   result['decode_executables'] = [decode.num_compiled,
                                   2 * len({program_key(s) for s in plan}) + 1]
+  # Data parallel decoding moves nothing between devices: guidance runs its two passes on a
+  # new leading axis and the scatters are mapped over the rows, so no program has a collective.
+  data_mesh = parallel.make_mesh(config)  # data=-1: all 8 devices
+  replicated = jax.device_put(params, parallel.replicated(data_mesh))
+  split = parallel.shard_batch({'init': init, 'labels': labels}, data_mesh)
+  executables = decode.compile_plan(replicated, split['init'], split['labels'], np.asarray(rng),
+                                    plan, parallel.shard_batch(np.arange(16, dtype=np.int32),
+                                                               data_mesh))
+  result['data_parallel_decode_collectives'] = sum(
+      collectives.collective_bytes(executable.as_text())['total']['count']
+      for executable in executables)
 
   tokenizer_checks(workdir, result)
 

@@ -229,6 +229,7 @@ def test_decoding_a_sharded_batch_gives_the_one_device_tokens(eight_devices):
   assert eight_devices['decoded_tokens']['shard_shapes'] == [[2, 16]]  # 16 rows over 8
   compiled, expected = eight_devices['decode_executables']
   assert compiled == expected
+  assert eight_devices['data_parallel_decode_collectives'] == 0
   assert eight_devices['tokens_equal'] == 1.0
 
 

@@ -88,9 +88,10 @@ def positions_of(flags: jax.Array, count: int) -> jax.Array:
 
 
 def scatter(base: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
-  """``base[b, index[b, a]] = rows[b, a]``; ``index`` distinct and ascending within a row."""
-  batch = jnp.arange(base.shape[0])[:, None]
-  return base.at[batch, index].set(rows, unique_indices=True, indices_are_sorted=True)
+  """``base[b, index[b, a]] = rows[b, a]``; ``index`` distinct and ascending within a row.
+  Mapped over the rows, so a batch split over devices stays split (no gathers)."""
+  return jax.vmap(lambda base, index, rows: base.at[index].set(
+      rows, unique_indices=True, indices_are_sorted=True))(base, index, rows)
 
 
 def _masked_per_row(tokens, mask_id: int) -> np.ndarray:
@@ -261,17 +262,19 @@ class Decoder:
 
   def _run_model(self, params, tokens, labels, width_factor, positions, cache, guidance):
     cfg = self.model.config
-    guided = self.options.guidance_scale > 0
-    if guided:
-      tokens = jnp.concatenate([tokens, tokens])
-      labels = jnp.concatenate([labels, jnp.full_like(labels, cfg.unconditional_id)])
-      positions = None if positions is None else jnp.concatenate([positions, positions])
-    logits, cache = self.model.apply(params, tokens, labels, width_factor=width_factor,
-                                     positions=positions, cache=cache)
-    if guided:
-      cond, uncond = jnp.split(logits, 2)
-      logits = (1 + guidance) * cond - guidance * uncond
-    return logits, cache
+
+    def run(labels, cache):
+      return self.model.apply(params, tokens, labels, width_factor=width_factor,
+                              positions=positions, cache=cache)
+
+    if not self.options.guidance_scale > 0:
+      return run(labels, cache)
+    # The conditional and unconditional passes side by side on a new leading axis (the cache
+    # has it too), not concatenated along the batch: that would move rows between the devices
+    # a batch is split over.
+    both = jnp.stack([labels, jnp.full_like(labels, cfg.unconditional_id)])
+    logits, cache = jax.vmap(run)(both, cache)
+    return (1 + guidance) * logits[0] - guidance * logits[1], cache
 
   def _step(self, width_factor: int, full_pass: bool, num_queries: int, params,
             state: DecodeState, labels, noise: tuple[jax.Array, jax.Array],

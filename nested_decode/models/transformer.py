@@ -78,11 +78,12 @@ def scatter_rows(cache: jax.Array, positions: jax.Array, rows: jax.Array) -> jax
   """``cache[b, positions[b, a]] = rows[b, a]`` for ``cache [B, S, ...]``.
 
   Positions must be distinct and ascending within a row (the sampler's active positions are),
-  which lets XLA use a plain, atomics-free scatter.
+  which lets XLA use a plain, atomics-free scatter. Mapped over the rows, so a batch split over
+  devices stays split (a scatter indexed by a batch iota would gather it).
   """
-  batch = jnp.arange(cache.shape[0])[:, None]
-  return cache.at[batch, positions].set(rows.astype(cache.dtype), unique_indices=True,
-                                        indices_are_sorted=True)
+  return jax.vmap(lambda cache, positions, rows: cache.at[positions].set(
+      rows.astype(cache.dtype), unique_indices=True, indices_are_sorted=True))(
+          cache, positions, rows)
 
 
 def cast_for_inference(params: Any, dtype: str) -> Any:
