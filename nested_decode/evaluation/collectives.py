@@ -152,36 +152,34 @@ def group_size(rest: str, num_partitions: int) -> int:
   return num_partitions
 
 
-def _constant(computation: list[Instruction], name: str) -> int | None:
-  """The integer value of ``name`` if it is a constant (possibly through copies/converts)."""
+def _source(computation: list[Instruction], name: str, passed: tuple[str, ...]
+            ) -> Instruction | None:
+  """The instruction that defines ``name``, looking through up to 8 ``passed`` opcodes."""
   by_name = {i.name: i for i in computation}
   for _ in range(8):
     inst = by_name.get(name)
-    if inst is None:
-      return None
-    if inst.opcode == 'constant':
-      value = re.match(r'\s*(-?\d+)\)', inst.rest)
-      return int(value.group(1)) if value else None
-    if inst.opcode not in ('copy', 'convert', 'bitcast', 'reshape'):
-      return None
+    if inst is None or inst.opcode not in passed:
+      return inst
     name = _OPERANDS.findall(inst.rest)[0]
   return None
+
+
+def _constant(computation: list[Instruction], name: str) -> int | None:
+  """The integer value of ``name`` if it is a constant (possibly through copies/converts)."""
+  inst = _source(computation, name, ('copy', 'convert', 'bitcast', 'reshape'))
+  if inst is None or inst.opcode != 'constant':
+    return None
+  value = re.match(r'\s*(-?\d+)\)', inst.rest)
+  return int(value.group(1)) if value else None
 
 
 def _tuple_index(computation: list[Instruction], name: str) -> int | None:
   """``k`` if ``name`` is ``get-tuple-element(parameter, index=k)`` (through copies)."""
-  by_name = {i.name: i for i in computation}
-  for _ in range(8):
-    inst = by_name.get(name)
-    if inst is None:
-      return None
-    if inst.opcode == 'get-tuple-element':
-      index = re.search(r'index=(\d+)', inst.rest)
-      return int(index.group(1)) if index else None
-    if inst.opcode not in ('copy', 'convert', 'bitcast'):
-      return None
-    name = _OPERANDS.findall(inst.rest)[0]
-  return None
+  inst = _source(computation, name, ('copy', 'convert', 'bitcast'))
+  if inst is None or inst.opcode != 'get-tuple-element':
+    return None
+  index = re.search(r'index=(\d+)', inst.rest)
+  return int(index.group(1)) if index else None
 
 
 def trip_count(computations: dict[str, list[Instruction]], caller: str,
