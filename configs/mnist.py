@@ -44,6 +44,16 @@ def get_config(arg=None):
   config.eval.grid_per_class = 2 if tiny else 10
   config.study = ml_collections.ConfigDict(dict(seeds=2 if tiny else 3,
                                                 num_samples=20 if tiny else 1000))
+  # --mode=scaling_study: nested models of each width x training length (the 128-wide,
+  # 800-step one is the main job's), and plain full-width models at separate_steps.
+  config.scaling = ml_collections.ConfigDict(dict(
+      widths=(64,) if tiny else (128, 256), train_steps=(2, 4) if tiny else (200, 800),
+      separate_steps=(4,) if tiny else (800,), seeds=2 if tiny else 3,
+      num_samples=20 if tiny else 1000, schedules=config_lib.scaling_schedules()))
+  if tiny:
+    config.scaling.schedules = ml_collections.ConfigDict(dict(
+        baseline_T12=config.scaling.schedules.baseline_T12,
+        up_8x3_4x3_2x3_1x3_cached=config.scaling.schedules.up_8x3_4x3_2x3_1x3_cached))
   config.search = ml_collections.ConfigDict(dict(
       max_gflops_per_sample=0.0, max_fd_increase=0.10, cache='refresh_on_switch',
       beam_width=2 if tiny else 3, proxy_samples=20 if tiny else 300,

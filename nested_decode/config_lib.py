@@ -46,6 +46,22 @@ def default_schedules() -> ml_collections.ConfigDict:
   ))
 
 
+def scaling_schedules() -> ml_collections.ConfigDict:
+  """The rows ``--mode=scaling_study`` scores for every model: the baseline, the even
+  small-to-large split with and without cache, and the cached candidates for the best schedule
+  at >= 3x and >= 4x fewer FLOPs on the 128-wide model of docs/results.md (among them the
+  schedule the search found there)."""
+  even = ((8, 3), (4, 3), (2, 3), (1, 3))
+  return ml_collections.ConfigDict(dict(
+      baseline_T12=schedule(((1, 12),), cache='none'),
+      up_8x3_4x3_2x3_1x3=schedule(even, cache='none'),
+      up_8x3_4x3_2x3_1x3_cached=schedule(even),
+      up_8x2_4x2_2x4_1x4_cached=schedule(((8, 2), (4, 2), (2, 4), (1, 4))),
+      up_8x4_4x4_2x2_1x2_cached=schedule(((8, 4), (4, 4), (2, 2), (1, 2))),
+      searched_8x1_2x8_1x3_cached=schedule(((8, 1), (2, 8), (1, 3))),
+  ))
+
+
 def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num_classes,
                 guidance_scale, batch_size, dtype='float32') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()

@@ -82,6 +82,10 @@ def write_text(path: str, text: str) -> None:
   write_bytes(path, text.encode('utf-8'))
 
 
+def read_json(path: str):
+  return json.loads(read_text(path))
+
+
 def write_json(path: str, payload) -> None:
   write_text(path, json.dumps(payload, indent=2) + '\n')
 

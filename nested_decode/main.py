@@ -21,6 +21,8 @@ Modes:
                    per-chip memory against HBM and FLOPs, DIR/compile_tpu.json;
   study            quality against compute for a grid of decodes, nested against separate
                    models, DIR/study/ (MNIST);
+  scaling_study    the best schedules' quality gap against model width and training steps,
+                   with a trend fit, DIR/scaling/ (MNIST);
   search_schedule  beam search for the best schedule within config.search's budget,
                    DIR/search/ (MNIST).
 """
@@ -38,7 +40,7 @@ from nested_decode import parallel
 from nested_decode import tasks
 
 MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'export', 'flops', 'bench',
-         'bench_train', 'compile_tpu', 'study', 'search_schedule')
+         'bench_train', 'compile_tpu', 'study', 'scaling_study', 'search_schedule')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/k600.py:tiny')
 _WORKDIR = flags.DEFINE_string(
@@ -134,6 +136,10 @@ def run_stages(config, config_name: str, workdir: str, mode: str) -> None:
     from nested_decode.jobs import study
     study.run_study(config, workdir)
     print(f'Wrote {io_utils.join(workdir, "study")}/results.json, results.md, fd_vs_gflops.png')
+  elif mode == 'scaling_study':
+    from nested_decode.jobs import scaling_study
+    scaling_study.run_scaling_study(config, workdir)
+    print(f'Wrote {io_utils.join(workdir, "scaling")}/results.json, results.md, gap_vs_size.png')
   elif mode == 'search_schedule':
     from nested_decode.jobs import schedule_search
     report = schedule_search.search(config, workdir)

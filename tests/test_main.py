@@ -156,6 +156,53 @@ def test_main_job_on_tiny_mnist_in_a_bucket_writes_samples_and_eval_then_skips_f
   assert os.listdir(job.cwd) == [] and os.listdir(job.tmp) == []
 
 
+def test_a_killed_scaling_study_resumes_without_recomputing_a_task(mnist_tiny_job):
+  """In this process, on the bucket job's tokenizer, classifier and model (its w64_s4 point):
+  stopped after three tasks, the rerun says what was done, runs only the rest and reports
+  every model with its trend."""
+  from nested_decode.jobs import scaling_study
+  config, workdir = load_config('mnist', 'tiny'), mnist_tiny_job.workdir
+
+  class Killed(Exception):
+    pass
+
+  first = []
+
+  def log_until_killed(message):
+    first.append(message)
+    if sum(' done;' in m for m in first) == 3:
+      raise Killed
+
+  with pytest.raises(Killed):
+    scaling_study.run_scaling_study(config, workdir, log=log_until_killed)
+  assert first[0] == 'scaling study: 1 of 8 tasks already done'  # the job's own model
+  done_first = [m.split(' done;')[0] for m in first if ' done;' in m]
+  assert done_first[0] == 'scaling study: w64_s2 nested training'
+  rows_dir = io_utils.join(workdir, 'scaling', 'w64_s2', 'rows')
+  stored = {n: io_utils.read_text(io_utils.join(rows_dir, n)) for n in
+            ('baseline_T12.json', 'up_8x3_4x3_2x3_1x3_cached.json')}
+
+  second = []
+  report = scaling_study.run_scaling_study(config, workdir, log=second.append)
+  assert second[0] == 'scaling study: 4 of 8 tasks already done'
+  done_second = [m.split(' done;')[0] for m in second if ' done;' in m]
+  assert len(done_second) == 4 and not set(done_first) & set(done_second)
+  assert not any('[transformer] step' in m for m in second)  # trained models were loaded
+  assert any('ETA' in m for m in second)
+  for name, text in stored.items():
+    assert io_utils.read_text(io_utils.join(rows_dir, name)) == text
+  models = {m['name']: m for m in report['models']}
+  assert set(models) == {'w64_s2', 'w64_s4'} and models['w64_s2']['separate_full_width'] is None
+  separate = models['w64_s4']['separate_full_width']
+  assert separate['model'] == 'separate' and separate['flop_ratio'] == pytest.approx(1.0)
+  for model in models.values():
+    assert model['best']['3x']['schedule'] == 'up_8x3_4x3_2x3_1x3_cached'
+  fd_trend = report['trends']['3x/fd_gap']
+  assert fd_trend['per_width_doubling'] is None and fd_trend['per_steps_doubling'] is not None
+  for name in ('results.json', 'results.md', 'gap_vs_size.png'):
+    assert io_utils.exists(io_utils.join(workdir, 'scaling', name))
+
+
 def test_paper_configs_without_their_data_name_the_keys_and_the_offline_config(tmp_path):
   """No --workdir: the job defaults to runs/<config>; without data each paper config ends with
   one line naming what to set, before any work (and before the eval stage's FID gap)."""

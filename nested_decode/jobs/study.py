@@ -122,18 +122,25 @@ def heldout_token_accuracy(config: ml_collections.ConfigDict, params: Any, workd
   return result
 
 
+def separate_config(config: ml_collections.ConfigDict, factor: int) -> ml_collections.ConfigDict:
+  """A plain model of the sub-width ``D / factor`` with the nested model's training budget
+  (steps and batch)."""
+  separate = ml_collections.ConfigDict(config.to_dict())
+  separate.model.width = config.model.width // factor
+  separate.model.num_heads = config.model.num_heads // factor
+  separate.model.mlp_dim = config.model.mlp_dim // factor
+  separate.model.nesting_factors = (1,)
+  separate.training.widths = (1,)
+  separate.eval.schedules = ml_collections.ConfigDict()
+  return separate
+
+
 def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
   """Separately trained plain models of each sub-width, and the nested model without
   distillation, all with the nested model's training budget (steps and batch)."""
   variants = {}
   for factor in config.model.nesting_factors:
-    separate = ml_collections.ConfigDict(config.to_dict())
-    separate.model.width = config.model.width // factor
-    separate.model.num_heads = config.model.num_heads // factor
-    separate.model.mlp_dim = config.model.mlp_dim // factor
-    separate.model.nesting_factors = (1,)
-    separate.training.widths = (1,)
-    separate.eval.schedules = ml_collections.ConfigDict()
+    separate = separate_config(config, factor)
     variants[f'separate_width{separate.model.width}'] = separate
   no_distill = ml_collections.ConfigDict(config.to_dict())
   no_distill.training.distill_lambda_start = no_distill.training.distill_lambda_end = 1.0
