@@ -42,8 +42,10 @@ def get_config(arg=None):
   config.eval.num_samples = 20 if tiny else 1000
   config.eval.batch_size = 20 if tiny else 250
   config.eval.grid_per_class = 2 if tiny else 10
+  # --mode=study; variants=False skips the separately trained comparison models.
   config.study = ml_collections.ConfigDict(dict(seeds=2 if tiny else 3,
-                                                num_samples=20 if tiny else 1000))
+                                                num_samples=20 if tiny else 1000,
+                                                variants=True))
   # --mode=scaling_study: nested models of each width x training length (the 128-wide,
   # 800-step one is the main job's), and plain full-width models at separate_steps.
   config.scaling = ml_collections.ConfigDict(dict(

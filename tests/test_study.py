@@ -58,3 +58,18 @@ def test_study_rows_are_compared_with_the_baseline_sample_by_sample():
   assert rows[1]['class_accuracy_diff'] == -0.25
   assert rows[1]['class_accuracy_diff_se'] == pytest.approx(
       np.std([0, -1, 0, 0, 0, 0, 0, -1], ddof=1) / np.sqrt(8))
+
+
+def test_variants_are_plain_models_of_each_sub_width_and_the_nested_one_without_distillation():
+  from conftest import load_config
+  config = load_config('mnist')
+  variants = study.variant_configs(config)
+  assert set(variants) == {'separate_width128', 'separate_width64', 'separate_width32',
+                           'separate_width16', 'nested_no_distillation'}
+  narrow = variants['separate_width32']
+  assert (narrow.model.width, narrow.model.num_heads, narrow.model.mlp_dim) == (32, 2, 128)
+  assert narrow.model.nesting_factors == (1,) and narrow.training.widths == (1,)
+  assert narrow.training.num_steps == config.training.num_steps
+  no_distill = variants['nested_no_distillation'].training
+  assert no_distill.distill_lambda_start == no_distill.distill_lambda_end == 1.0
+  assert config.model.width == 128 and config.training.distill_lambda_end != 1.0

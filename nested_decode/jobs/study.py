@@ -180,7 +180,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str,
   factors = tuple(config.model.nesting_factors)
   comparisons = [dict(model='nested', token_accuracy=heldout_token_accuracy(
       config, params, workdir, factors))]
-  for name, variant in variant_configs(config).items():
+  variants = variant_configs(config) if study.variants else {}
+  for name, variant in variants.items():
     variant_params = train_variant(variant, workdir, io_utils.join(out_dir, name))
     own_factors = tuple(variant.model.nesting_factors)
     entry = dict(model=name, token_accuracy=heldout_token_accuracy(
