@@ -160,6 +160,10 @@ def fill_missing_defaults(config: ml_collections.ConfigDict) -> ml_collections.C
       config.eval[key] = value
   if 'query_buckets' not in config.sampling:
     config.sampling.query_buckets = QUERY_BUCKETS
+  if config.get('data'):  # saved before grain workers: read in the training thread
+    for key, value in data_workers(0).items():
+      if key not in config.data:
+        config.data[key] = value
   return config
 
 
@@ -350,7 +354,10 @@ def data_workers(worker_count: int, worker_buffer_size: int = 2) -> dict[str, in
 
 def validate_data_workers(data: ml_collections.ConfigDict) -> None:
   for key, minimum in (('worker_count', 0), ('worker_buffer_size', 1)):
-    value = data.get(key, minimum)
+    if key not in data:
+      raise ConfigError(f'config.data.{key} is missing: set the data workers with '
+                        f'config_lib.data_workers(...)')
+    value = data[key]
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
       _fail(f'data.{key}', value, f'must be an integer >= {minimum}')
 

@@ -156,3 +156,16 @@ def test_saved_configs_of_older_versions_load_with_the_new_keys_defaulted(name, 
   loaded = api.config_from_json(config.to_json())
   for key in keys:  # the defaults are what these configs set
     assert loaded.eval[key] == load(name, arg).eval[key]
+
+
+def test_configs_saved_before_data_workers_read_in_the_training_thread():
+  from nested_decode import api  # pylint: disable=import-outside-toplevel
+  from nested_decode.data import sources  # pylint: disable=import-outside-toplevel
+  config = load('imagenet256')
+  del config.data.worker_count, config.data.worker_buffer_size, config.sampling.query_buckets
+  with pytest.raises(config_lib.ConfigError, match='config.data.worker_count is missing'):
+    config_lib.validate(config)
+  loaded = api.config_from_json(config.to_json())
+  assert sources.worker_options(loaded) == dict(worker_count=0, worker_buffer_size=2)
+  assert loaded.sampling.query_buckets == config_lib.QUERY_BUCKETS
+  config_lib.validate(loaded)

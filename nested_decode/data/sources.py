@@ -83,9 +83,9 @@ def kinetics_sources(video_dir: str, train_csv: str, eval_csv: str, num_frames: 
 
 def worker_options(config: ml_collections.ConfigDict) -> dict[str, int]:
   """``config.data``'s grain worker processes and their prefetch, for ``resumable_batches``
-  of pixels (configs saved before these keys existed read in this process)."""
-  return dict(worker_count=config.data.get('worker_count', 0),
-              worker_buffer_size=config.data.get('worker_buffer_size', 1))
+  of pixels (saved configs get them from ``config_lib.fill_missing_defaults``)."""
+  return dict(worker_count=config.data.worker_count,
+              worker_buffer_size=config.data.worker_buffer_size)
 
 
 def resumable_batches(source: Any, transform: Any, global_batch_size: int, seed: int,
