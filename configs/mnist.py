@@ -49,7 +49,7 @@ def get_config(arg=None):
   # --mode=scaling_study: nested models of each width x training length (the 128-wide,
   # 800-step one is the main job's), and plain full-width models at separate_steps.
   config.scaling = ml_collections.ConfigDict(dict(
-      widths=(64,) if tiny else (128, 256), train_steps=(2, 4) if tiny else (200, 800),
+      widths=(64,) if tiny else (128, 256), train_steps=(2, 4) if tiny else (400, 800),
       separate_steps=(4,) if tiny else (800,), seeds=2 if tiny else 3,
       num_samples=20 if tiny else 1000, schedules=config_lib.scaling_schedules()))
   if tiny:
