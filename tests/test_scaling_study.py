@@ -74,3 +74,6 @@ def test_point_configs_keep_the_head_size_and_name_bad_widths():
   assert point.training.num_steps == 3200 and config.training.num_steps == 800
   with pytest.raises(ValueError, match='config.scaling.widths: 96'):
     scaling_study.point_config(config, 96, 800)
+  config.scaling.separate_steps = (3200,)
+  with pytest.raises(ValueError, match=r'separate_steps: \[3200\] not in .*=\(400, 800\)'):
+    scaling_study.make_points(config, '/tmp/unused')

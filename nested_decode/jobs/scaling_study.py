@@ -164,6 +164,10 @@ class Point:
 
 def make_points(config: ml_collections.ConfigDict, workdir: str) -> list[Point]:
   out_dir = io_utils.join(workdir, 'scaling')
+  unknown = set(config.scaling.separate_steps) - set(config.scaling.train_steps)
+  if unknown:
+    raise ValueError(f'config.scaling.separate_steps: {sorted(unknown)} not in '
+                     f'config.scaling.train_steps={tuple(config.scaling.train_steps)}')
   points = []
   for width in config.scaling.widths:
     for steps in config.scaling.train_steps:
