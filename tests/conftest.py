@@ -40,6 +40,12 @@ if OWN_CACHE:
   os.environ[OWNED_CACHE_FLAG] = '1'
 COMPILATION_CACHE = os.environ['JAX_COMPILATION_CACHE_DIR']
 jax.config.update('jax_compilation_cache_dir', COMPILATION_CACHE)
+# JAX caches only programs that took >= 1 s to compile by default; at optimisation level 0 most
+# of the suite's take less, yet the same ones are compiled again by the job subprocesses of a
+# test (a job, then --mode=sample, search and study on its workdir), so cache them all.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -13,6 +13,7 @@ from nested_decode import api
 from nested_decode import config_lib
 from nested_decode import io_utils
 from nested_decode import tasks
+from nested_decode.decoding import sampler
 from nested_decode.evaluation import decode_benchmark
 from nested_decode.jobs import image
 from nested_decode.jobs import stages
@@ -288,6 +289,7 @@ def test_the_api_decodes_what_the_job_decoded(mnist_tiny_job):
   """From the bucket job's workdir, on this process's one device: the job's samples (it
   decoded on 4 devices), its FLOPs, and a schedule written out equals its name."""
   workdir, config = mnist_tiny_job.workdir, load_config('mnist', 'tiny')
+  sampler.decoder_for.cache_clear()  # decodes of earlier tests in this process compiled these
   model = api.load(workdir)  # the config comes from the transformer's checkpoint
   assert json.loads(model.config.to_json()) == json.loads(config.to_json())
   labels = stages.sample_labels(config)
