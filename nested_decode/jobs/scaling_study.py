@@ -394,11 +394,10 @@ def plot_gaps(report: dict, path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-  gaps = (('fd_gap', 100.0, 'fd increase over the baseline (%)', 100 * FD_TARGET),
-          ('class_accuracy_diff', 100.0, 'class accuracy - baseline (points)',
-           -100 * ACCURACY_TARGET))
+  gaps = (('fd_gap', 'fd increase over the baseline (%)', 100 * FD_TARGET),
+          ('class_accuracy_diff', 'class accuracy - baseline (points)', -100 * ACCURACY_TARGET))
   steps = sorted({m['steps'] for m in report['models']})
-  for ax, (gap, scale, label, target) in zip(axes, gaps):
+  for ax, (gap, label, target) in zip(axes, gaps):
     for threshold, style in (('3x', '-o'), ('4x', '--s')):
       for s in steps:
         sel = sorted((m for m in report['models']
@@ -406,9 +405,8 @@ def plot_gaps(report: dict, path: str) -> None:
                      key=lambda m: m['width'])
         if not sel:
           continue
-        se_key = 'fd_gap_se' if gap == 'fd_gap' else 'class_accuracy_diff_se'
-        ax.errorbar([m['width'] for m in sel], [scale * m['best'][threshold][gap] for m in sel],
-                    yerr=[scale * m['best'][threshold][se_key] for m in sel], fmt=style,
+        ax.errorbar([m['width'] for m in sel], [100 * m['best'][threshold][gap] for m in sel],
+                    yerr=[100 * m['best'][threshold][f'{gap}_se'] for m in sel], fmt=style,
                     capsize=3, label=f'best >= {threshold}, {s} steps')
     ax.axhline(target, color='k', linestyle=':', label='target')
     ax.axhline(0, color='grey', linewidth=0.5)
