@@ -7,10 +7,11 @@ The mesh has three axes, sized by ``config.mesh`` (``-1``: the devices the other
 * ``tensor``: heads, MLP hidden units and the vocabulary (Megatron-style tensor parallelism).
 
 Every parameter of the transformer carries logical axis names (``nn.with_logical_partitioning``
-in ``models/nested_layers.py``; ``layers`` is added by ``nn.scan``). ``RULES`` maps them to mesh
-axes; a dimension whose size the mesh axes do not divide, or whose mesh axis another dimension of
-the same array already uses, is replicated instead. Optimizer state is sharded like the
-parameters it belongs to, scalars are replicated, batches are split over ``('data', 'fsdp')``.
+in ``models/nested_layers.py``; ``layers`` is added by ``nn.scan``), and its activations are
+pinned to named layouts (``models/partitioning.py``). ``RULES`` maps the names to mesh axes; a
+dimension whose size the mesh axes do not divide, or whose mesh axis another dimension of the
+same array already uses, is replicated instead. Optimizer state is sharded like the parameters it
+belongs to, scalars are replicated, batches are split over ``('data', 'fsdp')``.
 
 State is created directly sharded: ``sharded_init`` compiles the initialiser with
 ``out_shardings``, so no device ever holds the whole unsharded model.
@@ -34,27 +35,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from nested_decode import config_lib
 from nested_decode.config_lib import ConfigError
+from nested_decode.models import partitioning
 
 AXES = config_lib.MESH_AXES  # ('data', 'fsdp', 'tensor')
-BATCH_AXES = ('data', 'fsdp')
-
-# (logical name, mesh axes or None); the first rule of a name that fits the array is used.
-# 'batch' and 'length' are for activations (``nn.with_logical_constraint``; the model sets
-# none yet: XLA propagates the batch sharding of the inputs).
-RULES = (
-    ('batch', BATCH_AXES),
-    ('length', None),
-    ('layers', None),        # the nn.scan axis
-    ('embed', 'fsdp'),       # model width D
-    ('heads', 'tensor'),
-    ('kv', None),            # head_dim
-    ('mlp', 'tensor'),       # MLP hidden units
-    ('vocab', 'tensor'),     # codebook (+ mask id): token embedding rows, logits columns
-    ('position', None),      # position-embedding rows
-    ('classes', None),       # class-embedding rows
-)
-
-Rules = Sequence[tuple[str, Any]]
+BATCH_AXES = partitioning.BATCH_AXES
+RULES = partitioning.RULES
+Rules = partitioning.Rules
 
 
 def default_mesh_config() -> ml_collections.ConfigDict:
@@ -101,34 +87,6 @@ def logical_rules(config: ml_collections.ConfigDict | None = None) -> Rules:
   return RULES if rules is None else tuple((name, axes) for name, axes in rules)
 
 
-def _mesh_axes(axes: Any) -> tuple[str, ...]:
-  if axes is None:
-    return ()
-  return (axes,) if isinstance(axes, str) else tuple(axes)
-
-
-def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                 rules: Rules) -> P:
-  """The mesh ``PartitionSpec`` of an array of ``shape`` whose dimensions are ``names``."""
-  used: set[str] = set()
-  spec = []
-  for name, size in zip(names, shape):
-    chosen = None
-    for logical, axes in rules:
-      axes = _mesh_axes(axes)
-      if logical != name or not axes or used.intersection(axes):
-        continue
-      if size % math.prod(mesh.shape[a] for a in axes) == 0:
-        chosen = axes
-        break
-    if chosen:
-      used.update(chosen)
-      spec.append(chosen[0] if len(chosen) == 1 else chosen)
-    else:
-      spec.append(None)
-  return P(*spec)
-
-
 def _is_box(x: Any) -> bool:
   return isinstance(x, nn.Partitioned)
 
@@ -139,7 +97,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = RULES) -> An
   structure of the *unboxed* state. Unnamed leaves (step, RNG, optimizer counts) replicate."""
   def sharding(leaf):
     if isinstance(leaf, nn.LogicallyPartitioned):
-      return NamedSharding(mesh, logical_spec(leaf.names, leaf.value.shape, mesh, rules))
+      return NamedSharding(mesh, partitioning.logical_spec(leaf.names, leaf.value.shape,
+                                                              mesh.shape, rules))
     if _is_box(leaf):  # already mesh axis names
       return NamedSharding(mesh, P(*leaf.names))
     return NamedSharding(mesh, P())
@@ -176,16 +135,17 @@ def abstract_state(init: Callable[[], Any], shardings: Any) -> Any:
                       jax.eval_shape(lambda: nn.unbox(init())), shardings)
 
 
-def under_mesh(jitted: Any, mesh: Mesh) -> Callable:
+def under_mesh(jitted: Any, mesh: Mesh, rules: Rules = RULES) -> Callable:
   """``jitted`` (a ``jax.jit`` function; also its ``.lower``) called with ``mesh`` as the
-  context mesh, which kernels that XLA cannot partition (splash attention) need to place
-  themselves with ``shard_map``."""
+  context mesh and ``rules`` as the activation rules: the model's sharding constraints
+  (``partitioning.constrain``) and kernels that XLA cannot partition (splash attention, placed
+  with ``shard_map``) read them when the function is traced."""
   def call(*args):
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), partitioning.use_rules(rules):
       return jitted(*args)
 
   def lower(*args):
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), partitioning.use_rules(rules):
       return jitted.lower(*args)
   call.lower = lower
   return call

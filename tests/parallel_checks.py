@@ -201,7 +201,7 @@ def main(workdir: str) -> None:
                                   2 * len({program_key(s) for s in plan}) + 1]
   # Data parallel decoding moves nothing between devices: guidance runs its two passes on a
   # new leading axis and the scatters are mapped over the rows, so no program has a collective.
-  data_mesh = parallel.make_mesh(config)  # data=-1: all 8 devices
+  data_mesh = parallel.make_mesh(tiny_config())  # data=-1: all 8 devices
   replicated = jax.device_put(params, parallel.replicated(data_mesh))
   split = parallel.shard_batch({'init': init, 'labels': labels}, data_mesh)
   executables = decode.compile_plan(replicated, split['init'], split['labels'], np.asarray(rng),

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -20,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from nested_decode import config_lib
 from nested_decode import parallel
 from nested_decode.data import pipeline
+from nested_decode.models import partitioning
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import train_transformer
 
@@ -114,15 +116,51 @@ def test_rules_can_come_from_the_config():
 
 def test_logical_names_map_to_mesh_axes_that_divide_them():
   mesh = jax.sharding.AbstractMesh((2, 2, 2), parallel.AXES)
-  rules = parallel.RULES
-  assert parallel.logical_spec(('layers', 'embed', 'mlp'), (4, 64, 256), mesh, rules) == \
-      P(None, 'fsdp', 'tensor')
+  spec = lambda names, shape: partitioning.logical_spec(names, shape, mesh.shape, parallel.RULES)
+  assert spec(('layers', 'embed', 'mlp'), (4, 64, 256)) == P(None, 'fsdp', 'tensor')
   # 17 rows (16 codes and the mask id) do not split in two: replicated.
-  assert parallel.logical_spec(('vocab', 'embed'), (17, 64), mesh, rules) == P(None, 'fsdp')
-  assert parallel.logical_spec(('batch', 'length'), (8, 16), mesh, rules) == \
-      P(('data', 'fsdp'), None)
+  assert spec(('vocab', 'embed'), (17, 64)) == P(None, 'fsdp')
+  assert spec(('batch', 'length'), (8, 16)) == P(('data', 'fsdp'), None)
   # A mesh axis is used once per array.
-  assert parallel.logical_spec(('mlp', 'vocab'), (4, 4), mesh, rules) == P('tensor', None)
+  assert spec(('mlp', 'vocab'), (4, 4)) == P('tensor', None)
+
+
+def _constraint_specs(fn, *args, mesh=None, rules=parallel.RULES) -> list[P]:
+  """The specs of the sharding constraints in ``fn``'s program traced under ``mesh``."""
+  with jax.sharding.use_abstract_mesh(mesh), partitioning.use_rules(rules):
+    jaxpr = jax.make_jaxpr(fn)(*args)
+  found = []
+
+  def visit(jaxpr):
+    found.extend(eqn.params['sharding'].spec for eqn in jaxpr.eqns
+                 if eqn.primitive.name == 'sharding_constraint')
+    for sub in jax.extend.core.subjaxprs(jaxpr):
+      visit(sub)
+  visit(jaxpr.jaxpr)
+  return found
+
+
+def test_activations_are_pinned_by_name_on_a_mesh_and_left_alone_without_one():
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), parallel.AXES,
+                                   axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  x = np.zeros((8, 5, 6, 4), np.float32)
+  assert partitioning.constrain(x, partitioning.HEADS) is x  # no context mesh
+  heads = lambda: lambda x: partitioning.constrain(x, partitioning.HEADS)  # one trace each
+  assert _constraint_specs(heads(), x, mesh=mesh) == [P(('data', 'fsdp'), None, 'tensor', None)]
+  assert _constraint_specs(heads(), x, mesh=mesh, rules=(('batch', 'data'),)) == \
+      [P('data', None, None, None)]
+  # the transformer: the residual stream split over the batch only (never over 'embed', which
+  # the embedding tables are split along), heads and MLP units over 'tensor'
+  config = parallel_checks.tiny_config()
+  model = NestedMaskedTransformer(config_lib.transformer_config(config))
+  tokens, labels = np.zeros((8, 16), np.int32), np.zeros((8,), np.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, labels))
+  specs = _constraint_specs(lambda p: model.apply(p, tokens, labels, width_factor=(1, 2)),
+                            params, mesh=mesh)
+  assert P(('data', 'fsdp'), None, None) in specs
+  assert P(('data', 'fsdp'), None, 'tensor', None) in specs  # 8 and 4 heads
+  assert P(('data', 'fsdp'), None, 'tensor') in specs  # MLP units, logits
+  assert all(spec[0] == ('data', 'fsdp') for spec in specs)
 
 
 def test_every_parameter_name_of_the_transformer_has_a_rule():

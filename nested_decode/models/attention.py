@@ -12,8 +12,9 @@ Splash needs sequence lengths that are multiples of its block (128): queries and
 to one, the padded keys are kept out of every softmax with segment ids (real keys share the
 queries' segment, padded keys do not), and the padded query rows are dropped. A kernel cannot be
 partitioned by XLA, so under a mesh (``jax.set_mesh``, as the train step and the TPU compile set
-it) it runs inside ``shard_map``: batch over the batch axes, heads over ``tensor`` where that
-divides the heads of the width at hand (sub-model ``p`` has ``h / p`` heads).
+it) it runs inside ``shard_map`` in the layout ``partitioning.HEADS``: batch over the batch axes,
+heads over ``tensor`` where that divides the heads of the width at hand (sub-model ``p`` has
+``h / p`` heads).
 """
 
 import functools
@@ -23,14 +24,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-from jax.sharding import PartitionSpec as P
+
+from nested_decode.models import partitioning
 
 IMPLEMENTATIONS = ('xla', 'cudnn', 'splash')
 SPLASH_BLOCK = 128
-# The mesh axes of ``parallel.py`` that split the batch and the heads (not imported from there:
-# models sit below it).
-BATCH_AXES = ('data', 'fsdp')
-HEAD_AXIS = 'tensor'
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
@@ -78,11 +76,7 @@ def splash_attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   if mesh.empty:
     return splash_local(q, k, v, interpret=jax.default_backend() != 'tpu')
   interpret = mesh.abstract_device.platform != 'tpu'
-  batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
-  batch_shards = math.prod(mesh.shape[axis] for axis in batch_axes)
-  head_shards = mesh.shape.get(HEAD_AXIS, 1)
-  spec = P(batch_axes if batch_axes and q.shape[0] % batch_shards == 0 else None, None,
-           HEAD_AXIS if head_shards > 1 and q.shape[2] % head_shards == 0 else None, None)
+  spec = partitioning.current_spec(partitioning.HEADS, q.shape, mesh)
   run = functools.partial(splash_local, interpret=interpret)
   return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q, k, v)

@@ -17,6 +17,9 @@ One module serves training and both kinds of decode step:
   independent work sits side by side in one loop body and each layer's weights are read (and,
   sharded, gathered) once for all widths (the README's "Input pipeline and training speed" and
   "Scaling out" measure both); returns the tuple of their logits and no cache.
+
+On a mesh the activations are pinned at every block boundary (``partitioning.py``): the batch
+over ``data`` x ``fsdp``, heads, MLP units and logits over ``tensor``, the width replicated.
 """
 
 import functools
@@ -29,6 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from nested_decode.models import attention
 from nested_decode.models.nested_layers import NestedDense, NestedEmbed, NestedLayerNorm
+from nested_decode.models.partitioning import HEADS, HIDDEN, LOGITS, MLP, constrain
 
 # What a rematerialised block keeps from its forward pass for the backward pass; everything
 # else is recomputed. 'none' does not rematerialise (every activation is kept).
@@ -127,18 +131,19 @@ class NestedBlock(nn.Module):
     mlp_out = NestedDense(in_shape=(cfg.mlp_dim,), out_shape=(cfg.width,), in_nested=(True,),
                           out_nested=(True,), logical_axes=('mlp', 'embed'), use_bias=True,
                           dtype=dtype, name='mlp_out')
+    heads = lambda a: constrain(a, HEADS)
     outputs = []
     for x, p in zip(xs, self.factors):
       y = attention_norm(x, p)
-      q, k, v = query(y, p), key(y, p), value(y, p)
+      q, k, v = heads(query(y, p)), heads(key(y, p)), heads(value(y, p))
       if layer_cache is not None:
-        k = scatter_rows(layer_cache.keys, positions, k)
-        v = scatter_rows(layer_cache.values, positions, v)
-      attended = attention.attend(q, k, v, cfg.attention_impl)
+        k = heads(scatter_rows(layer_cache.keys, positions, k))
+        v = heads(scatter_rows(layer_cache.values, positions, v))
+      attended = heads(attention.attend(q, k, v, cfg.attention_impl))
       attended = checkpoint_name(attended, 'attention_out')
-      x = x + attention_out(attended, p)
-      y = nn.gelu(mlp_in(mlp_norm(x, p), p))
-      outputs.append(x + mlp_out(y, p))
+      x = constrain(x + attention_out(attended, p), HIDDEN)
+      y = constrain(nn.gelu(mlp_in(mlp_norm(x, p), p)), MLP)
+      outputs.append(constrain(x + mlp_out(y, p), HIDDEN))
     # Keys and values only for a single width: decoding caches them, training drops them.
     return tuple(outputs), KVCache(k, v) if len(self.factors) == 1 else None
 
@@ -175,6 +180,7 @@ class NestedMaskedTransformer(nn.Module):
       if positions is None:
         raise ValueError('A cached pass needs the positions of its tokens.')
       xs = (token_embed(tokens, factors[0]) + position_table(positions, factors[0]),)
+    xs = tuple(constrain(x, HIDDEN) for x in xs)
     xs, new_cache = self._layers(xs, cache, positions, factors)
     final_norm = NestedLayerNorm(cfg.width, dtype=dtype, name='final_norm')
     logits_layer = NestedDense(in_shape=(cfg.width,), out_shape=(cfg.codebook_size,),
@@ -185,7 +191,7 @@ class NestedMaskedTransformer(nn.Module):
     for x, p in zip(xs, factors):
       if cache is None:
         x = x[:, 1:]  # logits for content tokens only
-      logits.append(logits_layer(final_norm(x, p), p).astype(jnp.float32))
+      logits.append(constrain(logits_layer(final_norm(x, p), p).astype(jnp.float32), LOGITS))
     if isinstance(width_factor, int):
       return logits[0], new_cache
     return tuple(logits), None

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nested_decode.models import partitioning
+
 
 class TokenizerConfig(NamedTuple):
   """Static description of the tokenizer (hashable, so it can key jit caches)."""
@@ -108,15 +110,19 @@ def conv(x: jax.Array, features: int, kernel: int, name: str, stride: int = 1,
   """``nn.Conv`` with 'SAME' padding over ``[B, H, W, C]``; over ``[B, T, H, W, C]`` a 3D conv
   with the same kernel size in time, causal: time is front-padded with the first frame.
 
-  Call inside a compact method: the convolution becomes the caller's submodule ``name``.
+  Call inside a compact method: the convolution becomes the caller's submodule ``name``. The
+  output stays split over the batch on a mesh (``partitioning.constrain_batch``): the kernels are
+  FSDP-sharded on their largest dimension, which XLA would otherwise carry into the features.
   """
   if x.ndim == 4:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), name=name)(x)
+    y = nn.Conv(features, (kernel, kernel), strides=(stride, stride), name=name)(x)
+    return partitioning.constrain_batch(y)
   if kernel > 1:
     x = jnp.concatenate([x[:, :1]] * (kernel - 1) + [x], axis=1)
   pads = [_same_padding(size, kernel, stride) for size in x.shape[2:4]]
-  return nn.Conv(features, (kernel,) * 3, strides=(temporal_stride, stride, stride),
-                 padding=[(0, 0)] + pads, name=name)(x)
+  y = nn.Conv(features, (kernel,) * 3, strides=(temporal_stride, stride, stride),
+              padding=[(0, 0)] + pads, name=name)(x)
+  return partitioning.constrain_batch(y)
 
 
 def group_norm(x: jax.Array, num_groups: int, name: str) -> jax.Array:
@@ -347,8 +353,9 @@ class PatchDiscriminator(nn.Module):
     x = images
     dims = images.ndim - 2
     for i in range(self.num_layers):
-      x = nn.Conv(self.base_channels * 2 ** min(i, 3), (4,) * dims, strides=(2,) * dims,
-                  name=f'conv_{i}')(x)
+      x = partitioning.constrain_batch(nn.Conv(
+          self.base_channels * 2 ** min(i, 3), (4,) * dims, strides=(2,) * dims,
+          name=f'conv_{i}')(x))
       if i > 0 and self.num_groups:
         x = nn.GroupNorm(self.num_groups, name=f'norm_{i}')(x)
       x = nn.leaky_relu(x, 0.2)

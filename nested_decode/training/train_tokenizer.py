@@ -116,7 +116,8 @@ def with_codebook(params: Any, codebook: jax.Array) -> Any:
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh | None = None):
   """The compiled step over a uint8 batch split over data x fsdp (``parallel.shard_batch`` of
-  ``host_inputs``); the state keeps its shardings and is donated."""
+  ``host_inputs``); the state keeps its shardings and is donated. It runs with ``mesh`` as the
+  context mesh, so the feature maps stay split over the batch (``vqgan.conv``)."""
   mesh = parallel.make_mesh(config) if mesh is None else mesh
   shardings = state_shardings(config, mesh)
   training = config.tokenizer_training
@@ -179,8 +180,9 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
                                usage, rng)
     return new_state, metrics
 
-  return jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  jitted = jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  return parallel.under_mesh(jitted, mesh)
 
 
 NAME = 'tokenizer'
@@ -213,21 +215,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.M
 
 
 @functools.cache
-def _coder(tokenizer: vqgan.TokenizerConfig):
+def _coder(tokenizer: vqgan.TokenizerConfig, mesh: Mesh):
+  """The compiled encode and decode, run with ``mesh`` as the context mesh (the model's
+  sharding constraints keep the feature maps split over the batch)."""
   model = vqgan.VQGAN(tokenizer)
   encode = jax.jit(lambda p, x: model.apply(p, pixels.to_float(x), method=model.encode)[0])
   decode = jax.jit(lambda p, ids: model.apply(p, ids, method=model.decode_ids))
-  return encode, decode
+  return parallel.under_mesh(encode, mesh), parallel.under_mesh(decode, mesh)
 
 
 def encode_batch(config: ml_collections.ConfigDict, params: Any, batch: dict) -> np.ndarray:
   """A loader batch (uint8 images ``[b, H, W, C]`` or videos ``[b, T, H, W, C]``)
   -> token ids ``[b, N]``. On several processes each passes its own rows, as many as the
   others (the encode is one computation over the mesh, ``parallel.apply_to_local_rows``)."""
-  encode, _ = _coder(tokenizer_config(config))
+  mesh = parallel.make_mesh(config)
+  encode, _ = _coder(tokenizer_config(config), mesh)
   inputs = host_inputs(config, batch)
-  ids = parallel.apply_to_local_rows(lambda x: encode(params, x), parallel.make_mesh(config),
-                                     inputs)
+  ids = parallel.apply_to_local_rows(lambda x: encode(params, x), mesh, inputs)
   return ids.reshape(len(inputs), -1)
 
 
@@ -236,8 +240,8 @@ def decode_tokens(config: ml_collections.ConfigDict, params: Any, tokens: np.nda
   """Token ids ``[n, N]`` -> uint8 images ``[n, H, W, C]`` or videos ``[n, T, H, W, C]`` (the
   causal padding frames dropped). On several processes each passes its own rows, as many as
   the others (see ``encode_batch``)."""
-  _, decode = _coder(tokenizer_config(config))
   mesh = parallel.make_mesh(config)
+  _, decode = _coder(tokenizer_config(config), mesh)
   shape = tuple(config.tokens.shape)
   out = []
   for start in range(0, len(tokens), batch_size):

@@ -108,7 +108,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransf
 
   jitted = jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
-  return parallel.under_mesh(jitted, mesh)
+  return parallel.under_mesh(jitted, mesh, parallel.logical_rules(config))
 
 
 NAME = 'transformer'
