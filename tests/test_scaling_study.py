@@ -69,8 +69,8 @@ def test_the_best_schedule_is_the_closest_to_both_bounds_above_the_flop_ratio():
 def test_point_configs_keep_the_head_size_and_name_bad_widths():
   from conftest import load_config
   config = load_config('mnist')
-  point = scaling_study.point_config(config, 256, 3200)
-  assert (point.model.width, point.model.num_heads, point.model.mlp_dim) == (256, 16, 1024)
+  point = scaling_study.point_config(config, 128, 3200)
+  assert (point.model.width, point.model.num_heads, point.model.mlp_dim) == (128, 8, 512)
   assert point.training.num_steps == 3200 and config.training.num_steps == 800
   with pytest.raises(ValueError, match='config.scaling.widths: 96'):
     scaling_study.point_config(config, 96, 800)

@@ -64,12 +64,12 @@ def test_variants_are_plain_models_of_each_sub_width_and_the_nested_one_without_
   from conftest import load_config
   config = load_config('mnist')
   variants = study.variant_configs(config)
-  assert set(variants) == {'separate_width128', 'separate_width64', 'separate_width32',
-                           'separate_width16', 'nested_no_distillation'}
-  narrow = variants['separate_width32']
-  assert (narrow.model.width, narrow.model.num_heads, narrow.model.mlp_dim) == (32, 2, 128)
+  assert set(variants) == {'separate_width256', 'separate_width128', 'separate_width64',
+                           'separate_width32', 'nested_no_distillation'}
+  narrow = variants['separate_width64']
+  assert (narrow.model.width, narrow.model.num_heads, narrow.model.mlp_dim) == (64, 4, 256)
   assert narrow.model.nesting_factors == (1,) and narrow.training.widths == (1,)
   assert narrow.training.num_steps == config.training.num_steps
   no_distill = variants['nested_no_distillation'].training
   assert no_distill.distill_lambda_start == no_distill.distill_lambda_end == 1.0
-  assert config.model.width == 128 and config.training.distill_lambda_end != 1.0
+  assert config.model.width == 256 and config.training.distill_lambda_end != 1.0
