@@ -82,9 +82,12 @@ def describe(mesh: Mesh) -> str:
 
 
 def logical_rules(config: ml_collections.ConfigDict | None = None) -> Rules:
-  """``config.mesh.rules`` when given (same form as ``RULES``), else ``RULES``."""
+  """``config.mesh.rules`` when given (same form as ``RULES``), else ``RULES``; hashable (lists
+  of mesh axes become tuples), as the cached tokenizer programs key on it."""
   rules = None if config is None else mesh_config_of(config).get('rules')
-  return RULES if rules is None else tuple((name, axes) for name, axes in rules)
+  if rules is None:
+    return RULES
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
 
 
 def _is_box(x: Any) -> bool:

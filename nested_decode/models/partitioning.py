@@ -63,7 +63,7 @@ def use_rules(rules: Rules) -> Iterator[None]:
     _rules.reset(token)
 
 
-def mesh_axes(axes: Any) -> tuple[str, ...]:
+def _mesh_axes(axes: Any) -> tuple[str, ...]:
   if axes is None:
     return ()
   return (axes,) if isinstance(axes, str) else tuple(axes)
@@ -79,7 +79,7 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int],
   for name, size in zip(names, shape):
     chosen = None
     for logical, axes in rules:
-      axes = tuple(a for a in mesh_axes(axes) if a in mesh_shape)
+      axes = tuple(a for a in _mesh_axes(axes) if a in mesh_shape)
       if logical != name or not axes or used.intersection(axes):
         continue
       if size % math.prod(mesh_shape[a] for a in axes) == 0:

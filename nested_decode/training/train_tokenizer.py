@@ -182,7 +182,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
 
   jitted = jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
-  return parallel.under_mesh(jitted, mesh)
+  return parallel.under_mesh(jitted, mesh, parallel.logical_rules(config))
 
 
 NAME = 'tokenizer'
@@ -215,13 +215,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.M
 
 
 @functools.cache
-def _coder(tokenizer: vqgan.TokenizerConfig, mesh: Mesh):
+def _coder(tokenizer: vqgan.TokenizerConfig, mesh: Mesh, rules: parallel.Rules):
   """The compiled encode and decode, run with ``mesh`` as the context mesh (the model's
   sharding constraints keep the feature maps split over the batch)."""
   model = vqgan.VQGAN(tokenizer)
   encode = jax.jit(lambda p, x: model.apply(p, pixels.to_float(x), method=model.encode)[0])
   decode = jax.jit(lambda p, ids: model.apply(p, ids, method=model.decode_ids))
-  return parallel.under_mesh(encode, mesh), parallel.under_mesh(decode, mesh)
+  return parallel.under_mesh(encode, mesh, rules), parallel.under_mesh(decode, mesh, rules)
 
 
 def encode_batch(config: ml_collections.ConfigDict, params: Any, batch: dict) -> np.ndarray:
@@ -229,7 +229,7 @@ def encode_batch(config: ml_collections.ConfigDict, params: Any, batch: dict) ->
   -> token ids ``[b, N]``. On several processes each passes its own rows, as many as the
   others (the encode is one computation over the mesh, ``parallel.apply_to_local_rows``)."""
   mesh = parallel.make_mesh(config)
-  encode, _ = _coder(tokenizer_config(config), mesh)
+  encode, _ = _coder(tokenizer_config(config), mesh, parallel.logical_rules(config))
   inputs = host_inputs(config, batch)
   ids = parallel.apply_to_local_rows(lambda x: encode(params, x), mesh, inputs)
   return ids.reshape(len(inputs), -1)
@@ -241,7 +241,7 @@ def decode_tokens(config: ml_collections.ConfigDict, params: Any, tokens: np.nda
   causal padding frames dropped). On several processes each passes its own rows, as many as
   the others (see ``encode_batch``)."""
   mesh = parallel.make_mesh(config)
-  _, decode = _coder(tokenizer_config(config), mesh)
+  _, decode = _coder(tokenizer_config(config), mesh, parallel.logical_rules(config))
   shape = tuple(config.tokens.shape)
   out = []
   for start in range(0, len(tokens), batch_size):
