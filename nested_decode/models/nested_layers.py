@@ -12,10 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nested_decode.models import partitioning
+
 Dtype = jnp.dtype
 
 default_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
-FSDP_SPLIT = 'embed'  # the logical dimension that ``fsdp`` shards (``partitioning.RULES``)
 
 
 def leading_slice(param: jax.Array, nested_dims: Sequence[bool], factor: int) -> jax.Array:
@@ -32,11 +33,10 @@ def nested_param(module: nn.Module, name: str, shape: tuple[int, ...],
   """Declares the full-size parameter ``name`` on ``module`` and returns its slice."""
   full = module.param(name, nn.with_logical_partitioning(init_fn, logical_axes), shape,
                       jnp.float32)
-  sharded = tuple(nested and axis == FSDP_SPLIT for nested, axis in zip(nested_dims, logical_axes))
+  sharded = tuple(nested and partitioning.fsdp_sharded(axis)
+                  for nested, axis in zip(nested_dims, logical_axes))
   local = tuple(nested and not split for nested, split in zip(nested_dims, sharded))
-  mesh = jax.sharding.get_abstract_mesh()
-  under_fsdp = not mesh.empty and dict(mesh.shape).get('fsdp', 1) > 1
-  if factor == 1 or not (under_fsdp and any(sharded) and any(local)):
+  if factor == 1 or not (any(sharded) and any(local)):
     return leading_slice(full, nested_dims, factor)
   # Under FSDP the rows of a sub-model's slice sit on the first chips only and are spread over
   # all of them before use. Slicing the other nested dimensions first (the barrier keeps XLA

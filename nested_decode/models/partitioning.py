@@ -98,6 +98,15 @@ def current_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Any) -
   return logical_spec(names, shape, dict(mesh.shape), _rules.get())
 
 
+def fsdp_sharded(name: str) -> bool:
+  """Whether the context mesh has an ``fsdp`` axis of several devices and the current rules
+  shard the logical dimension ``name`` over it (``embed`` by default)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or dict(mesh.shape).get('fsdp', 1) == 1:
+    return False
+  return any(logical == name and 'fsdp' in _mesh_axes(axes) for logical, axes in _rules.get())
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """``x`` pinned to the layout of ``names`` on the context mesh (no-op without one)."""
   mesh = jax.sharding.get_abstract_mesh()
