@@ -69,4 +69,12 @@ def get_config(arg=None):
       max_gflops_per_sample=0.0, max_fd_increase=0.10, cache='refresh_on_switch',
       beam_width=2 if tiny else 3, proxy_samples=20 if tiny else 300,
       max_rounds=2 if tiny else 30, compare_with='magnets'))
+  # --mode=frontier: the best decode of each family per FLOP budget, chosen on validation
+  # samples against training digits, scored on the held-out digits (nested_decode/jobs/frontier.py).
+  config.frontier = ml_collections.ConfigDict(dict(
+      budgets=(2.0, 3.0) if tiny else (2.0, 3.0, 4.0, 6.0, 8.0, 12.0),
+      min_steps=2, max_steps=3 if tiny else 12,
+      validation_samples=10 if tiny else 300, validation_seeds=1,
+      seeds=2 if tiny else 3, num_samples=20 if tiny else 1000,
+      beam_width=1 if tiny else 2, max_rounds=1 if tiny else 3))
   return config

@@ -24,7 +24,10 @@ Modes:
   scaling_study    the best schedules' quality gap against model width and training steps,
                    with a trend fit, DIR/scaling/ (MNIST);
   search_schedule  beam search for the best schedule within config.search's budget,
-                   DIR/search/ (MNIST).
+                   DIR/search/ (MNIST);
+  frontier         per FLOP budget of config.frontier.budgets, the best decode of each family
+                   (fewer full-width steps, a sub-model alone, MaGNeTS) chosen on validation
+                   digits and scored on the held-out ones, DIR/frontier/ (MNIST).
 """
 
 import logging as pylogging
@@ -40,7 +43,8 @@ from nested_decode import parallel
 from nested_decode import tasks
 
 MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'export', 'flops', 'bench',
-         'bench_train', 'compile_tpu', 'study', 'scaling_study', 'search_schedule')
+         'bench_train', 'compile_tpu', 'study', 'scaling_study', 'search_schedule',
+         'frontier')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/k600.py:tiny')
 _WORKDIR = flags.DEFINE_string(
@@ -144,6 +148,11 @@ def run_stages(config, config_name: str, workdir: str, mode: str) -> None:
     from nested_decode.jobs import schedule_search
     report = schedule_search.search(config, workdir)
     print(f"Found {report['found']} ({report['cache']}); see {workdir}/search/")
+  elif mode == 'frontier':
+    from nested_decode.jobs import frontier
+    frontier.run_frontier(config, workdir)
+    print(f'Wrote {io_utils.join(workdir, "frontier")}/results.json, results.md, '
+          'fd_vs_gflops.png')
   else:  # 'eval' and the whole job: every stage up to the evaluation
     rows = job.eval_stage(config, workdir)
     print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',

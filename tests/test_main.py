@@ -341,6 +341,78 @@ def test_a_recorded_decode_shows_every_step(mnist_tiny_job):
   assert canvases.shape == (24, 28, 28, 1)
 
 
+def test_a_decode_with_fewer_steps_runs_exactly_its_steps_with_the_maskgit_counts(
+    mnist_tiny_job):
+  """A schedule of T != sampling.steps plans the mask schedule for its own T: MaskGIT's
+  floor(N cos(pi/2 (t+1)/T)) tokens stay masked after step t, at least one revealed per step."""
+  import math
+  model = api.load(mnist_tiny_job.workdir)
+  for spec, widths in (('1x4', [1] * 4), ('2x3', [2] * 3), ('8x1,1x2', [8, 1, 1])):
+    samples = model.sample([0, 5, 9], spec, seed=2, record_steps=True)
+    steps = len(widths)
+    assert samples.step_tokens.shape == (3, steps, 49) and samples.step_widths == widths
+    expected, remaining = [], 49
+    for t in range(steps):
+      keep = 0 if t == steps - 1 else max(1, min(remaining - 1, math.floor(
+          49 * math.cos(math.pi / 2 * (t + 1) / steps))))
+      expected.append(keep)
+      remaining = keep
+    masked = (samples.step_tokens == model.mask_id).sum(-1)
+    assert masked.tolist() == [expected] * 3, spec
+    assert samples.gflops_per_sample < model.sample([0], 'baseline').gflops_per_sample
+
+
+def test_a_killed_frontier_resumes_and_picks_each_family_on_validation(mnist_tiny_job):
+  """The frontier on the bucket job's model, in this process: killed after a few rows, the
+  rerun scores only the rest; every pick is the validation-best of its family within its
+  budget, and only the picks (and the baseline) are scored on the held-out digits."""
+  from nested_decode.decoding import families
+  from nested_decode.jobs import frontier
+  config, workdir = load_config('mnist', 'tiny'), mnist_tiny_job.workdir
+
+  class Killed(Exception):
+    pass
+
+  first = []
+
+  def log_until_killed(message):
+    first.append(message)
+    if sum(' done;' in m for m in first) == 3:
+      raise Killed
+
+  with pytest.raises(Killed):
+    frontier.run_frontier(config, workdir, log=log_until_killed)
+  second = []
+  report = frontier.run_frontier(config, workdir, log=second.append)
+  assert second[0].startswith('frontier: 3 of ') and any('ETA' in m for m in second)
+  done_first = {m.split(' done;')[0] for m in first if ' done;' in m}
+  done_second = {m.split(' done;')[0] for m in second if ' done;' in m}
+  assert len(done_first) == 3 and not done_first & done_second
+  assert any(' round 1 ' in m for m in done_second)  # the MaGNeTS search ran
+
+  validation = report['validation_candidates']
+  from etils import epath
+  test_rows = {p.name for p in epath.Path(io_utils.join(workdir, 'frontier', 'test')).iterdir()}
+  picked = set()
+  for entry in report['budgets']:
+    assert set(entry['families']) == {'fewer_steps', 'sub_model', 'magnets'}
+    for family, row in entry['families'].items():
+      eligible = [r for r in validation
+                  if r['family'] == family and r['flop_ratio'] >= entry['budget']]
+      best = min(eligible, key=lambda r: (r['objective'], -r['flop_ratio']))
+      assert (row['spec'], row['cache']) == (best['spec'], best['cache'])
+      assert families.family_of(tuple(map(tuple, row['widths']))) == family
+      assert row['flop_ratio'] >= entry['budget'] and len(row['fd_per_seed']) == 2
+      assert row['vs_best_other']['family'] != family
+      assert row['vs_best_other']['verdict'] in ('ahead', 'tie', 'behind')
+      decode = families.Decode(tuple(map(tuple, row['widths'])), row['cache'])
+      picked.add(f'nested_{decode.name}.json')
+  assert test_rows == picked | {'nested_1x12_nocache.json'}
+  assert report['baseline']['flop_ratio'] == 1
+  for name in ('results.json', 'results.md', 'fd_vs_gflops.png'):
+    assert io_utils.exists(io_utils.join(workdir, 'frontier', name))
+
+
 def test_bad_api_input_gets_one_clear_error(mnist_tiny_job, tmp_path):
   workdir = mnist_tiny_job.workdir
   with pytest.raises(api.NotTrainedError, match='no trained transformer'):

@@ -18,11 +18,9 @@ under ``DIR/scaling/<model>/rows/``; a rerun skips what is there. The model of t
 
 import dataclasses
 import math
-import time
 from typing import Any, Callable
 
 import ml_collections
-import numpy as np
 from absl import logging
 
 from nested_decode import config_lib
@@ -30,6 +28,7 @@ from nested_decode import io_utils
 from nested_decode.evaluation import flops as flops_lib
 from nested_decode.evaluation import decode_benchmark
 from nested_decode.evaluation import trend as trend_lib
+from nested_decode.jobs import resumable
 from nested_decode.jobs import study
 from nested_decode.training import train_transformer
 
@@ -77,77 +76,6 @@ def decode_gflops(config: ml_collections.ConfigDict, schedule: ml_collections.Co
 
 
 @dataclasses.dataclass
-class Task:
-  kind: str          # 'train' or 'decode': progress keeps a rate per kind
-  label: str
-  gflops: float      # estimated work, the unit of the progress estimate
-  done: Callable[[], bool]
-  run: Callable[[], Any]
-
-
-class Progress:
-  """Logs each finished task with the time elapsed and an ETA from the seconds per GFLOP that
-  the tasks of the same kind have taken in this process (skipped tasks do not count)."""
-
-  def __init__(self, tasks: list[Task], log: Callable[[str], None]):
-    self._remaining = {id(t): t for t in tasks if not t.done()}
-    self._total = len(tasks)
-    self._seconds: dict[str, float] = {}
-    self._gflops: dict[str, float] = {}
-    self._start = time.perf_counter()
-    self._log = log
-    log(f'scaling study: {self._total - len(self._remaining)} of {self._total} tasks already '
-        f'done')
-
-  def run(self, task: Task) -> None:
-    """Runs a task that was not done when the study started."""
-    start = time.perf_counter()
-    task.run()
-    self._seconds[task.kind] = self._seconds.get(task.kind, 0.0) + time.perf_counter() - start
-    self._gflops[task.kind] = self._gflops.get(task.kind, 0.0) + task.gflops
-    del self._remaining[id(task)]
-    self._log(f'scaling study: {task.label} done; {self._total - len(self._remaining)}/'
-              f'{self._total} tasks, {(time.perf_counter() - self._start) / 60:.1f} min, '
-              f'{self.eta()}')
-
-  def eta(self) -> str:
-    seconds = 0.0
-    for task in self._remaining.values():
-      if not self._gflops.get(task.kind):
-        return f'ETA after the first {task.kind} task'
-      seconds += task.gflops * self._seconds[task.kind] / self._gflops[task.kind]
-    return f'ETA {seconds / 60:.1f} min'
-
-
-def encode_correct(correct: np.ndarray) -> list[str]:
-  return [''.join('1' if c else '0' for c in row) for row in correct]
-
-
-def decode_correct(rows: list[str]) -> np.ndarray:
-  return np.array([[c == '1' for c in row] for row in rows], dtype=bool)
-
-
-class PointRows:
-  """The scored rows of one model, one file each under ``directory``."""
-
-  def __init__(self, directory: str):
-    self.directory = directory
-
-  def path(self, name: str) -> str:
-    return io_utils.join(self.directory, f'{name}.json')
-
-  def has(self, name: str) -> bool:
-    return io_utils.exists(self.path(name))
-
-  def load(self, name: str) -> tuple[dict, np.ndarray]:
-    stored = io_utils.read_json(self.path(name))
-    return stored['row'], decode_correct(stored['correct'])
-
-  def save(self, name: str, row: dict, correct: np.ndarray) -> None:
-    io_utils.write_json(self.path(name), dict(row=row, correct=encode_correct(correct)))
-
-
-@dataclasses.dataclass
 class Point:
   width: int
   steps: int
@@ -155,7 +83,7 @@ class Point:
   model_dir: str
   separate_config: ml_collections.ConfigDict | None  # None: no separate model at this point
   separate_dir: str
-  rows: PointRows
+  rows: resumable.RowStore
 
   @property
   def name(self) -> str:
@@ -181,7 +109,7 @@ def make_points(config: ml_collections.ConfigDict, workdir: str) -> list[Point]:
           separate_config=(study.separate_config(point, 1)
                            if steps in config.scaling.separate_steps else None),
           separate_dir=io_utils.join(directory, 'separate'),
-          rows=PointRows(io_utils.join(directory, 'rows'))))
+          rows=resumable.RowStore(io_utils.join(directory, 'rows'))))
   return points
 
 
@@ -208,13 +136,13 @@ class PointModels:
 
 
 def point_tasks(point: Point, models: PointModels, schedules: dict, seeds: list[int],
-                num_samples: int, log: Callable[[str], None]) -> list[Task]:
+                num_samples: int, log: Callable[[str], None]) -> list[resumable.Task]:
   """Training each model of the point, then scoring its rows: the nested model's schedules,
   the separate model's baseline."""
   tasks = []
   for key in ('nested', 'separate') if point.separate_config else ('nested',):
     config, directory = models.config_and_dir(key)
-    tasks.append(Task('train', f'{point.name} {key} training', train_gflops(config),
+    tasks.append(resumable.Task('train', f'{point.name} {key} training', train_gflops(config),
                       done=lambda c=config, d=directory: train_transformer.is_trained(c, d),
                       run=lambda k=key: models.params(k)))
     names = list(schedules) if key == 'nested' else [BASELINE[0]]
@@ -229,7 +157,7 @@ def point_tasks(point: Point, models: PointModels, schedules: dict, seeds: list[
         log(f"scaling {point.name} {row_name}: {row['gflops_per_sample']:.3g} GFLOPs, "
             f"acc {row['class_accuracy_mean']:.3f}, fd {row['fd_mean']:.1f}")
 
-      tasks.append(Task('decode', f'{point.name} {row_name}',
+      tasks.append(resumable.Task('decode', f'{point.name} {row_name}',
                         decode_gflops(config, schedules[name], len(seeds) * num_samples),
                         done=lambda n=row_name: point.rows.has(n), run=score))
   return tasks
@@ -248,10 +176,7 @@ def run_scaling_study(config: ml_collections.ConfigDict, workdir: str,
   for point in points:
     tasks += point_tasks(point, PointModels(point, workdir, base_scorer), schedules,
                          list(range(s.seeds)), s.num_samples, log)
-  progress = Progress(tasks, log)
-  for task in tasks:
-    if not task.done():
-      progress.run(task)
+  resumable.Progress(tasks, log, name='scaling study').run_all()
 
   report = analyse(points, schedules)
   report['config'] = study.json_config(config)
