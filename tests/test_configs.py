@@ -8,7 +8,7 @@ from conftest import load_config as load
 
 VARIANTS = [('imagenet256', None), ('imagenet256', 'tiny'), ('ucf101', None), ('ucf101', 'base'),
             ('ucf101', 'tiny'), ('k600', None), ('k600', 'base'), ('k600', 'tiny'),
-            ('mnist', None), ('mnist', 'tiny')]
+            ('mnist', None), ('mnist', 'tiny'), ('mnist', 'tokens256')]
 
 
 @pytest.mark.parametrize('name,arg', VARIANTS)
@@ -27,6 +27,13 @@ def test_paper_scale_sizes():
   assert video.task.condition_frames == 5 and video.data.num_frames == 16
   assert load('ucf101').tokens.num_classes == 101
   assert load('k600', 'base').model.num_layers == 12
+
+
+def test_mnist_tokens256_has_imagenets_token_count_from_padded_digits():
+  config = load('mnist', 'tokens256')
+  assert config_lib.seq_len(config) == 256 and config.data.image_size == 32
+  levels = len(config.tokenizer.channel_multipliers) - 1
+  assert config.data.image_size // 2**levels == config.tokens.shape[0] == 16
 
 
 def test_default_magnets_schedule_needs_three_times_fewer_flops_on_imagenet256():

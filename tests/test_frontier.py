@@ -97,7 +97,7 @@ def test_verdict_needs_two_standard_errors():
                 fd_diff_se=fd_se)
   assert frontier.verdict(diff(0.0, 0.01, -3.0, 1.0)) == 'ahead'
   assert frontier.verdict(diff(0.0, 0.01, -1.5, 1.0)) == 'tie'
-  assert frontier.verdict(diff(-0.03, 0.01, -3.0, 1.0)) == 'tie'  # better fd, worse accuracy
+  assert frontier.verdict(diff(-0.03, 0.01, -3.0, 1.0)) == 'mixed'  # better fd, worse accuracy
   assert frontier.verdict(diff(0.0, 0.01, 2.5, 1.0)) == 'behind'
   assert frontier.verdict(diff(0.03, 0.01, 0.5, 1.0)) == 'ahead'
 

@@ -20,6 +20,7 @@ from nested_decode.decoding.plan import CACHE_POLICIES
 
 FEWER_STEPS, SUB_MODEL, MAGNETS = 'fewer_steps', 'sub_model', 'magnets'
 CACHES = ('none', 'refresh_on_switch')
+CACHE_NAMES = {'none': 'nocache', 'refresh_on_switch': 'cached', 'refresh_every_k': 'refreshk'}
 
 Widths = tuple[tuple[int, int], ...]
 
@@ -46,7 +47,7 @@ class Decode:
   @property
   def name(self) -> str:
     """A file-name-safe name: ``'8x1-4x1-2x6-1x4_cached'``, ``'1x4_nocache'``."""
-    return self.spec.replace(',', '-') + ('_nocache' if self.cache == 'none' else '_cached')
+    return f"{self.spec.replace(',', '-')}_{CACHE_NAMES[self.cache]}"
 
 
 def family_of(widths: Widths) -> str:
@@ -80,7 +81,7 @@ def narrowest_first(factors: Sequence[int]) -> tuple[int, ...]:
 def schedule_space(factors: Sequence[int], min_steps: int, max_steps: int) -> Iterator[Widths]:
   """Every small-to-large schedule of ``factors`` with ``min_steps..max_steps`` steps."""
   factors = narrowest_first(factors)
-  for total in range(min_steps, max_steps + 1):
+  for total in range(max(1, min_steps), max_steps + 1):
     for used in range(1, len(factors) + 1):
       for subset in itertools.combinations(factors, used):
         # compositions of `total` into `used` positive parts

@@ -10,7 +10,8 @@ split, then scored once on the held-out *test* digits.
 - Validation: Fréchet distance to the first 1000 training digits (disjoint from the held-out
   ones; the tokenizer, transformer and classifier trained on them, but every family decodes the
   same model, and no held-out digit or test seed is seen) and class accuracy, of
-  ``validation_samples`` samples per seed of sampling seeds that the test never uses. A row's
+  ``validation_samples`` samples per seed of sampling seeds that nothing else uses. The
+  config's own schedules are not candidates: they were chosen on the held-out digits. A row's
   objective is how far it is from the target of the scaling study (fd within 10% of the
   validation baseline, class accuracy within 2 points): ``scaling_study.target_excess``. The
   one-width families are scored for every step count; MaGNeTS schedules by a beam search per
@@ -18,13 +19,14 @@ split, then scored once on the held-out *test* digits.
   schedules.
 - Test: the chosen decodes, ``seeds`` x ``num_samples`` on the held-out digits, as paired
   differences (``evaluation/paired.py``) against the baseline and against the best other family
-  at the same budget (the one validation ranks first).
+  at the same budget (the one validation ranks first), with sampling seeds no other job uses.
 
 Resumable: every scored row is one file under ``DIR/frontier/{validation,test}/``.
 """
 
 import dataclasses
 import io
+import math
 from typing import Any, Callable
 
 import ml_collections
@@ -34,6 +36,7 @@ from nested_decode import config_lib
 from nested_decode import io_utils
 from nested_decode.decoding import families
 from nested_decode.decoding.families import Decode
+from nested_decode.evaluation import decode_benchmark
 from nested_decode.evaluation import paired
 from nested_decode.jobs import resumable
 from nested_decode.jobs import scaling_study
@@ -42,7 +45,10 @@ from nested_decode.jobs import study
 from nested_decode.training import train_transformer
 
 SEPARATE = 'separate'  # the family of the separately trained plain models
-VALIDATION_SEED = 20_000  # validation seeds never coincide with the test's 0, 1, 2, ...
+# Seeds no other job uses: the study, the scaling study and the main job sample with 0, 1, 2,
+# and the config's schedules were chosen on those samples of the held-out digits.
+VALIDATION_SEED = 20_000
+TEST_SEED = 30_000
 NESTED = 'nested'
 COLORS = {families.FEWER_STEPS: 'tab:blue', families.SUB_MODEL: 'tab:orange',
           families.MAGNETS: 'tab:green', SEPARATE: 'tab:purple'}
@@ -114,18 +120,21 @@ class Models:
     params = stages.transformer_stage(config, workdir)
     self.scorers = {NESTED: study.make_scorer(
         config, workdir, params, reference_split='eval' if split == 'test' else 'calibration')}
-    nested = self.scorers[NESTED].generator
-    self.baseline_gflops = nested.flops(nested.schedule(config_lib.BASELINE))[
-        'gflops_per_sample']
+    self.baseline_flops = self.decode_flops(NESTED, Decode(((1, config.sampling.steps),),
+                                                             'none'))
     for name, separate in separate_models(config, workdir).items():
       variant_dir = io_utils.join(workdir, 'study', name)
       self.scorers[name] = self.scorers[NESTED].with_model(
           separate, train_transformer.load_params(separate, variant_dir))
 
-  def candidate(self, model: str, decode: Decode) -> Candidate:
+  def decode_flops(self, model: str, decode: Decode) -> int:
     generator = self.scorers[model].generator
-    gflops = generator.flops(generator.schedule(decode.spec, decode.cache))['gflops_per_sample']
-    return Candidate(model, decode, gflops, self.baseline_gflops / gflops)
+    return sum(decode_benchmark.step_flops(generator.config,
+                                           generator.schedule(decode.spec, decode.cache)))
+
+  def candidate(self, model: str, decode: Decode) -> Candidate:
+    flops = self.decode_flops(model, decode)  # integers: 1x4 is exactly 3x of 1x12
+    return Candidate(model, decode, flops / 1e9, self.baseline_flops / flops)
 
 
 def separate_models(config: ml_collections.ConfigDict, workdir: str
@@ -163,7 +172,13 @@ class Split:
     self.store.save(candidate.name, row, correct)
 
   def row(self, candidate: Candidate) -> tuple[dict, Any]:
-    return self.store.load(candidate.name)
+    row, correct = self.store.load(candidate.name)
+    if row['seeds'] != len(self.seeds) or row['num_samples'] != self.num_samples:
+      raise ValueError(f'{self.store.path(candidate.name)} was scored with {row["seeds"]} seeds x '
+                       f'{row["num_samples"]} samples, not the config\'s {len(self.seeds)} x '
+                       f'{self.num_samples}: use another workdir or delete '
+                       f'{self.store.directory}')
+    return row, correct
 
 
 def objective_of(row: dict, baseline: dict) -> float:
@@ -194,17 +209,11 @@ def run_frontier(config: ml_collections.ConfigDict, workdir: str,
                     for cache in families.CACHES
                     if (c := models.candidate(name, Decode(((1, steps),), cache))).flop_ratio
                     >= loosest]
-  named = [models.candidate(NESTED, Decode(tuple(map(tuple, s.widths)), s.cache))
-           for s in config_lib.schedules_with_baseline(config).values()
-           if s.cache in families.CACHES]
-  named = [c for c in named if c.flop_ratio >= loosest]
   base_candidate = models.candidate(NESTED, baseline)
-  progress = resumable.Progress(
-      [validation.task(c, 'validation') for c in [base_candidate] + one_width + named],
-      log, name='frontier')
+  scored = dict.fromkeys([base_candidate] + one_width)
+  progress = resumable.Progress([validation.task(c, 'validation') for c in scored], log,
+                                name='frontier')
   progress.run_all()
-
-  scored = {c: None for c in [base_candidate] + one_width + named}
 
   def rows_of(candidates):
     base_row = validation.row(base_candidate)[0]
@@ -226,8 +235,8 @@ def run_frontier(config: ml_collections.ConfigDict, workdir: str,
             for budget in f.budgets}
 
   test_models = Models(config, workdir, 'test')
-  test = Split(test_models, io_utils.join(out_dir, 'test'), list(range(f.seeds)),
-               f.num_samples, log)
+  test = Split(test_models, io_utils.join(out_dir, 'test'),
+               [TEST_SEED + s for s in range(f.seeds)], f.num_samples, log)
   picks = {base_candidate} | {row['candidate'] for by_family in chosen.values()
                               for row in by_family.values() if row}
   progress.add([test.task(c, 'test') for c in sorted(picks, key=lambda c: -c.gflops)])
@@ -249,18 +258,21 @@ def run_frontier(config: ml_collections.ConfigDict, workdir: str,
 
 def search_magnets(budget, models, validation, progress, scored, rows_of, f, factors) -> None:
   """Beam search for MaGNeTS schedules within ``budget``: start from the neighbours of the
-  best one-width (and configured) decodes, then follow the ``beam_width`` best MaGNeTS rows'
-  neighbours until the beam stops changing or ``max_rounds`` are done."""
+  ``beam_width`` best decodes of each one-width family within it, then follow the neighbours
+  of the ``beam_width`` best MaGNeTS rows until the best stops improving or ``max_rounds``
+  are done."""
   def feasible(decode):
     candidate = models.candidate(NESTED, decode)
     return candidate if candidate.flop_ratio >= budget else None
 
-  def top(family_filter):
+  def top(family):
     rows = [r for r in rows_of([c for c in scored if c.model == NESTED])
-            if r['flop_ratio'] >= budget and family_filter(r['family'])]
-    return [r['candidate'] for r in sorted(rows, key=lambda r: r['objective'])[:f.beam_width]]
+            if r['flop_ratio'] >= budget and r['family'] == family]
+    return sorted(rows, key=lambda r: (r['objective'], -r['flop_ratio']))[:f.beam_width]
 
-  beam = top(lambda family: True)
+  beam = [r['candidate'] for family in (families.FEWER_STEPS, families.SUB_MODEL)
+          for r in top(family)]
+  best = math.inf
   for round_index in range(f.max_rounds):
     new = {}
     for c in beam:
@@ -273,10 +285,11 @@ def search_magnets(budget, models, validation, progress, scored, rows_of, f, fac
                   for c in new])
     progress.run_all()
     scored.update(new)
-    next_beam = top(lambda family: family == families.MAGNETS)
-    if next_beam == beam:
+    leaders = top(families.MAGNETS)
+    if not leaders or leaders[0]['objective'] >= best:
       break
-    beam = next_beam
+    best = leaders[0]['objective']
+    beam = [r['candidate'] for r in leaders]
 
 
 def compare(row, correct, other_row, other_correct, baseline_fd) -> dict:
@@ -291,7 +304,8 @@ def compare(row, correct, other_row, other_correct, baseline_fd) -> dict:
 
 def verdict(difference: dict) -> str:
   """``ahead``: better by more than two standard errors in fd or class accuracy and not worse
-  by more than two in the other; ``behind`` the reverse; otherwise ``tie``."""
+  by more than two in the other; ``behind`` the reverse; ``mixed`` better in one and worse in
+  the other; otherwise ``tie``."""
   fd_better = difference['fd_diff'] < -2 * difference['fd_diff_se']
   fd_worse = difference['fd_diff'] > 2 * difference['fd_diff_se']
   acc_better = difference['class_accuracy_diff'] > 2 * difference['class_accuracy_diff_se']
@@ -300,7 +314,7 @@ def verdict(difference: dict) -> str:
     return 'ahead'
   if (fd_worse and not acc_better) or (acc_worse and not fd_better):
     return 'behind'
-  return 'tie'
+  return 'mixed' if (fd_better or acc_better) else 'tie'
 
 
 def analyse(chosen: dict, test: Split, base_candidate: Candidate,
@@ -350,14 +364,18 @@ def markdown(report: dict) -> str:
            f"{base['gflops_per_sample']:.3f} GFLOPs, class accuracy "
            f"{base['class_accuracy_mean']:.3f}, fd {base['fd_mean']:.1f} (test, "
            f"{len(base['fd_per_seed'])} seeds x {base['num_samples']} samples).", '',
-           '| budget | family | decode | cache | flop_ratio | class acc (vs baseline) | '
+           'Differences are paired (same seeds and labels) ± standard error: class accuracy in '
+           'points over (seed, sample) pairs, fd over seeds as a percentage of the baseline\'s '
+           'fd, also against the family that validation ranks first among the others at the '
+           'same budget.', '',
+           '| budget | family | decode | cache | GFLOPs | flop_ratio | class acc (vs baseline) | '
            'fd (vs baseline) | vs best other family: acc, fd | verdict |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for entry in report['budgets']:
     for family, row in entry['families'].items():
       head = f"| >= {entry['budget']:g}x | {family} |"
       if row is None:
-        lines.append(f'{head} none within the budget | | | | | | |')
+        lines.append(f'{head} none within the budget | | | | | | | |')
         continue
       b = row['vs_baseline']
       other = row.get('vs_best_other')
@@ -365,7 +383,8 @@ def markdown(report: dict) -> str:
                 f"{100 * other['class_accuracy_diff_se']:.1f} pts, {_pct(other['fd_gap'])} ± "
                 f"{100 * other['fd_gap_se']:.1f}" if other else '')
       lines.append(
-          f"{head} {row['spec']} | {row['cache']} | {row['flop_ratio']:.2f} | "
+          f"{head} {row['spec']} | {row['cache']} | {row['gflops_per_sample']:.3f} | "
+          f"{row['flop_ratio']:.2f} | "
           f"{row['class_accuracy_mean']:.3f} ({100 * b['class_accuracy_diff']:+.1f} ± "
           f"{100 * b['class_accuracy_diff_se']:.1f} pts) | {row['fd_mean']:.1f} "
           f"({_pct(b['fd_gap'])} ± {100 * b['fd_gap_se']:.1f}) | {versus} | "
