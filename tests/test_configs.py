@@ -71,9 +71,14 @@ def test_factor_that_does_not_divide_the_width():
   assert 'config.model.width' in message and '[3]' in message
 
 
-def test_schedule_whose_steps_do_not_sum_to_t():
-  message = bad(eval__schedules__magnets__widths=((8, 3), (1, 3)))
-  assert 'config.eval.schedules.magnets.widths' in message and 'sampling.steps=12' in message
+def test_schedule_with_its_own_number_of_steps_validates_up_to_one_step_per_token():
+  config = load('imagenet256', 'tiny')
+  config.eval.schedules.magnets.widths = ((8, 3), (1, 3))  # 6 steps, not sampling.steps
+  config_lib.validate(config)
+  tokens = config_lib.seq_len(config)
+  message = bad(eval__schedules__magnets__widths=((8, tokens), (1, 1)))
+  assert 'config.eval.schedules.magnets.widths' in message
+  assert f'more than the {tokens} tokens to generate' in message
 
 
 def test_schedule_with_a_factor_outside_the_nesting_factors():

@@ -156,6 +156,24 @@ def test_main_job_on_tiny_mnist_in_a_bucket_writes_samples_and_eval_then_skips_f
   assert os.listdir(job.cwd) == [] and os.listdir(job.tmp) == []
 
 
+def log_until_killed_after_3_tasks(run, config, workdir) -> list[str]:
+  """What ``run(config, workdir, log=...)`` logged until it was killed after its third task."""
+
+  class Killed(Exception):
+    pass
+
+  logged = []
+
+  def log(message):
+    logged.append(message)
+    if sum(' done;' in m for m in logged) == 3:
+      raise Killed
+
+  with pytest.raises(Killed):
+    run(config, workdir, log=log)
+  return logged
+
+
 def test_a_killed_scaling_study_resumes_without_recomputing_a_task(mnist_tiny_job):
   """In this process, on the bucket job's tokenizer, classifier and model (its w64_s4 point):
   stopped after three tasks, the rerun says what was done, runs only the rest and reports
@@ -163,18 +181,7 @@ def test_a_killed_scaling_study_resumes_without_recomputing_a_task(mnist_tiny_jo
   from nested_decode.jobs import scaling_study
   config, workdir = load_config('mnist', 'tiny'), mnist_tiny_job.workdir
 
-  class Killed(Exception):
-    pass
-
-  first = []
-
-  def log_until_killed(message):
-    first.append(message)
-    if sum(' done;' in m for m in first) == 3:
-      raise Killed
-
-  with pytest.raises(Killed):
-    scaling_study.run_scaling_study(config, workdir, log=log_until_killed)
+  first = log_until_killed_after_3_tasks(scaling_study.run_scaling_study, config, workdir)
   assert first[0] == 'scaling study: 1 of 8 tasks already done'  # the job's own model
   done_first = [m.split(' done;')[0] for m in first if ' done;' in m]
   assert done_first[0] == 'scaling study: w64_s2 nested training'
@@ -363,25 +370,18 @@ def test_a_decode_with_fewer_steps_runs_exactly_its_steps_with_the_maskgit_count
 
 
 def test_a_killed_frontier_resumes_and_picks_each_family_on_validation(mnist_tiny_job):
-  """The frontier on the bucket job's model, in this process: killed after a few rows, the
-  rerun scores only the rest; every pick is the validation-best of its family within its
-  budget, and only the picks (and the baseline) are scored on the held-out digits."""
+  """The frontier on the bucket job's model and a separately trained full-width one, in this
+  process: killed after a few rows, the rerun scores only the rest; every pick is the
+  validation-best of its family within its budget, and only the picks (and the baseline) are
+  scored on the held-out digits."""
   from nested_decode.decoding import families
   from nested_decode.jobs import frontier
+  from nested_decode.jobs import study
   config, workdir = load_config('mnist', 'tiny'), mnist_tiny_job.workdir
+  study.train_variant(study.separate_config(config, 1), workdir,
+                      io_utils.join(workdir, 'study', 'separate_width64'))
 
-  class Killed(Exception):
-    pass
-
-  first = []
-
-  def log_until_killed(message):
-    first.append(message)
-    if sum(' done;' in m for m in first) == 3:
-      raise Killed
-
-  with pytest.raises(Killed):
-    frontier.run_frontier(config, workdir, log=log_until_killed)
+  first = log_until_killed_after_3_tasks(frontier.run_frontier, config, workdir)
   second = []
   report = frontier.run_frontier(config, workdir, log=second.append)
   assert second[0].startswith('frontier: 3 of ') and any('ETA' in m for m in second)
@@ -395,18 +395,21 @@ def test_a_killed_frontier_resumes_and_picks_each_family_on_validation(mnist_tin
   test_rows = {p.name for p in epath.Path(io_utils.join(workdir, 'frontier', 'test')).iterdir()}
   picked = set()
   for entry in report['budgets']:
-    assert set(entry['families']) == {'fewer_steps', 'sub_model', 'magnets'}
+    assert set(entry['families']) == {'fewer_steps', 'sub_model', 'magnets', 'separate'}
     for family, row in entry['families'].items():
       eligible = [r for r in validation
                   if r['family'] == family and r['flop_ratio'] >= entry['budget']]
       best = min(eligible, key=lambda r: (r['objective'], -r['flop_ratio']))
       assert (row['spec'], row['cache']) == (best['spec'], best['cache'])
-      assert families.family_of(tuple(map(tuple, row['widths']))) == family
+      if family == 'separate':
+        assert row['model'] == 'separate_width64' and row['widths'][0][0] == 1
+      else:
+        assert families.family_of(tuple(map(tuple, row['widths']))) == family
       assert row['flop_ratio'] >= entry['budget'] and len(row['fd_per_seed']) == 2
       assert row['vs_best_other']['family'] != family
       assert row['vs_best_other']['verdict'] in ('ahead', 'tie', 'behind')
       decode = families.Decode(tuple(map(tuple, row['widths'])), row['cache'])
-      picked.add(f'nested_{decode.name}.json')
+      picked.add(f"{row['model']}_{decode.name}.json")
   assert test_rows == picked | {'nested_1x12_nocache.json'}
   assert report['baseline']['flop_ratio'] == 1
   for name in ('results.json', 'results.md', 'fd_vs_gflops.png'):

@@ -396,6 +396,15 @@ PANELS = (('fd_mean', True, 'Fréchet distance (lower is better)'),
           ('class_accuracy_mean', False, 'class accuracy (higher is better)'))
 
 
+def _gflops_axis(ax) -> None:
+  from matplotlib import ticker
+  ax.set_xscale('log')
+  ax.xaxis.set_major_locator(ticker.LogLocator(base=2))
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f'{x:.2g}'))
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.set_xlabel('GFLOPs per sample (log)')
+
+
 def _save(fig, path: str) -> None:
   import matplotlib.pyplot as plt
   buffer = io.BytesIO()
@@ -433,8 +442,7 @@ def plot(report: dict, path: str) -> None:
                     textcoords='offset points')
     ax.plot([base['gflops_per_sample']], [base[key]], 'k*', markersize=12,
             label=f"baseline {base['decode']}")
-    ax.set_xscale('log')
-    ax.set_xlabel('GFLOPs per sample (log)')
+    _gflops_axis(ax)
     ax.set_ylabel(f'{label}, held-out digits')
   axes[0].legend(fontsize=8)
   fig.suptitle('Best decode of each family per FLOP budget: chosen on validation, scored on '
@@ -458,8 +466,7 @@ def plot_validation(rows: list[dict], path: str) -> None:
       front = frontier_points(mine, 'gflops_per_sample', key, lower)
       ax.plot([r['gflops_per_sample'] for r in front], [r[key] for r in front], '-o',
               color=color, markersize=4, label=f'{family} ({len(mine)} decodes)')
-    ax.set_xscale('log')
-    ax.set_xlabel('GFLOPs per sample (log)')
+    _gflops_axis(ax)
     ax.set_ylabel(f'{label}, validation')
   axes[0].legend(fontsize=8)
   fig.suptitle('Every decode scored on validation, and the frontier of each family')
