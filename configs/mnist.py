@@ -82,8 +82,9 @@ def get_config(arg=None):
       seeds=2 if tiny else 3, num_samples=20 if tiny else 1000,
       beam_width=1 if tiny else 2, max_rounds=1 if tiny else 2))
   if tokens256:
-    # 32x32 -> 16x16: one halving. 4 x 128 wide (the 256-wide model's step costs about 5x as
-    # much at 257 positions); sized for the 120-minute budget of the 2-core machine.
+    # 32x32 -> 16x16: one halving. 4 x 128 wide. Not yet sized to the 120-minute budget of the
+    # 2-core machine: --mode=bench_train measured 8.2 s per nested step here (batch 64; 4.9 s at
+    # full width alone, 0.7 s per tokenizer step), so 800 steps would take 110 minutes.
     config.data.image_size = 32
     config.tokenizer.channel_multipliers = (1, 2)
     config.model.width, config.model.num_heads, config.model.mlp_dim = 128, 8, 512
