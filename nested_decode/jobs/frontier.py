@@ -113,22 +113,27 @@ def frontier_points(points: list[dict], x: str = 'gflops', y: str = 'fd',
 
 
 class Models:
-  """The nested model and the trained separate ones, with a scorer of each on one split."""
+  """The nested model and the trained separate ones, loaded once, with scorers of each against
+  the validation reference (``scorers('eval')``: against the held-out digits)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, split: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config, self.workdir = config, workdir
-    params = stages.transformer_stage(config, workdir)
-    self.scorers = {NESTED: study.make_scorer(
-        config, workdir, params, reference_split='eval' if split == 'test' else 'calibration')}
+    self.params = {NESTED: (config, stages.transformer_stage(config, workdir))}
+    for name, separate in separate_models(config, workdir).items():
+      self.params[name] = (separate, train_transformer.load_params(
+          separate, io_utils.join(workdir, 'study', name)))
+    self.validation = self.scorers('calibration')
     self.baseline_flops = self.decode_flops(NESTED, Decode(((1, config.sampling.steps),),
                                                              'none'))
-    for name, separate in separate_models(config, workdir).items():
-      variant_dir = io_utils.join(workdir, 'study', name)
-      self.scorers[name] = self.scorers[NESTED].with_model(
-          separate, train_transformer.load_params(separate, variant_dir))
+
+  def scorers(self, reference_split: str) -> dict[str, study.Scorer]:
+    nested = study.make_scorer(self.config, self.workdir, self.params[NESTED][1],
+                               reference_split=reference_split)
+    return {name: nested if name == NESTED else nested.with_model(config, params)
+            for name, (config, params) in self.params.items()}
 
   def decode_flops(self, model: str, decode: Decode) -> int:
-    generator = self.scorers[model].generator
+    generator = self.validation[model].generator
     return sum(decode_benchmark.step_flops(generator.config,
                                            generator.schedule(decode.spec, decode.cache)))
 
@@ -152,11 +157,11 @@ def separate_models(config: ml_collections.ConfigDict, workdir: str
 class Split:
   """Scores candidates on one split with its seeds, one stored row each."""
 
-  def __init__(self, models: Models, directory: str, seeds: list[int], num_samples: int,
-               log: Callable[[str], None]):
-    self.models, self.seeds, self.num_samples = models, seeds, num_samples
+  def __init__(self, scorers: dict[str, study.Scorer], directory: str, seeds: list[int],
+               num_samples: int):
+    self.scorers, self.seeds, self.num_samples = scorers, seeds, num_samples
     self.store = resumable.RowStore(directory)
-    self.log = log
+    self._rows: dict[str, tuple[dict, Any]] = {}
 
   def task(self, candidate: Candidate, label: str) -> resumable.Task:
     return resumable.Task(
@@ -165,20 +170,23 @@ class Split:
         done=lambda: self.store.has(candidate.name), run=lambda: self.score(candidate))
 
   def score(self, candidate: Candidate) -> None:
-    row, correct = self.models.scorers[candidate.model].score_samples(
+    row, correct = self.scorers[candidate.model].score_samples(
         candidate.decode.widths, candidate.decode.cache, self.seeds, self.num_samples)
     row.update(model=candidate.model, family=candidate.family, spec=candidate.decode.spec,
                flop_ratio=candidate.flop_ratio)
     self.store.save(candidate.name, row, correct)
 
   def row(self, candidate: Candidate) -> tuple[dict, Any]:
-    row, correct = self.store.load(candidate.name)
-    if row['seeds'] != len(self.seeds) or row['num_samples'] != self.num_samples:
-      raise ValueError(f'{self.store.path(candidate.name)} was scored with {row["seeds"]} seeds x '
-                       f'{row["num_samples"]} samples, not the config\'s {len(self.seeds)} x '
-                       f'{self.num_samples}: use another workdir or delete '
-                       f'{self.store.directory}')
-    return row, correct
+    """The stored row and per-sample correctness, read once."""
+    if candidate.name not in self._rows:
+      row, correct = self.store.load(candidate.name)
+      if row['seeds'] != len(self.seeds) or row['num_samples'] != self.num_samples:
+        raise ValueError(f'{self.store.path(candidate.name)} was scored with {row["seeds"]} '
+                         f'seeds x {row["num_samples"]} samples, not the config\'s '
+                         f'{len(self.seeds)} x {self.num_samples}: use another workdir or '
+                         f'delete {self.store.directory}')
+      self._rows[candidate.name] = row, correct
+    return self._rows[candidate.name]
 
 
 def objective_of(row: dict, baseline: dict) -> float:
@@ -195,15 +203,15 @@ def run_frontier(config: ml_collections.ConfigDict, workdir: str,
   factors = tuple(config.model.nesting_factors)
   baseline = Decode(((1, config.sampling.steps),), 'none')
 
-  models = Models(config, workdir, 'validation')
-  validation = Split(models, io_utils.join(out_dir, 'validation'),
+  models = Models(config, workdir)
+  validation = Split(models.validation, io_utils.join(out_dir, 'validation'),
                      [VALIDATION_SEED + s for s in range(f.validation_seeds)],
-                     f.validation_samples, log)
+                     f.validation_samples)
   loosest = min(f.budgets)
   one_width = [c for d in sum(families.one_width_decodes(factors, f.min_steps,
                                                          f.max_steps).values(), [])
                if (c := models.candidate(NESTED, d)).flop_ratio >= loosest]
-  for name in models.scorers:
+  for name in models.params:
     if name != NESTED:
       one_width += [c for steps in range(f.min_steps, f.max_steps + 1)
                     for cache in families.CACHES
@@ -229,14 +237,13 @@ def run_frontier(config: ml_collections.ConfigDict, workdir: str,
   # Validation picks each family's decode per budget; the test scores each pick once.
   validation_rows = rows_of(list(scored))
   family_names = [families.FEWER_STEPS, families.SUB_MODEL, families.MAGNETS]
-  if len(models.scorers) > 1:
+  if len(models.params) > 1:
     family_names.append(SEPARATE)
   chosen = {budget: {fam: best_within(validation_rows, budget, fam) for fam in family_names}
             for budget in f.budgets}
 
-  test_models = Models(config, workdir, 'test')
-  test = Split(test_models, io_utils.join(out_dir, 'test'),
-               [TEST_SEED + s for s in range(f.seeds)], f.num_samples, log)
+  test = Split(models.scorers('eval'), io_utils.join(out_dir, 'test'),
+               [TEST_SEED + s for s in range(f.seeds)], f.num_samples)
   picks = {base_candidate} | {row['candidate'] for by_family in chosen.values()
                               for row in by_family.values() if row}
   progress.add([test.task(c, 'test') for c in sorted(picks, key=lambda c: -c.gflops)])
