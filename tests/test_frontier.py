@@ -7,6 +7,7 @@ from nested_decode.data import mnist
 from nested_decode.decoding import families
 from nested_decode.decoding.families import Decode
 from nested_decode.jobs import frontier
+from nested_decode.jobs import study
 
 FACTORS = (1, 2, 4, 8)
 
@@ -37,7 +38,7 @@ def test_families_are_named_by_their_widths():
   assert families.family_of(((2, 8),)) == families.SUB_MODEL
   assert families.family_of(((2, 4), (1, 2))) == families.MAGNETS
   assert Decode(((8, 1), (1, 3)), 'refresh_on_switch').name == '8x1-1x3_cached'
-  assert Decode(((1, 4),), 'none').spec == '1x4' and Decode(((1, 4),), 'none').steps == 4
+  assert Decode(((1, 4),), 'none').spec == '1x4'
 
 
 def test_neighbours_move_add_or_remove_one_step_or_switch_the_cache():
@@ -53,9 +54,9 @@ def test_neighbours_move_add_or_remove_one_step_or_switch_the_cache():
   assert all(d.widths in space for d in found)
   # at the step limits no step is added or removed
   at_max = families.neighbours(Decode(((1, 5),), 'none'), FACTORS, 2, 5)
-  assert {d.steps for d in at_max} == {4, 5}
+  assert {sum(n for _, n in d.widths) for d in at_max} == {4, 5}
   at_min = families.neighbours(Decode(((1, 2),), 'none'), FACTORS, 2, 5)
-  assert {d.steps for d in at_min} == {2, 3}
+  assert {sum(n for _, n in d.widths) for d in at_min} == {2, 3}
 
 
 def test_a_schedule_out_of_order_is_an_error():
@@ -80,14 +81,14 @@ def test_selection_keeps_to_the_budget_and_the_family():
   assert frontier.best_within(rows, 13, None) is None
 
 
-def test_frontier_points_are_the_undominated_ones():
+def test_the_pareto_front_is_the_undominated_points_in_either_direction():
   points = [dict(gflops=g, fd=f, name=n) for g, f, n in
             [(2.0, 60.0, 'a'), (1.0, 70.0, 'b'), (1.5, 75.0, 'c'), (3.0, 58.0, 'd'),
              (3.0, 57.0, 'e'), (0.5, 90.0, 'f'), (2.5, 61.0, 'g')]]
-  assert [p['name'] for p in frontier.frontier_points(points)] == ['f', 'b', 'a', 'e']
+  assert [p['name'] for p in study.pareto_front(points, 'gflops', 'fd')] == ['f', 'b', 'a', 'e']
   accuracy = [dict(gflops=g, acc=a, name=n) for g, a, n in
               [(1.0, 0.9, 'a'), (2.0, 0.95, 'b'), (2.0, 0.97, 'c'), (3.0, 0.96, 'd')]]
-  assert [p['name'] for p in frontier.frontier_points(accuracy, y='acc', lower_is_better=False)
+  assert [p['name'] for p in study.pareto_front(accuracy, 'gflops', 'acc', lower_is_better=False)
           ] == ['a', 'c']
 
 

@@ -36,10 +36,6 @@ class Decode:
       raise ValueError(f'Unknown cache policy {self.cache!r}; allowed: {CACHE_POLICIES}')
 
   @property
-  def steps(self) -> int:
-    return sum(n for _, n in self.widths)
-
-  @property
   def spec(self) -> str:
     """``'8x1,4x1,2x6,1x4'``: the API's schedule string."""
     return ','.join(f'{p}x{n}' for p, n in self.widths)

@@ -15,8 +15,7 @@ split, then scored once on the held-out *test* digits.
   objective is how far it is from the target of the scaling study (fd within 10% of the
   validation baseline, class accuracy within 2 points): ``scaling_study.target_excess``. The
   one-width families are scored for every step count; MaGNeTS schedules by a beam search per
-  budget over the schedule space, started from the best one-width decodes and the config's
-  schedules.
+  budget over the schedule space, started from the best one-width decodes.
 - Test: the chosen decodes, ``seeds`` x ``num_samples`` on the held-out digits, as paired
   differences (``evaluation/paired.py``) against the baseline and against the best other family
   at the same budget (the one validation ranks first), with sampling seeds no other job uses.
@@ -98,20 +97,6 @@ def best_within(rows: list[dict], budget: float, family: str | None = None) -> d
   return min(eligible, key=lambda r: (r['objective'], -r['flop_ratio']), default=None)
 
 
-def frontier_points(points: list[dict], x: str = 'gflops', y: str = 'fd',
-                    lower_is_better: bool = True) -> list[dict]:
-  """The points no other point beats: as cheap or cheaper in ``x`` and better in ``y``,
-  cheapest first."""
-  sign = 1 if lower_is_better else -1
-  ordered = sorted(points, key=lambda p: (p[x], sign * p[y]))
-  front, best = [], float('inf')
-  for point in ordered:
-    if sign * point[y] < best:
-      front.append(point)
-      best = sign * point[y]
-  return front
-
-
 class Models:
   """The nested model and the trained separate ones, loaded once, with scorers of each against
   the validation reference (``scorers('eval')``: against the held-out digits)."""
@@ -123,6 +108,7 @@ class Models:
       self.params[name] = (separate, train_transformer.load_params(
           separate, io_utils.join(workdir, 'study', name)))
     self.validation = self.scorers('calibration')
+    self._candidates: dict[tuple[str, Decode], Candidate] = {}
     self.baseline_flops = self.decode_flops(NESTED, Decode(((1, config.sampling.steps),),
                                                              'none'))
 
@@ -138,8 +124,12 @@ class Models:
                                            generator.schedule(decode.spec, decode.cache)))
 
   def candidate(self, model: str, decode: Decode) -> Candidate:
-    flops = self.decode_flops(model, decode)  # integers: 1x4 is exactly 3x of 1x12
-    return Candidate(model, decode, flops / 1e9, self.baseline_flops / flops)
+    """The decode with its cost, counted once (the search asks again at every budget)."""
+    if (model, decode) not in self._candidates:
+      flops = self.decode_flops(model, decode)  # integers: 1x4 is exactly 3x of 1x12
+      self._candidates[model, decode] = Candidate(model, decode, flops / 1e9,
+                                                  self.baseline_flops / flops)
+    return self._candidates[model, decode]
 
 
 def separate_models(config: ml_collections.ConfigDict, workdir: str
@@ -211,12 +201,9 @@ def run_frontier(config: ml_collections.ConfigDict, workdir: str,
   one_width = [c for d in sum(families.one_width_decodes(factors, f.min_steps,
                                                          f.max_steps).values(), [])
                if (c := models.candidate(NESTED, d)).flop_ratio >= loosest]
-  for name in models.params:
-    if name != NESTED:
-      one_width += [c for steps in range(f.min_steps, f.max_steps + 1)
-                    for cache in families.CACHES
-                    if (c := models.candidate(name, Decode(((1, steps),), cache))).flop_ratio
-                    >= loosest]
+  full_width = families.one_width_decodes((1,), f.min_steps, f.max_steps)[families.FEWER_STEPS]
+  one_width += [c for name in models.params if name != NESTED for d in full_width
+                if (c := models.candidate(name, d)).flop_ratio >= loosest]
   base_candidate = models.candidate(NESTED, baseline)
   scored = dict.fromkeys([base_candidate] + one_width)
   progress = resumable.Progress([validation.task(c, 'validation') for c in scored], log,
@@ -330,29 +317,26 @@ def analyse(chosen: dict, test: Split, base_candidate: Candidate,
   baseline = dict(base_row, decode=base_candidate.decode.spec, cache=base_candidate.decode.cache)
   budgets = []
   for budget, by_family in chosen.items():
-    entries = {}
+    entries, correct_of = {}, {}
     for family, pick in by_family.items():
       if pick is None:
         entries[family] = None
         continue
-      row, correct = test.row(pick['candidate'])
+      row, correct_of[family] = test.row(pick['candidate'])
       entries[family] = dict(
           row, validation_objective=pick['objective'], validation_fd=pick['fd_mean'],
           validation_class_accuracy=pick['class_accuracy_mean'],
-          vs_baseline=compare(row, correct, base_row, base_correct, base_row['fd_mean']),
-          _correct=correct)
+          vs_baseline=compare(row, correct_of[family], base_row, base_correct,
+                              base_row['fd_mean']))
     for family, entry in entries.items():
       others = [(f, e) for f, e in entries.items() if f != family and e]
       if not entry or not others:
         continue
       best_family, best = min(others, key=lambda fe: fe[1]['validation_objective'])
-      difference = compare(entry, entry['_correct'], best, best['_correct'],
+      difference = compare(entry, correct_of[family], best, correct_of[best_family],
                            base_row['fd_mean'])
       entry['vs_best_other'] = dict(family=best_family, verdict=verdict(difference),
                                     **difference)
-    for entry in entries.values():
-      if entry:
-        del entry['_correct']
     budgets.append(dict(budget=budget, families=entries))
   return dict(baseline=baseline, budgets=budgets,
               validation_candidates=[
@@ -440,7 +424,7 @@ def plot(report: dict, path: str) -> None:
       std = key.replace('_mean', '_std')
       ax.errorbar([r['gflops_per_sample'] for r in rows], [r[key] for r in rows],
                   yerr=[r[std] for r in rows], fmt='o', capsize=3, color=color)
-      front = frontier_points(rows, 'gflops_per_sample', key, lower)
+      front = study.pareto_front(rows, y=key, lower_is_better=lower)
       ax.plot([r['gflops_per_sample'] for r in front], [r[key] for r in front], '-',
               color=color, label=family)
       for r in rows:
@@ -470,7 +454,7 @@ def plot_validation(rows: list[dict], path: str) -> None:
         continue
       ax.plot([r['gflops_per_sample'] for r in mine], [r[key] for r in mine], '.',
               color=color, alpha=0.35)
-      front = frontier_points(mine, 'gflops_per_sample', key, lower)
+      front = study.pareto_front(mine, y=key, lower_is_better=lower)
       ax.plot([r['gflops_per_sample'] for r in front], [r[key] for r in front], '-o',
               color=color, markersize=4, label=f'{family} ({len(mine)} decodes)')
     _gflops_axis(ax)

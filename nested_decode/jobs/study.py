@@ -218,14 +218,17 @@ def json_config(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
-  """Rows not beaten by any row that is both cheaper (or equal) and better in fd."""
-  ordered = sorted(rows, key=lambda r: (r['gflops_per_sample'], r['fd_mean']))
+def pareto_front(rows: list[dict], x: str = 'gflops_per_sample', y: str = 'fd_mean',
+                 lower_is_better: bool = True) -> list[dict]:
+  """Rows not beaten by any row that is both as cheap or cheaper in ``x`` and better in
+  ``y``, cheapest first."""
+  sign = 1 if lower_is_better else -1
+  ordered = sorted(rows, key=lambda r: (r[x], sign * r[y]))
   front, best = [], float('inf')
   for row in ordered:
-    if row['fd_mean'] < best:
+    if sign * row[y] < best:
       front.append(row)
-      best = row['fd_mean']
+      best = sign * row[y]
   return front
 
 
