@@ -19,7 +19,6 @@ State is created directly sharded: ``sharded_init`` compiles the initialiser wit
 
 import dataclasses
 import functools
-import glob
 import importlib.util
 import math
 import os
@@ -33,7 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from nested_decode import config_lib
+from nested_decode import config_lib, platforms
 from nested_decode.config_lib import ConfigError
 from nested_decode.models import partitioning
 
@@ -306,11 +305,6 @@ SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROC
 SWITCH = 'NESTED_DECODE_DISTRIBUTED'  # 0: never initialise; 1: always (jax auto-detects)
 
 
-def _on_cloud_tpu_vm() -> bool:
-  has_chips = glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')
-  return bool(has_chips) and importlib.util.find_spec('libtpu') is not None
-
-
 def cluster_kind(environ: Mapping[str, str] = os.environ) -> str | None:
   """``'explicit'``, ``'slurm'``, ``'tpu'``, ``'auto'`` (forced) or None (one process)."""
   switch = environ.get(SWITCH)
@@ -329,7 +323,7 @@ def cluster_kind(environ: Mapping[str, str] = os.environ) -> str | None:
     return 'tpu'
   if switch == '1':
     return 'auto'
-  if _on_cloud_tpu_vm():
+  if platforms.has_tpu_chips() and importlib.util.find_spec('libtpu') is not None:
     return 'tpu'
   return None
 

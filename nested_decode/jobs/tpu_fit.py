@@ -23,7 +23,6 @@ a single-width train step (``training.widths=(1,)``, the same model) is compiled
 nested step's row says how much more it moves (``collective_vs_single``, on the ring estimate).
 """
 
-import os
 import re
 import time
 from typing import Any, Callable
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from nested_decode import config_lib
+from nested_decode import config_lib, platforms
 from nested_decode import parallel
 from nested_decode.config_lib import ConfigError
 from nested_decode.decoding.sampler import Decoder
@@ -51,9 +50,7 @@ OOM_TEMPORARIES = re.compile(r'HLO temporaries \(([\d.]+)([KMGT])\)')
 
 def topology_devices(topology: str) -> list[jax.Device]:
   """The devices of a TPU slice, e.g. ``'v5e:4x4'`` (16 chips), for compiling only."""
-  # libtpu takes a machine-wide lock file when it loads; without this a second JAX process
-  # (a test run, another user's job) makes the load fail. Nothing here runs on a TPU.
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  platforms.prepare_libtpu_for_compiling_only()
   from jax.experimental import topologies
   try:
     return list(topologies.get_topology_desc(platform='tpu', topology_name=topology).devices)
