@@ -412,6 +412,9 @@ def test_a_killed_frontier_resumes_and_picks_each_family_on_validation(mnist_tin
       picked.add(f"{row['model']}_{decode.name}.json")
   assert test_rows == picked | {'nested_1x12_nocache.json'}
   assert report['baseline']['flop_ratio'] == 1
+  ceiling = report['tokenizer_reconstructions_of_held_out']
+  assert 0 <= ceiling['class_accuracy'] <= 1 and ceiling['fd'] >= 0
+  assert 0 < ceiling['reconstruction_mse'] < 4  # pixels in [-1, 1]
   for name in ('results.json', 'results.md', 'fd_vs_gflops.png'):
     assert io_utils.exists(io_utils.join(workdir, 'frontier', name))
 

@@ -33,10 +33,12 @@ from absl import logging
 
 from nested_decode import config_lib
 from nested_decode import io_utils
+from nested_decode.data.sources import all_images, data_sources
 from nested_decode.decoding import families
 from nested_decode.decoding.families import Decode
 from nested_decode.evaluation import decode_benchmark
 from nested_decode.evaluation import paired
+from nested_decode.jobs import image
 from nested_decode.jobs import resumable
 from nested_decode.jobs import scaling_study
 from nested_decode.jobs import stages
@@ -237,6 +239,10 @@ def run_frontier(config: ml_collections.ConfigDict, workdir: str,
   progress.run_all()
 
   report = analyse(chosen, test, base_candidate, validation_rows)
+  nested_test = test.scorers[NESTED]
+  _, evaluation, _, _ = data_sources(config)
+  report['tokenizer_reconstructions_of_held_out'] = image.reconstruction_scores(
+      config, workdir, nested_test.generator, nested_test.samples, *all_images(evaluation))
   report.update(config=study.json_config(config),
                 validation=dict(reference='first 1000 training digits',
                                 seeds=validation.seeds, samples=f.validation_samples,
@@ -349,12 +355,22 @@ def _pct(value: float) -> str:
   return f'{100 * value:+.1f}%'
 
 
+def _reconstruction_line(report: dict) -> list[str]:
+  ceiling = report.get('tokenizer_reconstructions_of_held_out')
+  if not ceiling:
+    return []
+  return [f"The tokenizer's reconstructions of the held-out digits (the ceiling): class accuracy "
+          f"{ceiling['class_accuracy']:.3f}, fd {ceiling['fd']:.1f}, pixel MSE "
+          f"{ceiling['reconstruction_mse']:.4f}.", '']
+
+
 def markdown(report: dict) -> str:
   base = report['baseline']
   lines = [f"Baseline ({base['decode']}, cache {base['cache']}): "
            f"{base['gflops_per_sample']:.3f} GFLOPs, class accuracy "
            f"{base['class_accuracy_mean']:.3f}, fd {base['fd_mean']:.1f} (test, "
            f"{len(base['fd_per_seed'])} seeds x {base['num_samples']} samples).", '',
+           *_reconstruction_line(report),
            'Differences are paired (same seeds and labels) ± standard error: class accuracy in '
            'points over (seed, sample) pairs, fd over seeds as a percentage of the baseline\'s '
            'fd, also against the family that validation ranks first among the others at the '
@@ -404,19 +420,15 @@ def _save(fig, path: str) -> None:
   io_utils.write_bytes(path, buffer.getvalue())
 
 
-def plot(report: dict, path: str) -> None:
-  """The test scores of each family's picks against GFLOPs (± std over seeds), the family's
-  frontier through them, and the baseline."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+def draw_test_frontier(axes, report: dict) -> None:
+  """Into two matplotlib axes (fd, class accuracy): the test scores of each family's picks
+  against GFLOPs (± std over seeds), the family's frontier through them, and the baseline."""
   base = report['baseline']
   by_family = {}
   for entry in report['budgets']:
     for family, row in entry['families'].items():
       if row:
         by_family.setdefault(family, {})[(row['model'], row['spec'], row['cache'])] = row
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
   for ax, (key, lower, label) in zip(axes, PANELS):
     for family, rows in by_family.items():
       color = COLORS[family]
@@ -436,6 +448,14 @@ def plot(report: dict, path: str) -> None:
     _gflops_axis(ax)
     ax.set_ylabel(f'{label}, held-out digits')
   axes[0].legend(fontsize=8)
+
+
+def plot(report: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+  draw_test_frontier(axes, report)
   fig.suptitle('Best decode of each family per FLOP budget: chosen on validation, scored on '
                'the held-out digits (c: cached)')
   _save(fig, path)

@@ -74,6 +74,19 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str,
   return rows
 
 
+def reconstruction_scores(config: ml_collections.ConfigDict, workdir: str,
+                          generator: api.Generator, scorer: mnist_classifier.SampleScorer,
+                          held_out: np.ndarray, held_out_labels: np.ndarray) -> dict:
+  """The tokenizer's reconstructions of the held-out digits (``scorer``'s reference), scored
+  as samples are: the ceiling of every decode's quality."""
+  eval_tokens, _ = stages.token_dataset(config, workdir, 'eval')
+  reconstructions = generator.decode(eval_tokens)
+  scores = scorer.score(reconstructions, held_out_labels)
+  scores['reconstruction_mse'] = float(np.mean(
+      (pixels.to_float(reconstructions) - pixels.to_float(held_out)) ** 2))
+  return scores
+
+
 def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """``eval.json``: per schedule, FLOPs and classifier scores of its samples."""
   if config.data.name != 'mnist':
@@ -93,11 +106,8 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     row.update(scores, num_samples=len(stages.sample_labels(config)))
     rows.append(row)
     logging.info('eval %s: %s', name, row)
-  eval_tokens, _ = stages.token_dataset(config, workdir, 'eval')
-  reconstructions = generator.decode(eval_tokens)
-  reference = scorer.score(reconstructions, held_out_labels)
-  reference['reconstruction_mse'] = float(np.mean(
-      (pixels.to_float(reconstructions) - pixels.to_float(held_out)) ** 2))
+  reference = reconstruction_scores(config, workdir, generator, scorer, held_out,
+                                    held_out_labels)
   report = dict(rows=rows, tokenizer_reconstructions_of_held_out=reference,
                 held_out_classifier_accuracy=mnist_classifier.class_accuracy(
                     scorer.classifier.predict(held_out),
