@@ -106,7 +106,8 @@ def test_the_demo_notebook_runs_top_to_bottom(frame_prediction_job):
   assert time.perf_counter() - began < 180
   outputs = [o for c in notebook.cells if c.cell_type == 'code' for o in c.outputs]
   text = ''.join(o.get('text', '') for o in outputs)
-  assert 'First samples after' in text and '8x1,4x1,2x6,1x4' in text
+  assert 'First samples after' in text and 'MaGNeTS 4x1,1x4 minus the best other family' in text
+  assert 'fewer steps  1x3' in text  # the frontier's pick at the notebook's budget, scored live
   images = [o for o in outputs if 'image/png' in o.get('data', {})]
   assert len(images) == 4  # side by side, step by step, your schedule, quality vs GFLOPs
   assert any('image/gif' in o.get('data', {}) for o in outputs)  # the frame prediction
