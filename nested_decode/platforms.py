@@ -12,7 +12,7 @@ libtpu itself). A ``JAX_PLATFORMS`` the user set, or a TPU VM, is left to JAX's 
 import glob
 import importlib.util
 import os
-from typing import Mapping
+from typing import Callable, Mapping
 
 TPU_DEVICE_PATTERNS = ('/dev/accel*', '/dev/vfio/[0-9]*')  # TPU VMs: v2-v4, v5e and later
 NVIDIA_DEVICE_PATHS = ('/dev/nvidia0', '/dev/nvidiactl', '/dev/dxg')
@@ -28,18 +28,19 @@ def has_cuda_gpu() -> bool:
           and any(importlib.util.find_spec(name) for name in CUDA_PLUGINS))
 
 
-def without_absent_tpu(environ: Mapping[str, str], tpu_chips: bool,
-                       cuda_gpu: bool) -> str | None:
-  """The ``jax_platforms`` to set, or None to leave JAX's default."""
-  if 'JAX_PLATFORMS' in environ or tpu_chips:
+def without_absent_tpu(environ: Mapping[str, str], tpu_chips: Callable[[], bool],
+                       cuda_gpu: Callable[[], bool]) -> str | None:
+  """The ``jax_platforms`` to set, or None to leave JAX's default (the machine is probed only
+  when the user named no platforms)."""
+  if 'JAX_PLATFORMS' in environ or tpu_chips():
     return None
-  return 'cuda,cpu' if cuda_gpu else 'cpu'
+  return 'cuda,cpu' if cuda_gpu() else 'cpu'
 
 
 def leave_out_absent_tpu() -> None:
   if importlib.util.find_spec('libtpu') is None:
     return  # JAX tries no TPU backend without it
-  platforms = without_absent_tpu(os.environ, has_tpu_chips(), has_cuda_gpu())
+  platforms = without_absent_tpu(os.environ, has_tpu_chips, has_cuda_gpu)
   if platforms is not None:
     import jax
     jax.config.update('jax_platforms', platforms)

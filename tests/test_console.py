@@ -24,11 +24,12 @@ def readme_env() -> dict:
 
 
 def test_platforms_leave_out_the_tpu_only_where_there_are_no_chips_and_no_user_choice():
-  assert platforms.without_absent_tpu({}, tpu_chips=False, cuda_gpu=False) == 'cpu'
-  assert platforms.without_absent_tpu({}, tpu_chips=False, cuda_gpu=True) == 'cuda,cpu'
-  assert platforms.without_absent_tpu({}, tpu_chips=True, cuda_gpu=False) is None
-  assert platforms.without_absent_tpu({'JAX_PLATFORMS': 'tpu'}, False, False) is None
-  assert platforms.without_absent_tpu({'JAX_PLATFORMS': ''}, False, False) is None
+  yes, no = (lambda: True), (lambda: False)
+  assert platforms.without_absent_tpu({}, tpu_chips=no, cuda_gpu=no) == 'cpu'
+  assert platforms.without_absent_tpu({}, tpu_chips=no, cuda_gpu=yes) == 'cuda,cpu'
+  assert platforms.without_absent_tpu({}, tpu_chips=yes, cuda_gpu=no) is None
+  assert platforms.without_absent_tpu({'JAX_PLATFORMS': 'tpu'}, no, no) is None
+  assert platforms.without_absent_tpu({'JAX_PLATFORMS': ''}, no, no) is None
 
 
 def test_a_job_started_as_the_readme_says_prints_no_backend_errors(tmp_path):

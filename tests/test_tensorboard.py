@@ -45,9 +45,17 @@ def test_local_event_files_hold_the_logged_scalars(tmp_path):
   assert_same_scalars(lines, read_scalars(str(tmp_path / 'tensorboard' / 'toy')))
 
 
-def test_event_files_on_cloud_storage_hold_the_logged_scalars(gcs_bucket, tmp_path):
+def test_event_files_on_cloud_storage_hold_the_logged_scalars(gcs_bucket, tmp_path,
+                                                               monkeypatch):
   workdir = f'{gcs_bucket}/tensorboard_run'
+  uploads, write_bytes = [], io_utils.write_bytes
+  def recording_write_bytes(path, data):
+    if 'tfevents' in path:
+      uploads.append(len(data))
+    write_bytes(path, data)
+  monkeypatch.setattr(io_utils, 'write_bytes', recording_write_bytes)
   lines = log_two_writes(workdir)
+  assert uploads and len(set(uploads)) == len(uploads)  # no upload of an unchanged file
   logdir = io_utils.join(workdir, 'tensorboard', 'toy')
   import gcsfs
   names = gcsfs.GCSFileSystem(skip_instance_cache=True).ls(logdir)

@@ -36,13 +36,18 @@ class _WholeObjectRecords:
   whole (atomically) at every flush."""
 
   def __init__(self, path: str):
-    self._path, self._buffer = path, io.BytesIO()
+    self._path, self._buffer, self._uploaded = path, io.BytesIO(), -1
 
   def write(self, data: bytes) -> None:
     self._buffer.write(data)
 
   def flush(self) -> None:
-    io_utils.write_bytes(self._path, self._buffer.getvalue())
+    """Uploads the file if records came since the last upload (the writer's timer and its
+    ``close`` flush again with nothing new)."""
+    data = self._buffer.getvalue()
+    if len(data) != self._uploaded:
+      io_utils.write_bytes(self._path, data)
+      self._uploaded = len(data)
 
   def close(self) -> None:
     self.flush()
