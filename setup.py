@@ -40,7 +40,8 @@ setup(
                 'scikit-image>=0.22',  # its sample photographs test the FID Inception network
                 'gcp-storage-emulator>=2026.7.19',  # a local GCS API for the gs:// tests
                 'tensorboard>=2.18',  # `tensorboard --logdir`; the tests read its event files
-                # compiles for TPU topologies without a TPU (tests/test_tpu_compile.py)
+                'ruff>=0.6',  # the lint tests/unit/package/test_lint.py runs (ruff.toml)
+                # compiles for TPU topologies without a TPU (tests/integration/test_tpu_compile.py)
                 'libtpu>=0.0.42; platform_system == "Linux"'],
         'tf': ['tensorflow-cpu>=2.18; platform_system == "Linux"'],
     },

@@ -19,8 +19,18 @@ import ml_collections
 
 from nested_decode import config_lib
 
+# The transformer of each variant: MAGVIT-L, MAGVIT-B's width with 16 heads (to nest by 8), and a
+# small one for a 2-core machine.
+TRANSFORMERS = {
+    None: dict(num_layers=24, width=1024, num_heads=16),
+    'base': dict(num_layers=12, width=768, num_heads=16),
+    'tiny': dict(num_layers=4, width=128, num_heads=8),
+}
+
 
 def get_config(arg=None):
+  if arg not in TRANSFORMERS:
+    raise ValueError(f'Unknown variant {arg!r} of configs/k600.py; allowed: base, tiny')
   task = ml_collections.ConfigDict(dict(name='frame_prediction', condition_frames=5))
   if arg == 'tiny':
     return tiny_config(task)
@@ -29,7 +39,7 @@ def get_config(arg=None):
       frame_stride=1, image_size=128, channels=3,
       # Decoding video files (PyAV) is the heaviest input work of any config here.
       **config_lib.data_workers(16)))
-  config = config_lib.video_config(arg, config_file='configs/k600.py', data=data, task=task,
+  config = config_lib.video_config(tiny=False, model=TRANSFORMERS[arg], data=data, task=task,
                                    num_classes=0, guidance_scale=0.0)
   # MAGVIT's protocol (appendix B.3): 50,000 x 4 samples, real clips and conditions from 2
   # temporal windows x 3 spatial crops of each validation video, FVD at 64x64.
@@ -41,7 +51,7 @@ def tiny_config(task):
   data = ml_collections.ConfigDict(dict(
       name='moving_mnist', num_frames=16, image_size=32, channels=1, num_train_clips=4000,
       num_eval_clips=128, **config_lib.data_workers(0)))
-  config = config_lib.video_config('tiny', config_file='configs/k600.py', data=data, task=task,
+  config = config_lib.video_config(tiny=True, model=TRANSFORMERS['tiny'], data=data, task=task,
                                    num_classes=0, guidance_scale=0.0)
   config.tokenizer_training.update(dict(
       num_steps=600, batch_size=8, num_frames=9, learning_rate=1e-3, warmup_steps=50,

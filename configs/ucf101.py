@@ -13,8 +13,18 @@ from ml_collections import config_dict
 
 from nested_decode import config_lib
 
+# The transformer of each variant: MAGVIT-L, MAGVIT-B's width with 16 heads (to nest by 8), and a
+# small one for smoke runs and benchmarks.
+TRANSFORMERS = {
+    None: dict(num_layers=24, width=1024, num_heads=16),
+    'base': dict(num_layers=12, width=768, num_heads=16),
+    'tiny': dict(num_layers=4, width=128, num_heads=8),
+}
+
 
 def get_config(arg=None):
+  if arg not in TRANSFORMERS:
+    raise ValueError(f'Unknown variant {arg!r} of configs/ucf101.py; allowed: base, tiny')
   data = ml_collections.ConfigDict(dict(
       name='ucf101', data_dir=config_dict.placeholder(str), num_frames=16, frame_stride=1,
       image_size=32 if arg == 'tiny' else 128, channels=3,
@@ -22,8 +32,8 @@ def get_config(arg=None):
       # :tiny.
       **config_lib.data_workers(2 if arg == 'tiny' else 8)))
   task = ml_collections.ConfigDict(dict(name='class_conditional'))
-  config = config_lib.video_config(arg, config_file='configs/ucf101.py', data=data, task=task,
-                                   num_classes=101, guidance_scale=1.0)
+  config = config_lib.video_config(tiny=arg == 'tiny', model=TRANSFORMERS[arg], data=data,
+                                   task=task, num_classes=101, guidance_scale=1.0)
   # MAGVIT's protocol (appendix B.3): 10,000 x 4 samples against clips of the training videos
   # (here 2 temporal windows x 3 spatial crops of each), each sample of its real clip's class.
   config.eval.update(num_samples=10_000, num_folds=4, real_split='train', clip_views=(2, 3))

@@ -19,12 +19,13 @@ bucket and batch shape; ``sampler.Decoder``); parameters are cast to the compute
 load. ``seconds`` times the compiled transformer decode alone (what ``gflops_per_sample``
 counts), not compilation or the tokenizer.
 
-The job's stages (``nested_decode/jobs``), the study, the schedule search and the demo notebook
+The job's stages (``nested_decode/pipeline``), the studies and the demo notebook
 all sample through ``Generator``.
 """
 
 import dataclasses
 import json
+import re
 import time
 from typing import Any, Iterator, Sequence
 
@@ -33,28 +34,22 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
-from nested_decode import config_lib
-from nested_decode import io_utils
-from nested_decode import parallel
-from nested_decode import tasks
+from nested_decode import checkpoints, config_lib, config_migrations, io_utils, parallel, tasks
 from nested_decode.decoding import sampler
-from nested_decode.evaluation import decode_benchmark
+from nested_decode.decoding.plan import DecodeStep
+from nested_decode.decoding.schedule import BASELINE, Schedule, ScheduleError
+from nested_decode.inference import restore, tokenizer
+from nested_decode.models import flops as flops_lib
 from nested_decode.models.transformer import cast_for_inference
-from nested_decode.training import checkpoints
-from nested_decode.training import loop
-from nested_decode.training import train_tokenizer
-from nested_decode.training import train_transformer
 
-ScheduleSpec = str | Sequence[Sequence[int]] | ml_collections.ConfigDict
+ScheduleSpec = str | Sequence[Sequence[int]] | ml_collections.ConfigDict | Schedule
+SPEC_PATTERN = re.compile(r'\s*\d+\s*x\s*\d+\s*(,\s*\d+\s*x\s*\d+\s*)*')
 
 
 class NotTrainedError(FileNotFoundError):
   """The workdir has no finished tokenizer or transformer to sample with."""
-
-
-class ScheduleError(ValueError):
-  """A schedule the model cannot decode with; the message says why."""
 
 
 @dataclasses.dataclass
@@ -79,31 +74,23 @@ class Samples:
     return 1000 * self.seconds / len(self.tokens)
 
 
-def schedule_name(schedule: ml_collections.ConfigDict) -> str:
-  """``'8x3,4x3,2x3,1x3'``: the spec string of a schedule's widths."""
-  return ','.join(f'{factor}x{steps}' for factor, steps in schedule.widths)
-
-
-def eval_mesh(config: ml_collections.ConfigDict):
-  """The mesh that evaluation work is split over; ``eval.batch_size`` must divide over it."""
-  mesh = parallel.make_mesh(config)
-  parallel.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
-  return mesh
-
-
 class Generator:
   """A trained tokenizer and nested transformer with their config, ready to decode."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer_params: Any,
-               transformer_params: Any):
+               transformer_params: Any, mesh: Mesh | None = None):
+    """``mesh``: the job's mesh (default: ``parallel.make_mesh(config)``, all devices)."""
     self.config = config
     self.tokenizer_params = tokenizer_params
     self.transformer_params = transformer_params
     self.task = tasks.task_of(config)
-    self.mesh = eval_mesh(config)
-    model_config = config_lib.transformer_config(config)
-    self._decoder = sampler.decoder_for(model_config, config_lib.sampling_options(config))
-    self._inference_params = cast_for_inference(transformer_params, model_config.dtype)
+    self.mesh = parallel.make_mesh(config) if mesh is None else mesh
+    parallel.check_batch_size(config.eval.batch_size, self.mesh, 'eval.batch_size')
+    self.model_config = config_lib.transformer_config(config)
+    self.decode_task = config_lib.decode_task(config)
+    self._decoder = sampler.decoder_for(self.model_config, config_lib.sampling_options(config))
+    self._inference_params = cast_for_inference(transformer_params, self.model_config.dtype)
+    self._plans = {}
 
   @property
   def mask_id(self) -> int:
@@ -111,50 +98,41 @@ class Generator:
 
   # -- schedules and their cost ----------------------------------------------------------------
 
-  def schedule(self, spec: ScheduleSpec = config_lib.BASELINE, cache: str | None = None
-               ) -> ml_collections.ConfigDict:
+  def schedule(self, spec: ScheduleSpec = BASELINE, cache: str | None = None) -> Schedule:
     """The schedule ``spec`` names or writes out (see the module docstring), with ``cache``
     when given; a ``ScheduleError`` says what the model cannot decode."""
     named = config_lib.schedules_with_baseline(self.config)
-    if isinstance(spec, ml_collections.ConfigDict):
-      schedule = ml_collections.ConfigDict(spec.to_dict())
-    elif isinstance(spec, str) and spec in named:
-      schedule = ml_collections.ConfigDict(named[spec].to_dict())
-    else:
-      schedule = config_lib.schedule(self._parse_widths(spec, named))
-    if cache is not None:
-      schedule.cache = cache
     try:
-      config_lib.check_schedule(self.config, schedule, 'schedule', prefix='')
-    except config_lib.ConfigError as error:
-      raise ScheduleError(str(error)) from None
+      schedule = Schedule.parse(named.get(spec, spec) if isinstance(spec, str) else spec, cache)
+      schedule.check(self.decode_task)
+    except ScheduleError as error:
+      if isinstance(spec, str) and spec not in named and not SPEC_PATTERN.fullmatch(spec):
+        raise ScheduleError('schedule', spec, f'neither a name ({", ".join(named)}) nor factor '
+                            "x steps segments like '8x3,4x3,2x3,1x3'") from None
+      raise ScheduleError(f'schedule.{error.field}', error.value, error.problem) from None
     return schedule
 
-  @staticmethod
-  def _parse_widths(spec, named) -> tuple[tuple[int, int], ...]:
-    if isinstance(spec, str):
-      try:
-        return tuple(tuple(int(n) for n in part.split('x')) for part in spec.split(','))
-      except ValueError:
-        raise ScheduleError(
-            f'schedule {spec!r} is neither a name ({", ".join(named)}) nor factor x steps '
-            "segments like '8x3,4x3,2x3,1x3'") from None
-    try:
-      return tuple(tuple(int(n) for n in segment) for segment in spec)
-    except (TypeError, ValueError):
-      raise ScheduleError(f'schedule {spec!r} is not a sequence of (nesting_factor, steps) '
-                          'pairs') from None
+  def plan(self, schedule: Schedule) -> tuple[DecodeStep, ...]:
+    """``schedule``'s decode steps, planned once per schedule."""
+    if schedule not in self._plans:
+      self._plans[schedule] = schedule.plan(self.decode_task)
+    return self._plans[schedule]
 
-  def flops(self, schedule: ml_collections.ConfigDict) -> dict:
+  def step_flops(self, schedule: Schedule) -> list[int]:
+    """FLOPs per sample of each step of ``schedule`` (guidance included)."""
+    return flops_lib.decode_flops(self.model_config, self.plan(schedule),
+                                  self.config.sampling.guidance_scale > 0)
+
+  def flops(self, schedule: Schedule) -> dict:
     """``gflops_per_sample``, ``flop_ratio`` against the baseline and ``per_step_gflops``."""
-    per_step = decode_benchmark.step_flops(self.config, schedule)
-    baseline = sum(decode_benchmark.step_flops(self.config, self.schedule(config_lib.BASELINE)))
+    per_step = self.step_flops(schedule)
+    baseline = sum(self.step_flops(self.schedule(BASELINE)))
     return dict(gflops_per_sample=sum(per_step) / 1e9, flop_ratio=baseline / sum(per_step),
                 per_step_gflops=[f / 1e9 for f in per_step])
 
   # -- decoding ----------------------------------------------------------------------------------
 
-  def token_batches(self, schedule: ml_collections.ConfigDict, labels: np.ndarray, seed: int,
+  def token_batches(self, schedule: Schedule, labels: np.ndarray, seed: int,
                     given_tokens: np.ndarray | None = None, batch_size: int | None = None,
                     record_steps: bool = False, timings: dict | None = None
                     ) -> Iterator[tuple[parallel.RowShare, Any]]:
@@ -177,7 +155,7 @@ class Generator:
     timings.setdefault('batch_seconds', [])
     timings.setdefault('compile_seconds', 0.0)
     rng = jax.random.PRNGKey(seed)
-    plan = config_lib.decode_plan(self.config, schedule)
+    plan = self.plan(schedule)
     decoded = 0
     for share in parallel.row_shares(len(labels), batch_size, self.mesh):
       if self.task.num_given:
@@ -200,7 +178,7 @@ class Generator:
     logging.info('Process %d decoded %d of %d samples', jax.process_index(), decoded,
                  len(labels))
 
-  def sample_tokens(self, labels: Sequence[int], schedule: ml_collections.ConfigDict,
+  def sample_tokens(self, labels: Sequence[int], schedule: Schedule,
                     seed: int = 0, given_tokens: np.ndarray | None = None,
                     batch_size: int | None = None, record_steps: bool = False,
                     timings: dict | None = None) -> Any:
@@ -212,7 +190,7 @@ class Generator:
         jax.tree.map(lambda x, s=share: parallel.gather_share(x, s), output)
         for share, output in batches])
 
-  def sample(self, labels: Sequence[int], schedule: ScheduleSpec = config_lib.BASELINE,
+  def sample(self, labels: Sequence[int], schedule: ScheduleSpec = BASELINE,
              cache: str | None = None, seed: int = 0, batch_size: int | None = None,
              record_steps: bool = False) -> Samples:
     """Class-conditional samples, one per label (``[0, tokens.num_classes)``; any label when
@@ -226,7 +204,7 @@ class Generator:
                         record_steps)
 
   def predict_frames(self, condition_frames: np.ndarray, labels: Sequence[int] | None = None,
-                     schedule: ScheduleSpec = config_lib.BASELINE, cache: str | None = None,
+                     schedule: ScheduleSpec = BASELINE, cache: str | None = None,
                      seed: int = 0, batch_size: int | None = None) -> Samples:
     """Clips that continue ``condition_frames`` (uint8 ``[n, config.task.condition_frames, H,
     W, C]``): ``images`` are the decoded ``[n, T, H, W, C]`` clips, condition frames included
@@ -257,12 +235,11 @@ class Generator:
     return Samples(
         images=self.decode(output['tokens'], batch_size), tokens=output['tokens'],
         labels=labels,
-        schedule=schedule_name(schedule), cache=schedule.cache,
+        schedule=schedule.name, cache=schedule.cache,
         gflops_per_sample=flops['gflops_per_sample'], flop_ratio=flops['flop_ratio'],
         seconds=float(sum(timings['batch_seconds'])),
         compile_seconds=timings['compile_seconds'],
-        step_widths=[step.width_factor for step in config_lib.decode_plan(self.config,
-                                                                          schedule)],
+        step_widths=[step.width_factor for step in self.plan(schedule)],
         step_tokens=output['step_tokens'])
 
   # -- the tokenizer -----------------------------------------------------------------------------
@@ -274,8 +251,8 @@ class Generator:
     tokens = np.where(np.asarray(tokens) == self.mask_id, 0, tokens)
     batch_size = batch_size or self.config.eval.batch_size
     return np.concatenate([
-        parallel.gather_share(train_tokenizer.decode_tokens(
-            self.config, self.tokenizer_params, share.take(tokens)), share)
+        parallel.gather_share(tokenizer.decode_tokens(
+            self.config, self.tokenizer_params, share.take(tokens), self.mesh), share)
         for share in parallel.row_shares(len(tokens), batch_size, self.mesh)])
 
   def encode_condition(self, frames: np.ndarray) -> np.ndarray:
@@ -286,8 +263,8 @@ class Generator:
     clips = np.concatenate([frames] + [frames[:, -1:]] * pad, axis=1).astype(np.uint8)
     batch_size = self.config.eval.batch_size
     return np.concatenate([
-        parallel.gather_share(train_tokenizer.encode_batch(
-            self.config, self.tokenizer_params, {'video': share.take(clips)}), share)
+        parallel.gather_share(tokenizer.encode_batch(
+            self.config, self.tokenizer_params, {'video': share.take(clips)}, self.mesh), share)
         for share in parallel.row_shares(len(clips), batch_size, self.mesh)])
 
   # -- export --------------------------------------------------------------------------------------
@@ -301,24 +278,25 @@ class Generator:
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  config = config_lib.fill_missing_defaults(ml_collections.ConfigDict(json.loads(text)))
+  config = config_migrations.upgrade(ml_collections.ConfigDict(json.loads(text)))
   config_lib.validate(config)
   return config
 
 
-def load(path: str, config: ml_collections.ConfigDict | None = None) -> Generator:
+def load(path: str, config: ml_collections.ConfigDict | None = None, mesh: Mesh | None = None
+         ) -> Generator:
   """The ``Generator`` of a workdir whose tokenizer and transformer finished training (with
   the config the transformer trained with, unless ``config`` is given), or of a file that
-  ``Generator.save`` wrote."""
+  ``Generator.save`` wrote; on ``mesh`` (default: ``parallel.make_mesh(config)``)."""
   if path.endswith('.msgpack'):
     if not io_utils.exists(path):
       raise NotTrainedError(f'{path}: no such model file')
     payload = flax.serialization.msgpack_restore(io_utils.read_bytes(path))
     config = config or config_from_json(payload['config'])
-    mesh = eval_mesh(config)
+    mesh = parallel.make_mesh(config) if mesh is None else mesh
     place = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
-    return Generator(config, place(payload['tokenizer']), place(payload['transformer']))
-  transformer_dir = loop.checkpoint_dir(path, train_transformer.NAME)
+    return Generator(config, place(payload['tokenizer']), place(payload['transformer']), mesh)
+  transformer_dir = checkpoints.checkpoint_dir(path, restore.TRANSFORMER)
   checkpointer = (checkpoints.Checkpointer(transformer_dir)
                   if io_utils.exists(transformer_dir) else None)
   if checkpointer is None or checkpointer.latest_step() is None:
@@ -326,12 +304,13 @@ def load(path: str, config: ml_collections.ConfigDict | None = None) -> Generato
                           'checkpoint); train one with --mode=train')
   if config is None:
     config = config_from_json(json.dumps(checkpointer.restore_config()))
-  for name, trainer, steps in (
-      ('tokenizer', train_tokenizer, config.tokenizer_training.num_steps),
-      ('transformer', train_transformer, config.training.num_steps)):
-    if not trainer.is_trained(config, path):
+  for name, trained, steps in (
+      ('tokenizer', restore.tokenizer_is_trained, config.tokenizer_training.num_steps),
+      ('transformer', restore.transformer_is_trained, config.training.num_steps)):
+    if not trained(config, path):
       raise NotTrainedError(f'{path}: the {name} has not finished training ({steps} steps); '
                             'run the job (or its --mode) to the end first')
   logging.info('Loading the tokenizer and transformer of %s', path)
-  return Generator(config, train_tokenizer.load_params(config, path),
-                   train_transformer.load_params(config, path))
+  mesh = parallel.make_mesh(config) if mesh is None else mesh
+  return Generator(config, restore.tokenizer_params(config, path, mesh),
+                   restore.transformer_params(config, path, mesh), mesh)

@@ -10,16 +10,13 @@ import ml_collections
 
 from nested_decode import tasks
 from nested_decode.decoding.mask_schedule import MASK_SCHEDULES
-from nested_decode.decoding.plan import CACHE_POLICIES, DecodeStep, make_plan
 from nested_decode.decoding.sampler import GUIDANCE_SCHEDULES, SamplingOptions
-from nested_decode.models import attention
-from nested_decode.models import vqgan
+from nested_decode.decoding.schedule import BASELINE, DecodeTask, Schedule, ScheduleError
+from nested_decode.models import attention, vqgan
 from nested_decode.models.transformer import REMAT_POLICIES, TransformerConfig
 
 DTYPES = ('float32', 'bfloat16')
 ATTENTION_IMPLS = attention.IMPLEMENTATIONS
-REMAT_BOOLS = {True: 'full', False: 'none'}  # what the older boolean model.remat meant
-BASELINE = 'baseline'
 
 
 # Cached decode steps run their exact token count (0), or that count padded to one of this many
@@ -93,31 +90,23 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   return config
 
 
-MAGVIT_SIZES = {
-    None: dict(num_layers=24, width=1024, num_heads=16),  # MAGVIT-L
-    'base': dict(num_layers=12, width=768, num_heads=16),  # MAGVIT-B width, 16 heads to nest by 8
-}
-
-
-def video_config(arg: str | None, *, config_file: str, data: ml_collections.ConfigDict,
+def video_config(*, tiny: bool, model: dict, data: ml_collections.ConfigDict,
                  task: ml_collections.ConfigDict, num_classes: int,
                  guidance_scale: float) -> ml_collections.ConfigDict:
-  """16x128x128 clips as 5x16x16 tokens of a causal 3D tokenizer (17 frames: the 16 and a copy
-  of the last), MAGVIT-L sized (``:base``: MAGVIT-B; ``:tiny``: a model for a 2-core machine)."""
-  if arg not in (*MAGVIT_SIZES, 'tiny'):
-    raise ValueError(f'Unknown variant {arg!r} of {config_file}; allowed: base, tiny')
-  tiny = arg == 'tiny'
+  """16-frame clips as the tokens of a causal 3D tokenizer (17 frames: the 16 and a copy of the
+  last) for a transformer of ``model``'s size (``num_layers``, ``width``, ``num_heads``):
+  MAGVIT's tokenizer and 1024 codes in bfloat16, or (``tiny``) a small tokenizer and 256 codes
+  for a 2-core machine."""
   tokenizer = video_tokenizer(base_channels=8 if tiny else 64,
                               channel_multipliers=(1, 2, 4) if tiny else (1, 2, 2, 4),
                               num_res_blocks=1 if tiny else 2,
                               embedding_dim=16 if tiny else 256, num_groups=8 if tiny else 32)
   token_shape = video_token_shape(data, tokenizer)
   if tiny:
-    config = base_config(num_layers=4, width=128, num_heads=8, token_shape=token_shape,
-                         codebook_size=256, num_classes=num_classes,
-                         guidance_scale=guidance_scale, batch_size=8)
+    config = base_config(**model, token_shape=token_shape, codebook_size=256,
+                         num_classes=num_classes, guidance_scale=guidance_scale, batch_size=8)
   else:
-    config = base_config(**MAGVIT_SIZES[arg], token_shape=token_shape, codebook_size=1024,
+    config = base_config(**model, token_shape=token_shape, codebook_size=1024,
                          num_classes=num_classes, guidance_scale=guidance_scale, batch_size=32,
                          dtype='bfloat16')
     # Rematerialised, keeping only each block's attention output, the train step of 1281 tokens
@@ -145,26 +134,6 @@ def video_config(arg: str | None, *, config_file: str, data: ml_collections.Conf
 VIDEO_EVAL_DEFAULTS = dict(real_split='eval', clip_views=(1, 1), num_folds=1, fvd_image_size=0)
 # ImageNet's FID protocol (README, "Evaluating an ImageNet model").
 FID_EVAL_DEFAULTS = dict(fid_reference='train', min_reference_images=10_000, inception_weights='')
-
-
-def fill_missing_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Sets the keys added since a saved config was written (the workdirs and exported models of
-  older versions) to their defaults."""
-  defaults = {}
-  if 'task' in config:
-    defaults = VIDEO_EVAL_DEFAULTS
-  elif config.get('data') and config.data.get('name') == 'imagenet2012':
-    defaults = FID_EVAL_DEFAULTS
-  for key, value in defaults.items():
-    if key not in config.eval:
-      config.eval[key] = value
-  if 'query_buckets' not in config.sampling:
-    config.sampling.query_buckets = QUERY_BUCKETS
-  if config.get('data'):  # saved before grain workers: read in the training thread
-    for key, value in data_workers(0).items():
-      if key not in config.data:
-        config.data[key] = value
-  return config
 
 
 def video_tokenizer(**fields) -> ml_collections.ConfigDict:
@@ -236,9 +205,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail('model.width', model.width, f'must be divisible by model.num_heads={model.num_heads}')
   _check_choice(config, 'model.dtype', DTYPES)
   _check_choice(config, 'model.attention_impl', ATTENTION_IMPLS)
-  if remat_policy(model.remat) not in REMAT_POLICIES:
-    _fail('model.remat', model.remat, f'allowed values are {tuple(REMAT_POLICIES)} (or a bool: '
-          f'True is full, False is none)')
+  if model.remat not in REMAT_POLICIES:
+    _fail('model.remat', model.remat, f'allowed values are {tuple(REMAT_POLICIES)}')
   if not config.tokens.shape or any(int(s) <= 0 for s in config.tokens.shape):
     _fail('tokens.shape', config.tokens.shape, 'must be a non-empty tuple of positive sizes')
   if config.tokens.num_classes < 0:
@@ -309,35 +277,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_schedule(config, sched, key)
 
 
-def check_schedule(config: ml_collections.ConfigDict, sched: ml_collections.ConfigDict,
-                   key: str, prefix: str = 'config.') -> None:
-  """Raises ``ConfigError`` naming ``prefix + key`` unless ``sched`` decodes with ``config``'s
-  model: (factor, steps) pairs of trained nesting factors, at most one step per token to
-  generate. A schedule's number of steps is its own (the mask schedule is planned for it)."""
-  factors = tuple(config.model.nesting_factors)
+def check_schedule(config: ml_collections.ConfigDict, sched, key: str,
+                   prefix: str = 'config.') -> Schedule:
+  """The ``Schedule`` of ``sched`` (a config entry or a ``Schedule``); a ``ConfigError`` naming
+  ``prefix + key`` unless ``config``'s model decodes it (``Schedule.check``)."""
   try:
-    widths = tuple(tuple(s) for s in sched.widths)
-  except TypeError:
-    _fail(f'{key}.widths', sched.widths, 'must be a tuple of (nesting_factor, steps) pairs',
-          prefix)
-  if not widths or any(len(s) != 2 for s in widths):
-    _fail(f'{key}.widths', widths, 'must be a tuple of (nesting_factor, steps) pairs', prefix)
-  unknown = [f for f, _ in widths if f not in factors]
-  if unknown:
-    _fail(f'{key}.widths', widths,
-          f'factors {unknown} are not in config.model.nesting_factors={factors}', prefix)
-  if any(count <= 0 for _, count in widths):
-    _fail(f'{key}.widths', widths, 'every segment needs a positive number of steps', prefix)
-  total = sum(count for _, count in widths)
-  generated = tasks.task_of(config).num_generated
-  if total > generated:
-    _fail(f'{key}.widths', widths, f'its {total} steps are more than the {generated} tokens '
-          'to generate', prefix)
-  if sched.cache not in CACHE_POLICIES:
-    _fail(f'{key}.cache', sched.cache, f'allowed values are {CACHE_POLICIES}', prefix)
-  if sched.cache == 'refresh_every_k' and sched.get('refresh_every', 0) <= 0:
-    _fail(f'{key}.refresh_every', sched.get('refresh_every'), 'must be a positive integer',
-          prefix)
+    schedule = Schedule.parse(sched)
+    schedule.check(decode_task(config))
+  except ScheduleError as error:
+    _fail(f'{key}.{error.field}', error.value, error.problem, prefix)
+  return schedule
 
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -415,11 +364,6 @@ def validate_tpu_fit(tpu_fit: ml_collections.ConfigDict) -> None:
     _fail('tpu_fit.single_width', tpu_fit.single_width, 'must be True or False')
 
 
-def remat_policy(remat) -> str:
-  """The policy name of ``config.model.remat`` (a name, or the older bool)."""
-  return REMAT_BOOLS[remat] if isinstance(remat, bool) else remat
-
-
 def seq_len(config: ml_collections.ConfigDict) -> int:
   return math.prod(int(s) for s in config.tokens.shape)
 
@@ -430,7 +374,7 @@ def transformer_config(config: ml_collections.ConfigDict) -> TransformerConfig:
       num_layers=m.num_layers, width=m.width, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
       codebook_size=config.tokens.codebook_size, num_classes=config.tokens.num_classes,
       seq_len=seq_len(config), nesting_factors=tuple(m.nesting_factors),
-      scan_layers=m.scan_layers, remat=remat_policy(m.remat), dtype=m.dtype,
+      scan_layers=m.scan_layers, remat=m.remat, dtype=m.dtype,
       attention_impl=m.attention_impl)
 
 
@@ -441,17 +385,17 @@ def sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions:
                          guidance_scale=s.guidance_scale, guidance_schedule=s.guidance_schedule)
 
 
-def schedules_with_baseline(config: ml_collections.ConfigDict) -> dict:
-  """``{name: schedule}`` with the full-width, uncached T-step baseline first."""
-  result = {BASELINE: schedule(((1, config.sampling.steps),), cache='none')}
-  result.update(config.eval.schedules.items())
+def decode_task(config: ml_collections.ConfigDict) -> DecodeTask:
+  """What a decode plan of ``config``'s model depends on besides its schedule."""
+  return DecodeTask(seq_len=seq_len(config), num_generated=tasks.task_of(config).num_generated,
+                    nesting_factors=tuple(config.model.nesting_factors),
+                    mask_schedule=config.sampling.mask_schedule,
+                    query_buckets=config.sampling.query_buckets)
+
+
+def schedules_with_baseline(config: ml_collections.ConfigDict) -> dict[str, Schedule]:
+  """``{name: Schedule}`` of ``config.eval.schedules`` with the full-width, uncached T-step
+  baseline first."""
+  result = {BASELINE: Schedule.baseline(config.sampling.steps)}
+  result.update((name, Schedule.parse(sched)) for name, sched in config.eval.schedules.items())
   return result
-
-
-def decode_plan(config: ml_collections.ConfigDict, sched: ml_collections.ConfigDict
-                ) -> tuple[DecodeStep, ...]:
-  """The plan of generating the task's tokens (all ``seq_len`` for class-conditional tasks)
-  with schedule ``sched``."""
-  return make_plan(seq_len(config), tasks.task_of(config).num_generated, sched.widths,
-                   sched.cache, sched.get('refresh_every', 1), config.sampling.mask_schedule,
-                   config.sampling.query_buckets)

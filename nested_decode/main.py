@@ -15,7 +15,7 @@ Modes:
   bench            the same rows plus measured seconds per batch decode, DIR/bench.json;
   bench_train      steps/s, examples/s and the time spent waiting for data of the train steps
                    (full-width and nested transformer, tokenizer) through the real loaders,
-                   DIR/bench_train.json (nested_decode/jobs/bench_train.py says how);
+                   DIR/bench_train.json (nested_decode/tools/bench_train.py says how);
   compile_tpu      compile the train step and every decode ahead of time for the TPU slice
                    config.tpu_fit.topology (e.g. v5e:4x4; needs libtpu, no TPU) and report
                    per-chip memory against HBM and FLOPs, DIR/compile_tpu.json;
@@ -30,27 +30,24 @@ Modes:
                    digits and scored on the held-out ones, DIR/frontier/ (MNIST).
 """
 
+import dataclasses
+import functools
 import logging as pylogging
 import os
 import sys
+from typing import Callable
 
+import ml_collections
 from absl import app, flags, logging
+from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from nested_decode import config_lib
-from nested_decode import io_utils
-from nested_decode import parallel
-from nested_decode import tasks
-
-MODES = ('all', 'train_tokenizer', 'train', 'sample', 'eval', 'export', 'flops', 'bench',
-         'bench_train', 'compile_tpu', 'study', 'scaling_study', 'search_schedule',
-         'frontier')
+from nested_decode import config_lib, io_utils, parallel, tasks
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/k600.py:tiny')
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for outputs, local or gs://BUCKET/...; default: '
     'runs/<config>[_<variant>] (runs/k600_tiny for --config=configs/k600.py:tiny).')
-_MODE = flags.DEFINE_enum('mode', 'all', MODES, 'What to run; "all" is the whole job.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -70,44 +67,64 @@ def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
   return '\n'.join(lines)
 
 
-def run_decode_cost(config, config_name: str, workdir: str, mode: str) -> None:
-  from nested_decode.evaluation import decode_benchmark
-  from nested_decode.jobs import bench_decode
-  if mode == 'flops':
-    rows = decode_benchmark.flops_rows(config)
-  else:
-    rows = bench_decode.bench_rows(config, log=logging.info)
-  path = io_utils.join(workdir, f'{mode}.json')
-  io_utils.write_json(path, dict(config=config_name,
-                                 device=decode_benchmark.device_description(), rows=rows))
+@dataclasses.dataclass
+class Run:
+  """What the entry point builds once and every mode shares: the validated config, its name,
+  the workdir, and (on first use) the mesh of all devices."""
+  config: ml_collections.ConfigDict
+  config_name: str
+  workdir: str
+
+  @functools.cached_property
+  def mesh(self) -> Mesh:
+    return parallel.make_mesh(self.config)
+
+  def write_json(self, name: str, report: dict) -> str:
+    path = io_utils.join(self.workdir, name)
+    io_utils.write_json(path, dict(config=self.config_name, **report))
+    return path
+
+
+def run_flops(run: Run) -> None:
+  from nested_decode.inference import decode_cost
+  rows = decode_cost.flops_rows(run.config)
+  _print_decode_rows(rows, run.write_json('flops.json', dict(
+      device=decode_cost.device_description(), rows=rows)))
+
+
+def run_bench(run: Run) -> None:
+  from nested_decode.inference import decode_cost
+  from nested_decode.tools import bench_decode
+  rows = bench_decode.bench_rows(run.config, run.mesh, log=logging.info)
+  _print_decode_rows(rows, run.write_json('bench.json', dict(
+      device=decode_cost.device_description(), rows=rows)))
+
+
+def _print_decode_rows(rows: list[dict], path: str) -> None:
   print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',
                             'seconds_per_batch', 'speedup')))
   print(f'Wrote {path}')
 
 
-def run_compile_tpu(config, config_name: str, workdir: str) -> None:
-  from nested_decode.jobs import tpu_fit
+def run_compile_tpu(run: Run) -> None:
+  from nested_decode.tools import tpu_fit
   try:
-    rows = tpu_fit.compile_rows(config, log=logging.info)
+    rows = tpu_fit.compile_rows(run.config, log=logging.info)
   except config_lib.ConfigError as error:  # found only against the topology's devices
-    sys.exit(f'Invalid config {config_name}: {error}')
-  path = io_utils.join(workdir, 'compile_tpu.json')
-  io_utils.write_json(path, dict(config=config_name, rows=rows))
-  print(tpu_fit.markdown_table(rows, config_name))
+    sys.exit(f'Invalid config {run.config_name}: {error}')
+  path = run.write_json('compile_tpu.json', dict(rows=rows))
+  print(tpu_fit.markdown_table(rows, run.config_name))
   if any('collective_gib' in row for row in rows):
-    print(tpu_fit.collectives_table(rows, config_name))
+    print(tpu_fit.collectives_table(rows, run.config_name))
   print(f'Wrote {path}')
 
 
-def run_bench_train(config, config_name: str, workdir: str) -> None:
-  from nested_decode.evaluation import decode_benchmark
-  from nested_decode.jobs import bench_train
-  from nested_decode.jobs import stages
-  stages.check_data(config, config_name)
-  report = bench_train.bench_train(config, log=logging.info)
-  path = io_utils.join(workdir, 'bench_train.json')
-  io_utils.write_json(path, dict(config=config_name,
-                                 device=decode_benchmark.device_description(), **report))
+def run_bench_train(run: Run) -> None:
+  from nested_decode.inference import decode_cost
+  from nested_decode.tools import bench_train
+  report = bench_train.bench_train(run.config, run.mesh, log=logging.info)
+  path = run.write_json('bench_train.json', dict(device=decode_cost.device_description(),
+                                                 **report))
   rows = [dict(step=name, **row) for name, row in report['rows'].items()]
   print(format_table(rows, ('step', 'batch_size', 'step_seconds', 'steps_per_second',
                             'examples_per_second', 'data_wait_fraction', 'worker_count')))
@@ -116,48 +133,105 @@ def run_bench_train(config, config_name: str, workdir: str) -> None:
   print(f'Wrote {path}')
 
 
-def run_stages(config, config_name: str, workdir: str, mode: str) -> None:
-  from nested_decode.jobs import stages
-  from nested_decode.training import train_tokenizer
-  if train_tokenizer.is_video(config):
-    from nested_decode.jobs import video as job
-  else:
-    from nested_decode.jobs import image as job
-  stages.check_data(config, config_name)
-  if mode in ('all', 'eval'):
-    stages.check_can_evaluate(config)
-  if mode == 'train_tokenizer':
-    stages.tokenizer_stage(config, workdir)
-  elif mode == 'train':
-    stages.transformer_stage(config, workdir)
-  elif mode == 'sample':
-    job.sample_stage(config, workdir)
-  elif mode == 'export':
-    path = io_utils.join(workdir, 'model.msgpack')
-    stages.generator(config, workdir).save(path)
-    print(f'Wrote {path}')
-  elif mode == 'study':
-    from nested_decode.jobs import study
-    study.run_study(config, workdir)
-    print(f'Wrote {io_utils.join(workdir, "study")}/results.json, results.md, fd_vs_gflops.png')
-  elif mode == 'scaling_study':
-    from nested_decode.jobs import scaling_study
-    scaling_study.run_scaling_study(config, workdir)
-    print(f'Wrote {io_utils.join(workdir, "scaling")}/results.json, results.md, gap_vs_size.png')
-  elif mode == 'search_schedule':
-    from nested_decode.jobs import schedule_search
-    report = schedule_search.search(config, workdir)
-    print(f"Found {report['found']} ({report['cache']}); see {workdir}/search/")
-  elif mode == 'frontier':
-    from nested_decode.jobs import frontier
-    frontier.run_frontier(config, workdir)
-    print(f'Wrote {io_utils.join(workdir, "frontier")}/results.json, results.md, '
-          'fd_vs_gflops.png')
-  else:  # 'eval' and the whole job: every stage up to the evaluation
-    rows = job.eval_stage(config, workdir)
-    print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',
-                              'class_accuracy', 'fd', 'fid', 'inception_score', 'fvd')))
-    print(f'Wrote {io_utils.join(workdir, "eval.json")}')
+def pipeline_job(config: ml_collections.ConfigDict):
+  """The module of the config's job: the image job or the video job."""
+  from nested_decode.inference import tokenizer
+  if tokenizer.is_video(config):
+    from nested_decode.pipeline import video
+    return video
+  from nested_decode.pipeline import image
+  return image
+
+
+def run_train_tokenizer(run: Run) -> None:
+  from nested_decode.pipeline import stages
+  stages.tokenizer_stage(run.config, run.workdir, run.mesh)
+
+
+def run_train(run: Run) -> None:
+  from nested_decode.pipeline import stages
+  stages.transformer_stage(run.config, run.workdir, run.mesh)
+
+
+def run_sample(run: Run) -> None:
+  pipeline_job(run.config).sample_stage(run.config, run.workdir, run.mesh)
+
+
+def run_export(run: Run) -> None:
+  from nested_decode.pipeline import stages
+  path = io_utils.join(run.workdir, 'model.msgpack')
+  stages.generator(run.config, run.workdir, run.mesh).save(path)
+  print(f'Wrote {path}')
+
+
+def run_eval(run: Run) -> None:
+  """The whole job (and ``--mode=eval``): every stage up to the evaluation."""
+  rows = pipeline_job(run.config).eval_stage(run.config, run.workdir, run.mesh)
+  print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',
+                            'class_accuracy', 'fd', 'fid', 'inception_score', 'fvd')))
+  print(f'Wrote {io_utils.join(run.workdir, "eval.json")}')
+
+
+def run_study(run: Run) -> None:
+  from nested_decode.studies import study
+  study.run_study(run.config, run.workdir, run.mesh)
+  print(f'Wrote {io_utils.join(run.workdir, "study")}/results.json, results.md, '
+        'fd_vs_gflops.png')
+
+
+def run_scaling_study(run: Run) -> None:
+  from nested_decode.studies import scaling_study
+  scaling_study.run_scaling_study(run.config, run.workdir, run.mesh)
+  print(f'Wrote {io_utils.join(run.workdir, "scaling")}/results.json, results.md, '
+        'gap_vs_size.png')
+
+
+def run_search_schedule(run: Run) -> None:
+  from nested_decode.studies import schedule_search
+  report = schedule_search.search(run.config, run.workdir, run.mesh)
+  print(f"Found {report['found']} ({report['cache']}); see {run.workdir}/search/")
+
+
+def run_frontier(run: Run) -> None:
+  from nested_decode.studies import frontier
+  frontier.run_frontier(run.config, run.workdir, run.mesh)
+  print(f'Wrote {io_utils.join(run.workdir, "frontier")}/results.json, results.md, '
+        'fd_vs_gflops.png')
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  run: Callable[[Run], None]
+  reads_data: bool = False  # checks first that the config's data are where it says
+  evaluates: bool = False   # gets what the evaluation needs first (the FID network's weights)
+
+
+MODES = {
+    'all': Mode(run_eval, reads_data=True, evaluates=True),
+    'train_tokenizer': Mode(run_train_tokenizer, reads_data=True),
+    'train': Mode(run_train, reads_data=True),
+    'sample': Mode(run_sample, reads_data=True),
+    'eval': Mode(run_eval, reads_data=True, evaluates=True),
+    'export': Mode(run_export, reads_data=True),
+    'flops': Mode(run_flops),
+    'bench': Mode(run_bench),
+    'bench_train': Mode(run_bench_train, reads_data=True),
+    'compile_tpu': Mode(run_compile_tpu),
+    'study': Mode(run_study, reads_data=True),
+    'scaling_study': Mode(run_scaling_study, reads_data=True),
+    'search_schedule': Mode(run_search_schedule, reads_data=True),
+    'frontier': Mode(run_frontier, reads_data=True),
+}
+_MODE = flags.DEFINE_enum('mode', 'all', list(MODES), 'What to run; "all" is the whole job.')
+
+
+def run_mode(mode: Mode, run: Run) -> None:
+  if mode.reads_data:
+    from nested_decode.pipeline import stages
+    stages.check_data(run.config, run.config_name)
+    if mode.evaluates:
+      stages.check_can_evaluate(run.config)
+  mode.run(run)
 
 
 def quiet_library_info_logs() -> None:
@@ -196,8 +270,8 @@ def run_reporting_faults(run, *args) -> None:
   naming it instead of a traceback. A preempted trainer (SIGTERM; see training/loop.py) exits
   with status 143 after its checkpoint is written, so schedulers restart the job, and the same
   command resumes it."""
+  from nested_decode.checkpoints import CheckpointShapeError
   from nested_decode.training import loop
-  from nested_decode.training.checkpoints import CheckpointShapeError
   try:
     run(*args)
   except loop.Preempted as error:
@@ -229,15 +303,7 @@ def main(argv):
     io_utils.ensure_writable_dir(workdir)
   except OSError as error:
     sys.exit(f'--workdir: {error}')
-  if mode in ('flops', 'bench'):
-    run_reporting_faults(run_decode_cost, config, config_name, workdir, mode)
-  elif mode == 'compile_tpu':
-    run_reporting_faults(run_compile_tpu, config, config_name, workdir)
-  elif mode == 'bench_train':
-    run_reporting_faults(run_bench_train, config, config_name, workdir)
-  else:
-    run_reporting_faults(run_stages, config, config_name, workdir, mode)
-
+  run_reporting_faults(run_mode, MODES[mode], Run(config, config_name, workdir))
 
 if __name__ == '__main__':
   app.run(main, flags_parser=parse_flags)

@@ -25,7 +25,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import gcs_emulator
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+# Scripts the tests run and modules they share (tests/helpers/).
+HELPERS = os.path.join(ROOT, 'tests', 'helpers')
+sys.path.insert(0, HELPERS)
+
+import gcs_emulator  # pylint: disable=wrong-import-position
+
 from nested_decode.models.transformer import NestedMaskedTransformer, TransformerConfig
 
 jax.config.update('jax_default_matmul_precision', 'highest')
@@ -81,8 +87,8 @@ def jitted_apply(model: NestedMaskedTransformer):
 @pytest.fixture(scope='session')
 def gcs_bucket():
   """``gs://BUCKET`` on a Cloud Storage emulator started once per session
-  (``tests/gcs_emulator.py``); the variables pointing gcsfs and tensorstore at it stay set in
-  ``os.environ`` for the session, so subprocesses started with it reach the bucket too."""
+  (``tests/helpers/gcs_emulator.py``); the variables pointing gcsfs and tensorstore at it stay
+  set in ``os.environ`` for the session, so subprocesses started with it reach the bucket too."""
   with gcs_emulator.running() as url, pytest.MonkeyPatch.context() as patch:
     for key, value in gcs_emulator.environment(url).items():
       patch.setenv(key, value)
@@ -91,14 +97,11 @@ def gcs_bucket():
 
 def load_config(name: str, variant: str | None = None):
   """``configs/<name>.py``'s ``get_config(variant)``."""
-  path = os.path.join(os.path.dirname(__file__), '..', 'configs', f'{name}.py')
+  path = os.path.join(ROOT, 'configs', f'{name}.py')
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant)
-
-
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 
 
 def free_port() -> int:

@@ -12,8 +12,7 @@ from typing import Any
 import grain.python as grain
 import numpy as np
 
-from nested_decode.data import clip_views
-from nested_decode.data import video_files
+from nested_decode.data import clip_views, video_files
 
 
 def select_frames(video: Any, start: int, num_frames: int, stride: int,

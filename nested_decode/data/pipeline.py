@@ -34,8 +34,7 @@ class ArraySource:
   """
 
   # Reading a row is a numpy index: grain's reader threads (16 by default, for sources that
-  # wait on storage) only contend for the GIL; on 2 cores they made a batch of 64 MNIST digits
-  # 7x slower to read (28 ms against 4 ms; 2026-11-28).
+  # wait on storage) only contend for the GIL (docs/real_data.md, "Input pipeline").
   read_threads = 0
 
   def __init__(self, name: str, **features: np.ndarray):

@@ -1,8 +1,9 @@
 """The config's data: its training and held-out sources with their transforms, and the
 resumable per-process batches the trainers read."""
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -10,13 +11,95 @@ import numpy as np
 
 from nested_decode import parallel
 from nested_decode.config_lib import ConfigError
-from nested_decode.data import clip_views
-from nested_decode.data import clips
-from nested_decode.data import moving_mnist
-from nested_decode.data import pipeline
+from nested_decode.data import clip_views, clips, moving_mnist, pipeline
 
 
-DATASETS = ('mnist', 'imagenet2012', 'moving_mnist', 'ucf101', 'kinetics600')
+def _mnist(config: ml_collections.ConfigDict, num_frames: int | None):
+  train, evaluation = pipeline.mnist_sources(config.data.image_size)
+  return train, evaluation, None, None
+
+
+def _imagenet(config: ml_collections.ConfigDict, num_frames: int | None):
+  from nested_decode.data import imagenet  # TFDS: only for real runs
+  data = config.data
+  train = imagenet.imagenet_source('train', data.get('data_dir'), data.get('manual_dir'))
+  evaluation = imagenet.imagenet_source('validation', data.get('data_dir'))
+  return (train, evaluation, imagenet.TrainTransform(data.image_size),
+          imagenet.EvalTransform(data.image_size))
+
+
+def _clip_sources(config: ml_collections.ConfigDict, num_frames: int | None, train, evaluation):
+  data = config.data
+  frames, stride = num_frames or data.num_frames, data.get('frame_stride', 1)
+  return (train, _eval_views(config, evaluation),
+          clips.RandomClip(frames, stride, data.image_size),
+          clips.FirstClip(data.num_frames, stride, data.image_size))
+
+
+def _moving_mnist(config: ml_collections.ConfigDict, num_frames: int | None):
+  train, evaluation = moving_mnist.moving_mnist_sources(config.data.num_train_clips,
+                                                        config.data.num_eval_clips)
+  return _clip_sources(config, num_frames, train, evaluation)
+
+
+def _ucf101(config: ml_collections.ConfigDict, num_frames: int | None):
+  from nested_decode.data import ucf101  # TFDS: only for real runs
+  train = ucf101.ucf101_source('train', config.data.get('data_dir'))
+  evaluation = ucf101.ucf101_source('test', config.data.get('data_dir'))
+  return _clip_sources(config, num_frames, train, evaluation)
+
+
+def _kinetics600(config: ml_collections.ConfigDict, num_frames: int | None):
+  from nested_decode.data import video_files  # PyAV: only for real runs
+  data = config.data
+  for key in ('video_dir', 'train_csv', 'eval_csv'):
+    if not data.get(key):
+      raise FileNotFoundError(f'config.data.{key} is empty: Kinetics-600 reads the official '
+                              'CSVs and a folder of the video files')
+  frames, stride = num_frames or data.num_frames, data.get('frame_stride', 1)
+  train, evaluation = kinetics_sources(data.video_dir, data.train_csv, data.eval_csv,
+                                       data.num_frames, stride, data.image_size)
+  return (train, _eval_views(config, evaluation),
+          video_files.TrainClip(frames, stride, data.image_size),
+          video_files.EvalClip(data.num_frames, stride, data.image_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A dataset a config can name (``config.data.name``): how its sources open, how samples of
+  it are scored, and, for data that must be fetched, the config keys that point at it and the
+  config that runs offline instead."""
+  open: Callable[[ml_collections.ConfigDict, int | None], tuple[Any, Any, Any, Any]]
+  scoring: str  # 'classifier' (MNIST digits: class accuracy and fd), 'fid' or 'fvd'
+  location_keys: tuple[tuple[str, str], ...] = ()
+  offline_config: str = ''
+
+
+DATASETS = {
+    'mnist': Dataset(_mnist, 'classifier'),
+    'imagenet2012': Dataset(
+        _imagenet, 'fid',
+        (('data.data_dir', 'the prepared TFDS imagenet2012, see the README'),),
+        'configs/mnist.py'),
+    'moving_mnist': Dataset(_moving_mnist, 'fvd'),
+    'ucf101': Dataset(_ucf101, 'fvd',
+                      (('data.data_dir', 'the prepared TFDS ucf101, see the README'),),
+                      'configs/k600.py:tiny'),
+    'kinetics600': Dataset(_kinetics600, 'fvd',
+                           (('data.video_dir', 'a folder of the Kinetics-600 video files'),
+                            ('data.train_csv', 'the official train CSV'),
+                            ('data.eval_csv', 'the official validate CSV')),
+                           'configs/k600.py:tiny'),
+}
+
+
+def dataset(config: ml_collections.ConfigDict) -> Dataset:
+  """The registered dataset ``config.data.name`` names."""
+  name = config.data.name
+  if name not in DATASETS:
+    raise ValueError(f'config.data.name={name!r} is invalid: allowed values are '
+                     f'{tuple(DATASETS)}')
+  return DATASETS[name]
 
 
 def data_sources(config: ml_collections.ConfigDict, num_frames: int | None = None
@@ -25,41 +108,7 @@ def data_sources(config: ml_collections.ConfigDict, num_frames: int | None = Non
 
   Video transforms cut clips of ``num_frames`` (default ``config.data.num_frames``) frames.
   """
-  data = config.data
-  if data.name == 'mnist':
-    train, evaluation = pipeline.mnist_sources(data.image_size)
-    return train, evaluation, None, None
-  if data.name == 'imagenet2012':
-    from nested_decode.data import imagenet  # TFDS: only for real runs
-    train = imagenet.imagenet_source('train', data.get('data_dir'), data.get('manual_dir'))
-    evaluation = imagenet.imagenet_source('validation', data.get('data_dir'))
-    return (train, evaluation, imagenet.TrainTransform(data.image_size),
-            imagenet.EvalTransform(data.image_size))
-  frames = num_frames or data.num_frames
-  stride = data.get('frame_stride', 1)
-  if data.name == 'moving_mnist':
-    train, evaluation = moving_mnist.moving_mnist_sources(data.num_train_clips,
-                                                          data.num_eval_clips)
-  elif data.name == 'ucf101':
-    from nested_decode.data import ucf101  # TFDS: only for real runs
-    train = ucf101.ucf101_source('train', data.get('data_dir'))
-    evaluation = ucf101.ucf101_source('test', data.get('data_dir'))
-  elif data.name == 'kinetics600':
-    from nested_decode.data import video_files  # PyAV: only for real runs
-    for key in ('video_dir', 'train_csv', 'eval_csv'):
-      if not data.get(key):
-        raise FileNotFoundError(f'config.data.{key} is empty: Kinetics-600 reads the official '
-                                'CSVs and a folder of the video files')
-    train, evaluation = kinetics_sources(data.video_dir, data.train_csv, data.eval_csv,
-                                         data.num_frames, stride, data.image_size)
-    return (train, _eval_views(config, evaluation), video_files.TrainClip(frames, stride, data.image_size),
-            video_files.EvalClip(data.num_frames, stride, data.image_size))
-  else:
-    raise ValueError(f"config.data.name={data.name!r} is invalid: allowed values are "
-                     f"{DATASETS}")
-  return (train, _eval_views(config, evaluation),
-          clips.RandomClip(frames, stride, data.image_size),
-          clips.FirstClip(data.num_frames, stride, data.image_size))
+  return dataset(config).open(config, num_frames)
 
 
 def _eval_views(config: ml_collections.ConfigDict, evaluation: Any) -> Any:
@@ -83,7 +132,7 @@ def kinetics_sources(video_dir: str, train_csv: str, eval_csv: str, num_frames: 
 
 def worker_options(config: ml_collections.ConfigDict) -> dict[str, int]:
   """``config.data``'s grain worker processes and their prefetch, for ``resumable_batches``
-  of pixels (saved configs get them from ``config_lib.fill_missing_defaults``)."""
+  of pixels (saved configs get them from ``config_migrations.upgrade``)."""
   return dict(worker_count=config.data.worker_count,
               worker_buffer_size=config.data.worker_buffer_size)
 

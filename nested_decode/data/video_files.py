@@ -40,9 +40,9 @@ import json
 import os
 from typing import Any, Iterator, Optional, Sequence
 
-from absl import logging
 import grain.python as grain
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from nested_decode import io_utils

@@ -8,9 +8,8 @@ so that steps and schedules of one width share a few compiled programs instead o
 active-token count; the padding is counted as work (``num_queries``), the exact count is
 ``num_active``.
 """
-import math
-
 import dataclasses
+import math
 from typing import Sequence
 
 from nested_decode.decoding.mask_schedule import masked_counts

@@ -10,8 +10,9 @@ A step is one jit-compiled program whose shapes depend only on its width, its pa
 (padded) query count; what differs between steps (step index, how many stay masked, the
 annealing and guidance weights) is an input. So every step and every schedule of one width,
 pass kind and query bucket runs one executable, compiled once per input shape and kept by the
-``Decoder``; one more program draws every step's noise. The host dispatches the steps back to back without waiting for results, and the
-state (tokens, masks, cache) stays on the devices between them.
+``Decoder``; one more program draws every step's noise. The host dispatches the steps back to
+back without waiting for results, and the state (tokens, masks, cache) stays on the devices
+between them.
 """
 
 import contextlib

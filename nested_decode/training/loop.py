@@ -28,8 +28,8 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from nested_decode import io_utils
-from nested_decode.training.checkpoints import Checkpointer, path_name
+from nested_decode import checkpoints
+from nested_decode.checkpoints import Checkpointer, path_name
 from nested_decode.training.metrics import MetricLogger
 
 MakeIterator = Callable[[Any], Iterator[dict]]
@@ -42,20 +42,6 @@ def lr_schedule(training: ml_collections.ConfigDict) -> optax.Schedule:
       init_value=0.0, peak_value=training.learning_rate,
       warmup_steps=min(training.warmup_steps, training.num_steps - 1),
       decay_steps=training.num_steps, end_value=training.learning_rate * training.final_lr_fraction)
-
-
-def checkpoint_dir(workdir: str, name: str) -> str:
-  return io_utils.join(workdir, name)
-
-
-def is_finished(workdir: str, name: str, num_steps: int) -> bool:
-  directory = checkpoint_dir(workdir, name)
-  return io_utils.exists(directory) and Checkpointer(directory).latest_step() == num_steps
-
-
-def restore_params(workdir: str, name: str, abstract_params: Any) -> Any:
-  """The parameters of trainer ``name``'s latest checkpoint, shape-checked against the model."""
-  return Checkpointer(checkpoint_dir(workdir, name)).restore_params(abstract_params)
 
 
 class Preempted(Exception):
@@ -164,8 +150,8 @@ def run(*, name: str, config: ml_collections.ConfigDict, workdir: str, initial_s
   that many steps, as a preemption would (tests use it).
   """
   make_iterator, iterator_state = batches
-  checkpointer = Checkpointer(checkpoint_dir(workdir, name), max_to_keep=keep_checkpoints,
-                              cleanup_tmp=True)
+  checkpointer = Checkpointer(checkpoints.checkpoint_dir(workdir, name),
+                              max_to_keep=keep_checkpoints, cleanup_tmp=True)
   stop = StopRequest()
   logger = None
   try:

@@ -27,7 +27,6 @@ from tensorboardX import record_writer
 
 from nested_decode import io_utils
 
-
 TENSORBOARD_FLUSH_SECONDS = 30
 
 

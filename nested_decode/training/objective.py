@@ -36,7 +36,8 @@ def smoothed_cross_entropy(logits: jax.Array, targets: jax.Array,
                            label_smoothing: float) -> jax.Array:
   """Per-position cross-entropy against one-hot targets smoothed towards uniform."""
   num_classes = logits.shape[-1]
-  soft = jax.nn.one_hot(targets, num_classes) * (1 - label_smoothing) + label_smoothing / num_classes
+  soft = (jax.nn.one_hot(targets, num_classes) * (1 - label_smoothing)
+          + label_smoothing / num_classes)
   return soft_cross_entropy(logits, soft)
 
 

@@ -1,22 +1,22 @@
 """VQGAN tokenizer training: L2 reconstruction, codebook and commitment losses, dead-code restarts,
 and an optional adversarial loss with an R1-penalised patch discriminator."""
 
-import functools
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from nested_decode import parallel
+from nested_decode.checkpoints import path_name
 from nested_decode.data import pixels
+from nested_decode.inference import restore
+from nested_decode.inference.tokenizer import example_shape, host_inputs, tokenizer_config
 from nested_decode.models import vqgan
 from nested_decode.training import loop
-from nested_decode.training.checkpoints import path_name
 
 
 @flax.struct.dataclass
@@ -28,40 +28,6 @@ class TokenizerState:
   disc_opt_state: Any
   usage_ema: jax.Array  # [K] picks per batch, for dead-code restarts
   rng: jax.Array
-
-
-def tokenizer_config(config: ml_collections.ConfigDict) -> vqgan.TokenizerConfig:
-  t = config.tokenizer
-  return vqgan.TokenizerConfig(
-      image_channels=config.data.channels, base_channels=t.base_channels,
-      channel_multipliers=tuple(t.channel_multipliers), num_res_blocks=t.num_res_blocks,
-      embedding_dim=t.embedding_dim, codebook_size=config.tokens.codebook_size,
-      commitment_cost=t.commitment_cost, num_groups=t.num_groups,
-      video=is_video(config), temporal_downsample=tuple(t.get('temporal_downsample', ())))
-
-
-def is_video(config: ml_collections.ConfigDict) -> bool:
-  return bool(config.data.get('num_frames'))
-
-
-def example_shape(config: ml_collections.ConfigDict, num_frames: int) -> tuple[int, ...]:
-  """The tokenizer's input shape of one example: ``(S, S, C)`` or ``(T', S, S, C)`` with
-  ``T' = causal_frames(num_frames)``."""
-  size, channels = config.data.image_size, config.data.channels
-  if not is_video(config):
-    return (size, size, channels)
-  frames = vqgan.causal_frames(num_frames, tokenizer_config(config).temporal_factor)
-  return (frames, size, size, channels)
-
-
-def host_inputs(config: ml_collections.ConfigDict, batch: dict) -> np.ndarray:
-  """A loader batch's uint8 ``image`` or ``video`` as the tokenizer's input (videos causally
-  padded), still uint8 and in numpy, before the batch is split over the mesh; the jitted
-  step scales it (``pixels.to_float``)."""
-  if not is_video(config):
-    return np.asarray(batch['image'])
-  return vqgan.pad_to_causal(np.asarray(batch['video']),
-                             tokenizer_config(config).temporal_factor)
 
 
 def _optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -102,10 +68,8 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> TokenizerS
   return parallel.fsdp_shardings(jax.eval_shape(_init_fn(config)), mesh)
 
 
-def create_state(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> TokenizerState:
-  """The initial state, created directly sharded over ``mesh`` (default:
-  ``parallel.make_mesh(config)``)."""
-  mesh = parallel.make_mesh(config) if mesh is None else mesh
+def create_state(config: ml_collections.ConfigDict, mesh: Mesh) -> TokenizerState:
+  """The initial state, created directly sharded over ``mesh``."""
   return parallel.sharded_init(_init_fn(config), state_shardings(config, mesh))
 
 
@@ -114,11 +78,10 @@ def with_codebook(params: Any, codebook: jax.Array) -> Any:
       lambda path, x: codebook if path_name(path) == 'params/quantizer/codebook' else x, params)
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh | None = None):
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
   """The compiled step over a uint8 batch split over data x fsdp (``parallel.shard_batch`` of
   ``host_inputs``); the state keeps its shardings and is donated. It runs with ``mesh`` as the
   context mesh, so the feature maps stay split over the batch (``vqgan.conv``)."""
-  mesh = parallel.make_mesh(config) if mesh is None else mesh
   shardings = state_shardings(config, mesh)
   training = config.tokenizer_training
   model = vqgan.VQGAN(tokenizer_config(config))
@@ -185,69 +148,17 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
   return parallel.under_mesh(jitted, mesh, parallel.logical_rules(config))
 
 
-NAME = 'tokenizer'
-
-
-def is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
-  return loop.is_finished(workdir, NAME, config.tokenizer_training.num_steps)
-
-
-def load_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  mesh = parallel.make_mesh(config)
-  abstract = parallel.abstract_state(_init_fn(config), state_shardings(config, mesh))
-  return loop.restore_params(workdir, NAME, abstract.params)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.MakeIterator,
-          iterator_state: loop.IteratorState, mesh: Mesh | None = None) -> TokenizerState:
-  """Trains to ``config.tokenizer_training.num_steps``, resuming from the latest checkpoint, on
-  ``mesh`` (default: ``parallel.make_mesh(config)``, all devices)."""
+          iterator_state: loop.IteratorState, mesh: Mesh) -> TokenizerState:
+  """Trains to ``config.tokenizer_training.num_steps`` on ``mesh``, resuming from the latest
+  checkpoint."""
   training = config.tokenizer_training
-  mesh = parallel.make_mesh(config) if mesh is None else mesh
   parallel.check_batch_size(training.batch_size, mesh, 'tokenizer_training.batch_size')
   return loop.run(
-      name=NAME, config=config, workdir=workdir, initial_state=create_state(config, mesh),
+      name=restore.TOKENIZER, config=config, workdir=workdir,
+      initial_state=create_state(config, mesh),
       train_step=make_train_step(config, mesh), batches=(make_iterator, iterator_state),
       prepare=lambda batch: parallel.shard_batch(host_inputs(config, batch), mesh),
       num_steps=training.num_steps,
       log_every=training.log_every, checkpoint_every=training.checkpoint_every,
       keep_checkpoints=2)
-
-
-@functools.cache
-def _coder(tokenizer: vqgan.TokenizerConfig, mesh: Mesh, rules: parallel.Rules):
-  """The compiled encode and decode, run with ``mesh`` as the context mesh (the model's
-  sharding constraints keep the feature maps split over the batch)."""
-  model = vqgan.VQGAN(tokenizer)
-  encode = jax.jit(lambda p, x: model.apply(p, pixels.to_float(x), method=model.encode)[0])
-  decode = jax.jit(lambda p, ids: model.apply(p, ids, method=model.decode_ids))
-  return parallel.under_mesh(encode, mesh, rules), parallel.under_mesh(decode, mesh, rules)
-
-
-def encode_batch(config: ml_collections.ConfigDict, params: Any, batch: dict) -> np.ndarray:
-  """A loader batch (uint8 images ``[b, H, W, C]`` or videos ``[b, T, H, W, C]``)
-  -> token ids ``[b, N]``. On several processes each passes its own rows, as many as the
-  others (the encode is one computation over the mesh, ``parallel.apply_to_local_rows``)."""
-  mesh = parallel.make_mesh(config)
-  encode, _ = _coder(tokenizer_config(config), mesh, parallel.logical_rules(config))
-  inputs = host_inputs(config, batch)
-  ids = parallel.apply_to_local_rows(lambda x: encode(params, x), mesh, inputs)
-  return ids.reshape(len(inputs), -1)
-
-
-def decode_tokens(config: ml_collections.ConfigDict, params: Any, tokens: np.ndarray,
-                  batch_size: int = 256) -> np.ndarray:
-  """Token ids ``[n, N]`` -> uint8 images ``[n, H, W, C]`` or videos ``[n, T, H, W, C]`` (the
-  causal padding frames dropped). On several processes each passes its own rows, as many as
-  the others (see ``encode_batch``)."""
-  mesh = parallel.make_mesh(config)
-  _, decode = _coder(tokenizer_config(config), mesh, parallel.logical_rules(config))
-  shape = tuple(config.tokens.shape)
-  out = []
-  for start in range(0, len(tokens), batch_size):
-    ids = np.asarray(tokens[start:start + batch_size]).reshape((-1,) + shape)
-    images = parallel.apply_to_local_rows(lambda x: decode(params, x), mesh, ids)
-    if is_video(config):
-      images = images[:, :config.data.num_frames]
-    out.append(pixels.to_uint8(images))
-  return np.concatenate(out)

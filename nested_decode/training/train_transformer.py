@@ -9,12 +9,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from nested_decode import config_lib
-from nested_decode import parallel
-from nested_decode import tasks
+from nested_decode import config_lib, parallel, tasks
+from nested_decode.inference import restore
 from nested_decode.models.transformer import NestedMaskedTransformer
-from nested_decode.training import loop
-from nested_decode.training import objective
+from nested_decode.training import loop, objective
 
 
 @flax.struct.dataclass
@@ -63,21 +61,16 @@ def state_shardings(config: ml_collections.ConfigDict, model: NestedMaskedTransf
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: NestedMaskedTransformer,
-                       mesh: Mesh | None = None) -> TrainState:
-  """The initial train state, created directly sharded over ``mesh`` (default:
-  ``parallel.make_mesh(config)``)."""
-  mesh = parallel.make_mesh(config) if mesh is None else mesh
+                       mesh: Mesh) -> TrainState:
+  """The initial train state, created directly sharded over ``mesh``."""
   return parallel.sharded_init(boxed_init(config, model), state_shardings(config, model, mesh))
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransformer,
-                    mesh: Mesh | None = None
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The compiled step; the state keeps its shardings on ``mesh`` (default:
-  ``parallel.make_mesh(config)``) and is donated, batches come split over ``('data', 'fsdp')``
-  (``parallel.shard_batch``), metrics come back replicated. It runs (and lowers) with ``mesh``
-  as the context mesh (``parallel.under_mesh``)."""
-  mesh = parallel.make_mesh(config) if mesh is None else mesh
+                    mesh: Mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The compiled step; the state keeps its shardings on ``mesh`` and is donated, batches come
+  split over ``('data', 'fsdp')`` (``parallel.shard_batch``), metrics come back replicated. It
+  runs (and lowers) with ``mesh`` as the context mesh (``parallel.under_mesh``)."""
   shardings = state_shardings(config, model, mesh)
   training = config.training
   optimizer = make_optimizer(training)
@@ -111,33 +104,16 @@ def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransf
   return parallel.under_mesh(jitted, mesh, parallel.logical_rules(config))
 
 
-NAME = 'transformer'
-
-
-def is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
-  return loop.is_finished(workdir, NAME, config.training.num_steps)
-
-
-def load_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Parameters of the latest transformer checkpoint in ``workdir``."""
-  model = NestedMaskedTransformer(config_lib.transformer_config(config))
-  mesh = parallel.make_mesh(config)
-  abstract = parallel.abstract_state(boxed_init(config, model),
-                                     state_shardings(config, model, mesh))
-  return loop.restore_params(workdir, NAME, abstract.params)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.MakeIterator,
-          iterator_state: loop.IteratorState, stop_after: int | None = None,
-          mesh: Mesh | None = None) -> TrainState:
-  """Trains to ``config.training.num_steps``, resuming from the latest checkpoint, on ``mesh``
-  (default: ``parallel.make_mesh(config)``, all devices)."""
+          iterator_state: loop.IteratorState, mesh: Mesh, stop_after: int | None = None
+          ) -> TrainState:
+  """Trains to ``config.training.num_steps`` on ``mesh``, resuming from the latest checkpoint
+  (``stop_after``: return after that many steps of this run)."""
   training = config.training
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
-  mesh = parallel.make_mesh(config) if mesh is None else mesh
   parallel.check_batch_size(training.batch_size, mesh, 'training.batch_size')
   return loop.run(
-      name=NAME, config=config, workdir=workdir,
+      name=restore.TRANSFORMER, config=config, workdir=workdir,
       initial_state=create_train_state(config, model, mesh),
       train_step=make_train_step(config, model, mesh), batches=(make_iterator, iterator_state),
       prepare=lambda batch: parallel.shard_batch(batch, mesh),

@@ -1,0 +1,54 @@
+"""The trained parameters in a workdir: whether each model finished training, and its latest
+checkpoint's parameters restored onto a mesh (the optimizer state is never read).
+
+A trainer writes its checkpoints to ``<workdir>/<name>/`` (``TOKENIZER``, ``TRANSFORMER``).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from nested_decode import config_lib, parallel
+from nested_decode.checkpoints import Checkpointer, checkpoint_dir, is_finished
+from nested_decode.inference import tokenizer
+from nested_decode.models import vqgan
+from nested_decode.models.transformer import NestedMaskedTransformer
+
+TOKENIZER = 'tokenizer'
+TRANSFORMER = 'transformer'
+
+
+def tokenizer_is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  return is_finished(workdir, TOKENIZER, config.tokenizer_training.num_steps)
+
+
+def transformer_is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  return is_finished(workdir, TRANSFORMER, config.training.num_steps)
+
+
+def restore_params(workdir: str, name: str, abstract_params: Any) -> Any:
+  """The parameters of trainer ``name``'s latest checkpoint, shape-checked against the model."""
+  return Checkpointer(checkpoint_dir(workdir, name)).restore_params(abstract_params)
+
+
+def tokenizer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Any:
+  """The tokenizer's latest parameters, large convolutions split over ``fsdp`` as in training
+  (``parallel.fsdp_shardings``)."""
+  model = vqgan.VQGAN(tokenizer.tokenizer_config(config))
+  shape = tokenizer.example_shape(config, config.tokenizer_training.get('num_frames', 1))
+  init = lambda: {'params': model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))['params']}
+  abstract = parallel.abstract_state(init, parallel.fsdp_shardings(jax.eval_shape(init), mesh))
+  return restore_params(workdir, TOKENIZER, abstract)
+
+
+def transformer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Any:
+  """The transformer's latest parameters, placed by their logical axes (``parallel.RULES`` or
+  ``config.mesh.rules``) as in training."""
+  model = NestedMaskedTransformer(config_lib.transformer_config(config))
+  tokens = jnp.zeros((1, model.config.seq_len), jnp.int32)
+  init = lambda: model.init(jax.random.PRNGKey(0), tokens, jnp.zeros((1,), jnp.int32))
+  shardings = parallel.state_shardings(jax.eval_shape(init), mesh, parallel.logical_rules(config))
+  return restore_params(workdir, TRANSFORMER, parallel.abstract_state(init, shardings))

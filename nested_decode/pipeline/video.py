@@ -1,0 +1,245 @@
+"""Sampling and FVD evaluation of the video tasks (frame prediction, class-conditional video).
+
+The protocol is the config's (``eval.*``; MAGVIT's for the paper configs, see the README): the
+real clips are the ``eval.real_split`` split's videos, ``eval.clip_views`` clips of each
+(temporal windows x spatial crops), and sample ``i`` pairs with real clip ``i`` (wrapping when
+``num_samples x num_folds`` clips outnumber them): frame prediction continues that clip from its
+condition frames (its given tokens are the tokenizer's tokens of them), a class-conditional
+sample takes its class. The real clips go through I3D first, then each schedule's clips, in
+batches, so memory does not grow with the number of samples: ``samples/<name>_i3d.npz`` keeps
+the features (a finished set is skipped when the job is resumed) and ``samples/<name>.npz`` the
+first ``eval.saved_clips`` clips. Clips are resized to ``eval.fvd_image_size`` before I3D.
+
+``eval.json`` rows: ``fvd`` (mean over the ``eval.num_folds`` folds of ``eval.num_samples`` clips,
+each against its fold of real clips) and ``fvd_std``, with ``gflops_per_sample`` and
+``flop_ratio``. For scale it also scores the tokenizer's reconstructions of the held-out clips
+(the ceiling any sampler can reach through this tokenizer) and, for frame prediction, repeating
+the last condition frame (a model that learned nothing).
+"""
+
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from nested_decode import api, config_lib, io_utils, parallel, tasks
+from nested_decode.data import clip_views, pipeline
+from nested_decode.data.sources import data_sources
+from nested_decode.inference import decode_cost, tokenizer
+from nested_decode.metrics import frechet, fvd
+from nested_decode.pipeline import stages
+from nested_decode.writers import video_writer
+
+ClipBatches = Callable[[], Iterator[tuple[parallel.RowShare, np.ndarray, np.ndarray | None]]]
+
+
+def total_clips(config: ml_collections.ConfigDict) -> int:
+  """Clips per set: ``eval.num_samples`` in each of ``eval.num_folds`` folds."""
+  return config.eval.num_samples * config.eval.num_folds
+
+
+def real_source(config: ml_collections.ConfigDict):
+  """``(source, transform)`` of the real clips: the ``eval.real_split`` split's videos, each
+  giving ``eval.clip_views`` clips (the eval split arrives wrapped from ``data_sources``)."""
+  train, evaluation, _, eval_transform = data_sources(config)
+  if config.eval.real_split == 'train':
+    return clip_views.ClipViews(train, *config.eval.clip_views), eval_transform
+  return evaluation, eval_transform
+
+
+def real_indices(config: ml_collections.ConfigDict, available: int) -> np.ndarray:
+  """Which real clip each of the ``total_clips`` samples pairs with: clip ``i`` for sample ``i``,
+  wrapping around when the folds together need more clips than there are (each fold's clips
+  stay distinct)."""
+  check_num_samples(config, available)
+  return np.arange(total_clips(config)) % available
+
+
+def real_clips(config: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[
+    tuple[parallel.RowShare, np.ndarray, np.ndarray]]:
+  """The real clips in order, as uint8 videos with their labels: per global batch, this
+  process's share of the rows and its clips of them."""
+  source, transform = real_source(config)
+  indices = real_indices(config, len(source))
+  for share in parallel.row_shares(len(indices), config.eval.batch_size, mesh):
+    batch = pipeline.examples_at(source, indices[share.rows], transform)
+    yield share, batch['video'], batch['label']
+
+
+def check_num_samples(config: ml_collections.ConfigDict, available: int) -> None:
+  if config.eval.num_samples > available:
+    raise ValueError(f'config.eval.num_samples={config.eval.num_samples} but the real clips '
+                     f'(config.eval.real_split={config.eval.real_split!r} with clip_views='
+                     f'{tuple(config.eval.clip_views)}) number {available}')
+
+
+def condition(config: ml_collections.ConfigDict, eval_tokens: np.ndarray,
+              eval_labels: np.ndarray, real_labels: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+  """``(labels, given_tokens or None)`` of the ``total_clips`` samples: frame prediction
+  continues the real clip each sample pairs with (its tokens are the eval split's); a
+  class-conditional sample takes its real clip's class."""
+  if tasks.task_of(config).num_given == 0:
+    return np.asarray(real_labels, np.int32), None
+  indices = real_indices(config, len(eval_tokens))
+  return eval_labels[indices], eval_tokens[indices]
+
+
+def features_path(workdir: str, name: str) -> str:
+  return io_utils.join(workdir, 'samples', f'{name}_i3d.npz')
+
+
+def resize_for_fvd(videos: np.ndarray, size: int) -> np.ndarray:
+  """uint8 clips with square frames resized (bilinear) to ``size`` (0: unchanged)."""
+  if not size or videos.shape[2:4] == (size, size):
+    return videos
+  resized = jax.image.resize(jnp.asarray(videos, jnp.float32),
+                             videos.shape[:2] + (size, size, videos.shape[-1]), 'bilinear',
+                             antialias=False)
+  return np.asarray(jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8))
+
+
+def streamed_features(path: str, batches: ClipBatches, saved_clips: int,
+                      i3d: fvd.I3DFeatures, fvd_image_size: int = 0) -> dict[str, np.ndarray]:
+  """``{'features'}`` (I3D, of the clips ``batches`` yields, at ``fvd_image_size``) and, when the
+  batches carry them, ``'labels'``; each process computes its rows and all are gathered. Stored
+  at ``path`` (and read from it when present); the first ``saved_clips`` clips also go to
+  ``path`` without the ``_i3d`` suffix."""
+  if io_utils.exists(path):
+    return io_utils.load_npz(path)
+  features, labels, kept = [], [], []
+  for share, videos, batch_labels in batches():
+    features.append(parallel.gather_share(i3d(resize_for_fvd(videos, fvd_image_size)), share))
+    if batch_labels is not None:
+      labels.append(parallel.gather_share(batch_labels, share))
+    if sum(len(k) for k in kept) < saved_clips:
+      kept.append(parallel.gather_share(videos, share))
+  result = {'features': np.concatenate(features)}
+  if labels:
+    result['labels'] = np.concatenate(labels)
+  if jax.process_index() == 0:
+    if saved_clips:
+      io_utils.write_npz(path.replace('_i3d.npz', '.npz'),
+                         videos=np.concatenate(kept)[:saved_clips])
+    io_utils.write_npz(path, **result)
+  return result
+
+
+def schedule_clips(generator: api.Generator, name: str, labels: np.ndarray,
+                   given: np.ndarray | None) -> ClipBatches:
+  """A fresh iterator over the uint8 clips schedule ``name`` decodes, batch by batch."""
+  config = generator.config
+
+  def batches():
+    for share, output in generator.token_batches(generator.schedule(name), labels, config.seed,
+                                                 given):
+      yield share, tokenizer.decode_tokens(config, generator.tokenizer_params, output['tokens'],
+                                           generator.mesh), None
+    logging.info('Sampled %d clips with schedule %s', len(labels), name)
+  return batches
+
+
+def sample_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
+                 ) -> dict[str, np.ndarray]:
+  """The real clips and, per schedule and the baseline, the I3D features of its clips, and the
+  comparison GIF."""
+  return sample_with(config, workdir, stages.generator(config, workdir, mesh),
+                     stages.token_dataset(config, workdir, 'eval', mesh), fvd.default_features())
+
+
+def sample_with(config, workdir, generator, eval_token_dataset, i3d) -> dict[str, np.ndarray]:
+  """I3D features: ``'real'`` first (its labels condition class-conditional samples), then
+  each schedule's."""
+  saved, size = config.eval.saved_clips, config.eval.fvd_image_size
+  real = streamed_features(features_path(workdir, 'real'),
+                           lambda: real_clips(config, generator.mesh), saved, i3d, size)
+  labels, given = condition(config, *eval_token_dataset, real['labels'])
+  features = {}
+  for name in config_lib.schedules_with_baseline(config):
+    features[name] = streamed_features(
+        features_path(workdir, name), schedule_clips(generator, name, labels, given), saved,
+        i3d, size)['features']
+  features['real'] = real['features']
+  if jax.process_index() == 0:
+    write_comparison_gif(config, workdir)
+  return features
+
+
+def saved_videos(workdir: str, name: str) -> np.ndarray:
+  return io_utils.load_npz(io_utils.join(workdir, 'samples', f'{name}.npz'))['videos']
+
+
+def write_comparison_gif(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """``samples/comparison.gif``: real clips | baseline | each schedule, condition frames framed
+  in green and generated frames in red."""
+  n = config.eval.gif_clips
+  columns = {'real': saved_videos(workdir, 'real')[:n]}
+  for name in config_lib.schedules_with_baseline(config):
+    columns[name] = saved_videos(workdir, name)[:n]
+  given = config.task.condition_frames if tasks.task_of(config).num_given else 0
+  video_writer.save_comparison_gif(io_utils.join(workdir, 'samples', 'comparison.gif'), columns,
+                                   given_frames=given)
+
+
+def reference_batches(config, generator, eval_tokens) -> dict[str, ClipBatches]:
+  """Clip sets that put the samples' FVD in context (see the module docstring)."""
+  count = min(len(eval_tokens), total_clips(config))
+  mesh = generator.mesh
+
+  def reconstructions():
+    for share in parallel.row_shares(count, config.eval.batch_size, mesh):
+      yield share, tokenizer.decode_tokens(config, generator.tokenizer_params,
+                                           share.take(eval_tokens[:count]), mesh), None
+
+  references = {'tokenizer_reconstruction': reconstructions}
+  if tasks.task_of(config).num_given:
+    last = config.task.condition_frames - 1
+
+    def repeat_last_condition_frame():
+      for share, videos, _ in real_clips(config, mesh):
+        yield share, np.concatenate([videos[:, :last + 1]] + [videos[:, last:last + 1]]
+                                    * (videos.shape[1] - last - 1), axis=1), None
+    references['repeat_last_condition_frame'] = repeat_last_condition_frame
+  return references
+
+
+def fold_fvd(features: np.ndarray, real: np.ndarray, num_folds: int) -> tuple[float, float]:
+  """Mean and standard deviation over folds of the FVD of fold ``k`` of ``features`` against
+  fold ``k`` of ``real`` (consecutive equal parts; a shorter set's folds are shorter)."""
+  scores = [frechet.frechet_distance_from_features(a, b)
+            for a, b in zip(np.array_split(features, num_folds),
+                            np.array_split(real, num_folds))]
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+def eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> list[dict]:
+  """``eval.json``: per schedule GFLOPs and FVD against the real held-out clips."""
+  i3d = fvd.default_features()
+  generator = stages.generator(config, workdir, mesh)
+  eval_tokens, eval_labels = stages.token_dataset(config, workdir, 'eval', mesh)
+  features = sample_with(config, workdir, generator, (eval_tokens, eval_labels), i3d)
+  real = features.pop('real')
+  flops = {row['schedule']: row for row in decode_cost.flops_rows(config)}
+  rows = []
+  for name, sample_features in features.items():
+    row = {key: flops[name][key] for key in ('schedule', 'cache', 'steps', 'gflops_per_sample',
+                                             'flop_ratio')}
+    mean, std = fold_fvd(sample_features, real, config.eval.num_folds)
+    row.update(fvd=mean, fvd_std=std, num_folds=config.eval.num_folds,
+               num_clips=len(sample_features))
+    rows.append(row)
+    logging.info('eval %s: %s', name, row)
+  references = {}
+  for name, batches in reference_batches(config, generator, eval_tokens).items():
+    reference = streamed_features(features_path(workdir, name), batches, 0, i3d,
+                                  config.eval.fvd_image_size)['features']
+    references[name] = fold_fvd(reference, real, config.eval.num_folds)[0]
+  report = dict(rows=rows, reference_fvd=references, num_real_clips=len(real),
+                task=tasks.task_of(config).name)
+  if jax.process_index() == 0:
+    io_utils.write_json(io_utils.join(workdir, 'eval.json'), report)
+  return rows

@@ -1,0 +1,48 @@
+r"""``configs/imagenet256.py:tiny``, shrunk for tests, run over TFDS mock data in this process:
+
+  python tests/helpers/mock_imagenet_job.py WORKDIR MODE
+
+(one of several JAX processes when ``JAX_COORDINATOR_ADDRESS`` and friends are set). The test
+fixtures call ``run`` in-process.
+"""
+
+import os
+import sys
+
+import tensorflow_datasets as tfds
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # conftest
+from conftest import load_config  # pylint: disable=wrong-import-position
+
+NUM_EXAMPLES = 12  # per split of the mock imagenet2012
+
+
+def tiny_config(data_dir: str):
+  config = load_config('imagenet256', 'tiny')
+  config.data.data_dir = data_dir
+  config.model.num_layers = 1
+  config.tokenizer_training.update(num_steps=2, batch_size=4, log_every=1, checkpoint_every=2)
+  config.training.update(num_steps=2, batch_size=4, log_every=1, checkpoint_every=2)
+  config.eval.update(num_samples=NUM_EXAMPLES, batch_size=6, grid_per_class=1,
+                     min_reference_images=NUM_EXAMPLES)
+  for name in list(config.eval.schedules):
+    if name != 'magnets':
+      del config.eval.schedules[name]
+  return config
+
+
+def run(workdir: str, mode: str):
+  from nested_decode import main  # absl flags: imported only here
+  config = tiny_config(os.path.join(os.path.dirname(workdir), 'tfds'))
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    main.run_mode(main.MODES[mode], main.Run(config, 'configs/imagenet256.py:tiny', workdir))
+  return config
+
+
+if __name__ == '__main__':
+  from absl import logging
+
+  from nested_decode import parallel
+  logging.set_verbosity(logging.INFO)
+  parallel.initialize_distributed()
+  run(sys.argv[1], sys.argv[2])

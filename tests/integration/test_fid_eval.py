@@ -1,0 +1,134 @@
+"""The ImageNet job end to end on configs/imagenet256.py:tiny over TFDS mock data: FID per
+schedule."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import mock_imagenet_job
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from conftest import HELPERS, cpu_env, free_port, load_config
+from mock_imagenet_job import NUM_EXAMPLES
+
+from nested_decode import parallel
+from nested_decode.metrics import fid
+from nested_decode.pipeline import fid_eval, stages
+
+
+@pytest.fixture(scope='module')
+def imagenet_job(tmp_path_factory):
+  """The whole job (tokenizer, tokens, transformer, samples, FID) in this process."""
+  workdir = str(tmp_path_factory.mktemp('imagenet') / 'run')
+  config = mock_imagenet_job.run(workdir, 'all')
+  yield config, workdir
+
+
+def read_report(workdir):
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    return json.load(f)
+
+
+def test_eval_json_has_fid_and_flops_per_schedule(imagenet_job):
+  config, workdir = imagenet_job
+  report = read_report(workdir)
+  rows = {row['schedule']: row for row in report['rows']}
+  assert set(rows) == {'baseline', 'magnets'}
+  for row in rows.values():
+    assert np.isfinite(row['fid']) and row['fid'] > 0
+    assert row['num_samples'] == NUM_EXAMPLES and row['gflops_per_sample'] > 0
+    assert row['inception_score'] is None  # the FID weights have no classifier head
+  assert rows['baseline']['flop_ratio'] == 1.0 and rows['magnets']['flop_ratio'] > 1.5
+  assert report['reference'] == {'source': 'imagenet2012 validation', 'num_images': NUM_EXAMPLES}
+  ceiling = report['tokenizer_reconstructions_of_held_out']
+  assert np.isfinite(ceiling['fid']) and ceiling['num_images'] == NUM_EXAMPLES
+  assert 'pt_inception' in report['inception_score_needs']
+  for name in ('baseline', 'magnets'):
+    assert os.path.getsize(os.path.join(workdir, 'samples', f'{name}.png')) > 0
+
+
+class CountingNetwork:
+  def __init__(self, net):
+    self.net, self.images = net, 0
+    self.has_head, self.batch_size = net.has_head, net.batch_size
+
+  def __call__(self, images):
+    self.images += len(images)
+    return self.net(images)
+
+
+def test_resume_recomputes_only_the_missing_schedule(imagenet_job, monkeypatch):
+  config, workdir = imagenet_job
+  before = {row['schedule']: row['fid'] for row in read_report(workdir)['rows']}
+  os.remove(fid_eval.statistics_path(workdir, 'magnets'))
+  counting = CountingNetwork(fid_eval.network(config))
+  monkeypatch.setattr(fid_eval, 'network', lambda config: counting)
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    rows = fid_eval.eval_stage(config, workdir, parallel.make_mesh(config))
+  assert counting.images == NUM_EXAMPLES  # magnets' samples only: the rest was read back
+  assert {row['schedule']: row['fid'] for row in rows} == pytest.approx(before, rel=1e-9)
+
+
+def test_an_adm_reference_batch_gives_the_same_fid(imagenet_job, tmp_path):
+  config, workdir = imagenet_job
+  before = {row['schedule']: row['fid'] for row in read_report(workdir)['rows']}
+  reference = fid.ImageStatistics.load(
+      fid_eval.statistics_path(workdir, 'reference_validation'))
+  mu, sigma = reference.fid_statistics()
+  np.savez(tmp_path / 'VIRTUAL_reference.npz', mu=mu, sigma=sigma)
+  config = config.copy_and_resolve_references()
+  config.eval.fid_reference = str(tmp_path / 'VIRTUAL_reference.npz')
+  rows = fid_eval.eval_stage(config, workdir, parallel.make_mesh(config))
+  assert {row['schedule']: row['fid'] for row in rows} == pytest.approx(before, rel=1e-9)
+  assert read_report(workdir)['reference']['num_images'] is None
+
+
+def test_too_few_reference_images_is_an_error(imagenet_job):
+  config, workdir = imagenet_job
+  config = config.copy_and_resolve_references()
+  config.eval.fid_reference = 'train'
+  config.eval.min_reference_images = NUM_EXAMPLES + 1
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    with pytest.raises(fid.ReferenceError, match=f"split 'train' has {NUM_EXAMPLES} reference "
+                       f'images; the protocol needs at least {NUM_EXAMPLES + 1}'):
+      fid_eval.reference_statistics(config, workdir, parallel.make_mesh(config),
+                                    fid_eval.network(config))
+
+
+def test_missing_inception_weights_stop_the_job_before_training(tmp_path):
+  config = load_config('imagenet256')
+  config.eval.inception_weights = str(tmp_path / 'pt_inception.pth')
+  with pytest.raises(FileNotFoundError, match='config.eval.inception_weights=.*pt_inception'):
+    stages.check_can_evaluate(config)
+
+
+def test_two_processes_give_the_fids_of_one(imagenet_job, tmp_path):
+  """The eval split over two processes (one device each): each decodes its half of every batch
+  and puts it through Inception; the gathered statistics give the one-process FIDs. The
+  trained stages, the tokens and the reference statistics are copied over."""
+  _, reference = imagenet_job
+  workdir = tmp_path / 'run'
+  for kept in ('tokenizer', 'transformer', 'tokens'):
+    shutil.copytree(os.path.join(reference, kept), workdir / kept)
+  name = os.path.basename(fid_eval.statistics_path(reference, 'reference_validation'))
+  (workdir / 'samples').mkdir()
+  shutil.copy(os.path.join(reference, 'samples', name), workdir / 'samples' / name)
+  address = f'127.0.0.1:{free_port()}'
+  runs = [subprocess.Popen(
+      [sys.executable, os.path.join(HELPERS, 'mock_imagenet_job.py'),
+       str(workdir), 'eval'],
+      env=cpu_env(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2',
+                  JAX_PROCESS_ID=str(i)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for run in runs:
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+  one, two = read_report(reference), read_report(str(workdir))
+  assert [r['fid'] for r in two['rows']] == pytest.approx([r['fid'] for r in one['rows']],
+                                                          rel=1e-4)
+  assert two['tokenizer_reconstructions_of_held_out']['fid'] == pytest.approx(
+      one['tokenizer_reconstructions_of_held_out']['fid'], rel=1e-4)
+

@@ -1,0 +1,138 @@
+"""Ahead-of-time compiles for a small TPU slice (v5e:2x2, 4 chips) on this CPU, through the code
+of ``--mode=compile_tpu``; JAX keeps running on the CPU."""
+
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+from conftest import load_config as load
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nested_decode import config_lib, main, parallel
+from nested_decode.config_lib import ConfigError
+from nested_decode.models import attention
+from nested_decode.tools import tpu_fit
+
+if importlib.util.find_spec('libtpu') is None:
+  pytest.skip('libtpu is not installed: compiling for TPU topologies needs it '
+              '(pip install -e ".[dev]")', allow_module_level=True)
+
+TOPOLOGY = 'v5e:2x2'
+# nested / single-width collective traffic of the train step of small_config(data=2, tensor=2)
+# (docs/tpu_fit.md)
+TINY_TENSOR_RATIO = 2.05
+
+
+def small_config(**mesh):
+  """MNIST :tiny with splash attention, full remat and 2-step decodes."""
+  config = load('mnist', 'tiny')
+  config.tpu_fit.topology = TOPOLOGY
+  config.model.update(attention_impl='splash', remat='full')
+  config.sampling.steps = 2
+  config.eval.schedules = ml_collections.ConfigDict(dict(
+      magnets=config_lib.schedule(((1, 2),))))  # its second step is a cached pass
+  config.eval.batch_size = config.training.batch_size = 8
+  config.mesh.update(mesh)
+  config_lib.validate(config)
+  return config
+
+
+def test_the_test_process_runs_on_cpu():
+  assert jax.default_backend() == 'cpu'
+
+
+def test_train_step_and_decodes_compile_and_fit(tmp_path, capsys):
+  config = small_config(data=2, tensor=2)
+  config.tpu_fit.single_width = True
+  main.run_compile_tpu(main.Run(config, 'mnist:tiny', str(tmp_path)))
+  with open(tmp_path / 'compile_tpu.json') as f:
+    report = json.load(f)
+  rows = report['rows']
+  assert report['config'] == 'mnist:tiny'
+  assert [row['program'] for row in rows] == ['train', 'train:single_width', 'decode:baseline',
+                                              'decode:magnets']
+  out = capsys.readouterr().out
+  assert '| mnist:tiny | v5e:2x2 | data=2 x fsdp=1 x tensor=2 | train | 8 | full | splash |' in out
+  # collective traffic of the train steps (docs/tpu_fit.md): all-reduces of activations over
+  # 'tensor' and of gradients over 'data', and for the narrow widths, whose heads and MLP units
+  # all sit on the first tensor shard, collective-permutes
+  nested, single = rows[0], rows[1]
+  assert f"| {nested['collective_vs_single']:.2f}x |" in out
+  assert nested['collective_vs_single'] == pytest.approx(
+      nested['collective_wire_gib'] / single['collective_wire_gib'])
+  assert nested['collective_vs_single'] == pytest.approx(TINY_TENSOR_RATIO, rel=0.02)
+  assert nested['collective_permute_gib'] > 0 == single['collective_permute_gib']
+  assert 0 < single['all_reduce_gib'] < nested['all_reduce_gib']
+  assert all('collective_gib' not in row for row in rows[2:])
+  for row in rows:
+    assert row['device_kind'] == 'TPU v5 lite' and row['devices'] == 4
+    assert row['mesh'] == 'data=2 x fsdp=1 x tensor=2' and row['hbm_gib'] == 16
+    assert 0 < row['argument_gib'] < row['total_gib'] < 0.1 and row['fits']
+    assert row['tflops_per_device'] > 0
+  assert jax.default_backend() == 'cpu'
+
+
+def test_fsdp_shards_the_state_and_per_chip_memory_falls_as_the_fsdp_axis_grows():
+  """The nested train step of a 256-wide model at a global batch of 16 (the state outweighs
+  the activations), compiled for 4 chips: 4-way FSDP holds about a quarter of the parameters and
+  optimizer state per chip, its total is below data parallelism's, and it moves each parameter
+  at most three times per step (ZeRO-3: gathered for the forward and the backward pass, its
+  gradient reduce-scattered). Without the model's activation constraints XLA gave up the batch
+  split (the activations took the parameters' 'embed' sharding) and all-reduced activations
+  instead: 0.029 GiB per chip here against 0.015, and per-chip memory above data
+  parallelism's in the program of a model without the two-step slicing of nested_param."""
+  rows = {}
+  for fsdp in (1, 4):
+    config = load('mnist', 'tiny')
+    config.tpu_fit.update(topology=TOPOLOGY, decodes=False)
+    config.model.update(width=256, num_heads=8, mlp_dim=1024, num_layers=2)
+    config.training.batch_size = 16
+    config.mesh.update(data=4 // fsdp, fsdp=fsdp)
+    with jax.default_matmul_precision('default'):  # conftest's 'highest' triples the compile
+      rows[fsdp], = tpu_fit.compile_rows(config, log=lambda line: None)
+  replicated, sharded = rows[1], rows[4]
+  assert sharded['argument_gib'] < 0.4 * replicated['argument_gib']
+  assert sharded['total_gib'] < 0.8 * replicated['total_gib']
+  param_gib = replicated['argument_gib'] / 3  # float32 parameters and two AdamW moments
+  assert sharded['collective_wire_gib'] < 3 * param_gib
+
+
+def test_splash_kernel_compiles_for_tpu_under_a_mesh():
+  mesh = jax.make_mesh((2, 1, 2), parallel.AXES, devices=tpu_fit.topology_devices(TOPOLOGY),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  split = NamedSharding(mesh, P(parallel.BATCH_AXES, None, 'tensor', None))
+  q = jax.ShapeDtypeStruct((4, 300, 4, 64), jnp.bfloat16, sharding=split)
+  attend = jax.jit(jax.grad(lambda q, k, v: attention.attend(q, k, v, 'splash').sum()))
+  # conftest asks for 'highest' matmul precision, which Mosaic cannot give bf16 operands
+  with jax.set_mesh(mesh), jax.default_matmul_precision('default'):
+    hlo = attend.lower(q, q, q).compile().as_text()
+  assert 'tpu_custom_call' in hlo  # the Mosaic kernel, not interpreted
+
+
+def test_unknown_topology_is_a_config_error():
+  config = small_config()
+  config.tpu_fit.topology = 'v9z:3x3'
+  with pytest.raises(ConfigError, match=r"config.tpu_fit.topology='v9z:3x3'"):
+    tpu_fit.compile_rows(config)
+
+
+def test_batch_that_does_not_split_over_the_slice_is_a_config_error():
+  config = small_config()
+  config.eval.batch_size = 6
+  with pytest.raises(ConfigError, match=r'config.eval.batch_size=6.*4 batch shards'):
+    tpu_fit.compile_rows(config)
+
+
+def test_a_program_the_compiler_refuses_for_lack_of_hbm_is_a_row_that_does_not_fit():
+  message = ('RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total '
+             'memory required for HLO temporaries (77.01G) exceeds available HBM (15.75G).')
+  row = tpu_fit.out_of_memory_report(message, hbm=16 * tpu_fit.GIB, seconds=3.0)
+  assert not row['fits'] and row['temp_gib'] == pytest.approx(77.01) and row['hbm_gib'] == 16
+  table = tpu_fit.markdown_table([dict(row, program='train', topology=TOPOLOGY, mesh='fsdp=4',
+                                       global_batch=8, remat='none', attention_impl='xla')],
+                                 'k600')
+  assert '| 8 | none | xla | ? | 77.01 | ? | 16 | **no** | ? | 3 |' in table

@@ -1,0 +1,164 @@
+"""The video frame-prediction job end to end (Moving MNIST, real I3D) and its GIF writer."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import nbclient
+import nbformat
+import numpy as np
+import pytest
+from conftest import ROOT, load_config
+from PIL import Image
+
+from nested_decode import api, config_lib, parallel
+from nested_decode.metrics import frechet
+from nested_decode.pipeline import video
+from nested_decode.writers import video_writer
+
+
+def test_comparison_gif_frames_mark_given_and_generated_frames(tmp_path):
+  videos = np.random.default_rng(0).integers(0, 255, (2, 6, 8, 8, 1), dtype=np.uint8)
+  path = tmp_path / 'comparison.gif'
+  video_writer.save_comparison_gif(str(path), {'real': videos, 'magnets': videos[::-1]},
+                                   given_frames=2)
+  assert Image.open(path).n_frames == 6
+  frames = video_writer.comparison_frames({'real': videos}, given_frames=2)
+  margin = video_writer.MARGIN
+  border_pixel = lambda image: image.getpixel((margin, image.size[1] - 1 - margin))
+  assert [border_pixel(f) for f in frames] == (
+      [video_writer.GIVEN_COLOR] * 2 + [video_writer.GENERATED_COLOR] * 4)
+
+
+@pytest.fixture(scope='module')
+def frame_prediction_job(tmp_path_factory):
+  """``configs/k600.py:tiny`` shrunk by overrides, run as users run it: its workdir and log."""
+  workdir = tmp_path_factory.mktemp('k600_tiny')
+  overrides = ['--config.tokenizer_training.num_steps=3', '--config.training.num_steps=3',
+               '--config.data.num_train_clips=32', '--config.data.num_eval_clips=4',
+               '--config.eval.num_samples=2', '--config.eval.num_folds=2',
+               '--config.eval.batch_size=4',
+               '--config.eval.saved_clips=4', '--config.eval.gif_clips=2',
+               '--config.model.num_layers=1']
+  result = subprocess.run(
+      [sys.executable, '-m', 'nested_decode.main', '--config=configs/k600.py:tiny',
+       f'--workdir={workdir}', *overrides], cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result.stderr
+
+
+def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(frame_prediction_job):
+  tmp_path, stderr = frame_prediction_job
+  assert 'Sampled 4 clips with schedule magnets' in stderr
+  report = json.loads((tmp_path / 'eval.json').read_text())
+  rows = {row['schedule']: row for row in report['rows']}
+  assert set(rows) == {'baseline', 'magnets'} and report['task'] == 'frame_prediction'
+  for row in rows.values():
+    assert row['num_clips'] == 4 and np.isfinite(row['fvd']) and row['fvd'] >= 0
+    assert row['num_folds'] == 2 and row['fvd_std'] > 0  # two folds of 2 clips each
+  assert rows['magnets']['flop_ratio'] > 3
+  assert set(report['reference_fvd']) == {'tokenizer_reconstruction',
+                                          'repeat_last_condition_frame'}
+
+  samples = tmp_path / 'samples'
+  load = lambda name: np.load(samples / f'{name}.npz')['videos']
+  baseline, magnets, real = load('baseline'), load('magnets'), load('real')
+  assert baseline.shape == real.shape == (4, 16, 32, 32, 1) and baseline.dtype == np.uint8
+  # The causal tokenizer decodes the 5 condition frames from the given latent frames alone, so
+  # every schedule shows the same condition frames: sampling never touched those tokens.
+  np.testing.assert_array_equal(baseline[:, :5], magnets[:, :5])
+  assert np.any(baseline[:, 5:] != magnets[:, 5:])
+  assert Image.open(samples / 'comparison.gif').n_frames == 16
+
+  # The API loads the workdir and, given the real condition frames, predicts the clips the
+  # job sampled: the job decodes through it, and the causal tokenizer's condition latents do not
+  # depend on the frames after them.
+  model = api.load(str(tmp_path))
+  config = model.config
+  for name, job_clips in (('baseline', baseline), ('magnets', magnets)):
+    predicted = model.predict_frames(real[:, :5], schedule=name, seed=config.seed,
+                                     batch_size=config.eval.batch_size)
+    np.testing.assert_array_equal(predicted.images, job_clips)
+
+  sampled = lambda: {path.name: path.stat().st_mtime_ns for path in samples.glob('*.npz')}
+  written = sampled()
+  # The job again, resumed.
+  assert video.eval_stage(config, str(tmp_path), parallel.make_mesh(config)) == report['rows']
+  assert sampled() == written  # finished schedules are read back, not sampled again
+
+
+def test_the_demo_notebook_runs_top_to_bottom(frame_prediction_job):
+  """``notebooks/demo.ipynb`` with its smallest setting (and this file's video workdir), as
+  Jupyter runs it: any cell error fails the test."""
+  notebook = nbformat.read(os.path.join(ROOT, 'notebooks', 'demo.ipynb'), as_version=4)
+  parameters = next(c for c in notebook.cells if 'parameters' in c.metadata.get('tags', []))
+  parameters.source += (f"\nSAMPLES_PER_DIGIT = 2\nQUALITY_SAMPLES = 20\n"
+                        f"VIDEO_WORKDIR = {str(frame_prediction_job[0])!r}\n")
+  began = time.perf_counter()
+  nbclient.NotebookClient(notebook, timeout=300, kernel_name='python3', resources={
+      'metadata': {'path': os.path.join(ROOT, 'notebooks')}}).execute()
+  assert time.perf_counter() - began < 180
+  outputs = [o for c in notebook.cells if c.cell_type == 'code' for o in c.outputs]
+  text = ''.join(o.get('text', '') for o in outputs)
+  assert 'First samples after' in text and 'MaGNeTS 4x1,1x4 minus the best other family' in text
+  assert 'fewer steps  1x3' in text  # the frontier's pick at the notebook's budget, scored live
+  images = [o for o in outputs if 'image/png' in o.get('data', {})]
+  assert len(images) == 4  # side by side, step by step, your schedule, quality vs GFLOPs
+  assert any('image/gif' in o.get('data', {}) for o in outputs)  # the frame prediction
+
+
+# ---- the FVD protocol's pieces ----
+
+def test_fold_fvd_scores_each_fold_against_its_real_fold():
+  rng = np.random.default_rng(0)
+  samples, real = rng.normal(size=(12, 5)), rng.normal(size=(12, 5)) + 1
+  mean, std = video.fold_fvd(samples, real, 3)
+  folds = [frechet.frechet_distance_from_features(samples[i:i + 4], real[i:i + 4])
+           for i in (0, 4, 8)]
+  assert (mean, std) == pytest.approx((np.mean(folds), np.std(folds)))
+  assert video.fold_fvd(samples, real, 1) == pytest.approx(
+      (frechet.frechet_distance_from_features(samples, real), 0.0))
+
+
+def test_samples_pair_with_real_clips_and_wrap_across_folds():
+  config = load_config('k600')
+  config.eval.update(num_samples=5, num_folds=3)
+  np.testing.assert_array_equal(video.real_indices(config, 7),
+                                [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 0])
+  with pytest.raises(ValueError, match=r"num_samples=5 but the real clips \(config.eval."
+                     r"real_split='eval' with clip_views=\(2, 3\)\) number 4"):
+    video.real_indices(config, 4)
+  tokens, labels = np.arange(7)[:, None] * np.ones((1, 3), int), np.zeros(7, np.int32)
+  _, given = video.condition(config, tokens, labels, real_labels=None)
+  np.testing.assert_array_equal(given[:, 0], video.real_indices(config, 7))
+
+
+def test_class_conditional_samples_take_their_real_clips_classes():
+  config = load_config('ucf101', 'tiny')
+  real_labels = np.array([5, 5, 17, 100], np.int32)
+  labels, given = video.condition(config, None, None, real_labels)
+  assert given is None
+  np.testing.assert_array_equal(labels, real_labels)
+
+
+def test_paper_configs_follow_magvit_protocols():
+  k600, ucf = load_config('k600'), load_config('ucf101')
+  assert (k600.eval.num_samples, k600.eval.num_folds, tuple(k600.eval.clip_views),
+          k600.eval.fvd_image_size, k600.eval.real_split) == (50_000, 4, (2, 3), 64, 'eval')
+  assert (ucf.eval.num_samples, ucf.eval.num_folds, tuple(ucf.eval.clip_views),
+          ucf.eval.real_split) == (10_000, 4, (2, 3), 'train')
+  k600.eval.real_split = 'train'
+  with pytest.raises(config_lib.ConfigError, match="eval.real_split='train'.*frame prediction"):
+    config_lib.validate(k600)
+
+
+def test_clips_are_resized_for_fvd():
+  clips = np.full((2, 3, 128, 128, 3), 200, np.uint8)
+  resized = video.resize_for_fvd(clips, 64)
+  assert resized.shape == (2, 3, 64, 64, 3) and resized.dtype == np.uint8
+  assert (resized == 200).all()
+  assert video.resize_for_fvd(clips, 0) is clips
+

@@ -1,0 +1,64 @@
+"""Splash attention (Pallas, interpret mode on CPU) against XLA attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import init_params, small_config
+
+from nested_decode.models import attention
+from nested_decode.models.transformer import NestedMaskedTransformer
+
+
+@pytest.mark.parametrize('q_len,kv_len', [(300, 300), (37, 300), (128, 128)])
+def test_splash_equals_xla_attention_with_and_without_padding(q_len, kv_len):
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(kq, (2, q_len, 4, 32))
+  k = jax.random.normal(kk, (2, kv_len, 4, 32))
+  v = jax.random.normal(kv, (2, kv_len, 4, 32))
+  splash = jax.jit(lambda *x: attention.attend(*x, 'splash'))(q, k, v)
+  np.testing.assert_allclose(splash, attention.attend(q, k, v, 'xla'), atol=2e-6)
+
+
+def test_splash_gradient_equals_xla():
+  kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+  q, k, v = (jax.random.normal(key, (1, 130, 2, 16)) for key in (kq, kk, kv))
+
+  def grads(implementation):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attention.attend(q, k, v, implementation)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  for a, b in zip(grads('splash'), grads('xla')):
+    np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+def test_unknown_implementation_is_named():
+  q = jnp.zeros((1, 4, 1, 8))
+  with pytest.raises(ValueError, match="'flash'"):
+    attention.attend(q, q, q, 'flash')
+
+
+@pytest.mark.parametrize('factor', (2, 8))
+def test_model_with_splash_equals_xla_full_and_cached_pass(factor):
+  """Nested widths (4 and 1 of 8 heads), 1 + 130 tokens (not a multiple of 128), and a
+  cached pass of 5 queries over the cache."""
+  xla_config = small_config(seq_len=130)
+  params = init_params(xla_config)
+  tokens = jax.random.randint(jax.random.key(2), (2, 130), 0, xla_config.codebook_size)
+  labels = jnp.array([1, 3])
+  positions = jnp.array([[1, 4, 9, 50, 130], [2, 3, 70, 71, 129]])
+
+  def passes(config):
+    model = NestedMaskedTransformer(config)
+
+    @jax.jit
+    def run(params):
+      logits, cache = model.apply(params, tokens, labels, width_factor=factor)
+      cached, _ = model.apply(params, tokens[:, :5], labels, width_factor=factor,
+                              positions=positions, cache=cache)
+      return logits, cached
+    return run(params)
+
+  for a, b in zip(passes(small_config(seq_len=130, attention_impl='splash')),
+                  passes(xla_config)):
+    np.testing.assert_allclose(a, b, atol=2e-5)
