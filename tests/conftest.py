@@ -36,14 +36,13 @@ from nested_decode.models.transformer import NestedMaskedTransformer, Transforme
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-# A persistent compilation cache for this pytest process and the JAX processes its tests start
-# (they inherit the variable): many of them compile the same programs, e.g. the tiny trainers.
-# Each pytest process (xdist's workers too) makes its own, unless the user gave one.
-OWNED_CACHE_FLAG = 'NESTED_DECODE_TEST_JAX_CACHE'
-OWN_CACHE = OWNED_CACHE_FLAG in os.environ or 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+# One persistent compilation cache for the whole run, unless the user gave one: the pytest
+# process makes it, and xdist's workers and the JAX processes the tests start inherit the
+# variable (many of them compile the same programs, e.g. the tiny trainers and job stages);
+# the process that made it removes it when the session ends, after its workers.
+OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
 if OWN_CACHE:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='nested_decode_test_jax_')
-  os.environ[OWNED_CACHE_FLAG] = '1'
 COMPILATION_CACHE = os.environ['JAX_COMPILATION_CACHE_DIR']
 jax.config.update('jax_compilation_cache_dir', COMPILATION_CACHE)
 # JAX caches only programs that took >= 1 s to compile by default; at optimisation level 0 most
@@ -155,7 +154,8 @@ def mnist_tiny_job(gcs_bucket, tmp_path_factory) -> BucketJob:
 
 # With `-n 2 --dist loadfile` (the README's test command) each file runs on one worker; the
 # longest files start first, so that both workers finish at about the same time.
-LONGEST_FIRST = ('test_main.py', 'test_parallel.py', 'test_video_job.py', 'test_faults.py')
+LONGEST_FIRST = ('test_main.py', 'test_fid_eval.py', 'test_video_job.py', 'test_parallel.py',
+                 'test_faults.py', 'test_tpu_compile.py')
 
 
 @pytest.hookimpl(tryfirst=True)

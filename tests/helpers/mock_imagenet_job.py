@@ -21,7 +21,13 @@ def tiny_config(data_dir: str):
   config = load_config('imagenet256', 'tiny')
   config.data.data_dir = data_dir
   config.model.num_layers = 1
-  config.tokenizer_training.update(num_steps=2, batch_size=4, log_every=1, checkpoint_every=2)
+  # What costs here is compiling, not running: a one-block tokenizer without the discriminator
+  # (the adversarial loss is trained in tests/unit/training/test_tokenizer_training.py), and
+  # cached steps padded to 4 query buckets, so that the decodes share a few programs.
+  config.tokenizer.num_res_blocks = 1
+  config.sampling.query_buckets = 4
+  config.tokenizer_training.update(num_steps=2, batch_size=4, log_every=1, checkpoint_every=2,
+                                   adversarial_weight=0.0)
   config.training.update(num_steps=2, batch_size=4, log_every=1, checkpoint_every=2)
   config.eval.update(num_samples=NUM_EXAMPLES, batch_size=6, grid_per_class=1,
                      min_reference_images=NUM_EXAMPLES)

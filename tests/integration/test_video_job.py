@@ -41,7 +41,9 @@ def frame_prediction_job(tmp_path_factory):
                '--config.eval.num_samples=2', '--config.eval.num_folds=2',
                '--config.eval.batch_size=4',
                '--config.eval.saved_clips=4', '--config.eval.gif_clips=2',
-               '--config.model.num_layers=1']
+               '--config.model.num_layers=1',
+               # cached steps padded to 4 query buckets: the decodes share a few programs
+               '--config.sampling.query_buckets=4']
   result = subprocess.run(
       [sys.executable, '-m', 'nested_decode.main', '--config=configs/k600.py:tiny',
        f'--workdir={workdir}', *overrides], cwd=ROOT, capture_output=True, text=True,
