@@ -112,8 +112,10 @@ class Generator:
       raise ScheduleError(f'schedule.{error.field}', error.value, error.problem) from None
     return schedule
 
-  def plan(self, schedule: Schedule) -> tuple[DecodeStep, ...]:
-    """``schedule``'s decode steps, planned once per schedule."""
+  def plan(self, schedule: Schedule | ml_collections.ConfigDict) -> tuple[DecodeStep, ...]:
+    """``schedule``'s decode steps (a ``Schedule`` or a config entry), planned once per
+    schedule."""
+    schedule = Schedule.parse(schedule)
     if schedule not in self._plans:
       self._plans[schedule] = schedule.plan(self.decode_task)
     return self._plans[schedule]

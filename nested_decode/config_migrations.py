@@ -4,10 +4,14 @@ to today's keys: every change of the config's form that a saved config may preda
 import ml_collections
 
 from nested_decode import config_lib
-from nested_decode.data import sources
 
 # What the boolean ``model.remat`` of older versions meant.
 REMAT_BOOLS = {True: 'full', False: 'none'}
+
+
+def _scored_by_fid(dataset_name: str | None) -> bool:
+  from nested_decode.data import sources  # grain and the readers: only for a saved config
+  return dataset_name in sources.DATASETS and sources.DATASETS[dataset_name].scoring == 'fid'
 
 
 def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -15,7 +19,7 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   defaults = {}
   if 'task' in config:
     defaults = config_lib.VIDEO_EVAL_DEFAULTS
-  elif config.get('data') and sources.dataset(config).scoring == 'fid':
+  elif config.get('data') and _scored_by_fid(config.data.get('name')):
     defaults = config_lib.FID_EVAL_DEFAULTS
   for key, value in defaults.items():
     if key not in config.eval:

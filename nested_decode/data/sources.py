@@ -97,8 +97,8 @@ def dataset(config: ml_collections.ConfigDict) -> Dataset:
   """The registered dataset ``config.data.name`` names."""
   name = config.data.name
   if name not in DATASETS:
-    raise ValueError(f'config.data.name={name!r} is invalid: allowed values are '
-                     f'{tuple(DATASETS)}')
+    raise ConfigError(f'config.data.name={name!r} is invalid: allowed values are '
+                      f'{tuple(DATASETS)}')
   return DATASETS[name]
 
 

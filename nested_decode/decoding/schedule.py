@@ -54,8 +54,10 @@ class Schedule:
       schedule = spec
     elif isinstance(spec, Mapping) or hasattr(spec, 'widths'):
       get = spec.get if hasattr(spec, 'get') else lambda key, default: getattr(spec, key, default)
-      schedule = cls(_pairs(get('widths', None)), get('cache', 'refresh_on_switch'),
-                     get('refresh_every', 1))
+      kept = get('cache', 'refresh_on_switch')
+      # refresh_every_k needs its interval given; the other policies do not read it.
+      schedule = cls(_pairs(get('widths', None)), kept,
+                     get('refresh_every', None if kept == 'refresh_every_k' else 1))
     elif isinstance(spec, str):
       try:
         widths = tuple(tuple(int(n) for n in part.split('x')) for part in spec.split(','))
@@ -96,7 +98,7 @@ class Schedule:
                           f'{task.num_generated} tokens to generate')
     if self.cache not in CACHE_POLICIES:
       raise ScheduleError('cache', self.cache, f'allowed values are {CACHE_POLICIES}')
-    if self.cache == 'refresh_every_k' and (not isinstance(self.refresh_every, int)
+    if self.cache == 'refresh_every_k' and (self.refresh_every is None
                                             or self.refresh_every <= 0):
       raise ScheduleError('refresh_every', self.refresh_every, 'must be a positive integer')
 

@@ -28,6 +28,9 @@ def test_a_config_entry_keeps_its_cache_and_refresh_interval_and_cache_overrides
   assert Schedule.parse(entry) == Schedule(((2, 6), (1, 6)), 'refresh_every_k', 3)
   assert Schedule.parse(entry, cache='none').cache == 'none'
   assert Schedule.baseline(12) == Schedule(((1, 12),), cache='none')
+  without_interval = Schedule.parse({'widths': ((1, 12),), 'cache': 'refresh_every_k'})
+  with pytest.raises(ScheduleError, match='refresh_every=None is invalid'):
+    without_interval.check(TASK)
 
 
 @pytest.mark.parametrize('spec,field,problem', [
