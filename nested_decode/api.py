@@ -298,7 +298,7 @@ def load(path: str, config: ml_collections.ConfigDict | None = None, mesh: Mesh 
     mesh = parallel.make_mesh(config) if mesh is None else mesh
     place = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
     return Generator(config, place(payload['tokenizer']), place(payload['transformer']), mesh)
-  transformer_dir = checkpoints.checkpoint_dir(path, restore.TRANSFORMER)
+  transformer_dir = checkpoints.checkpoint_dir(path, checkpoints.TRANSFORMER)
   checkpointer = (checkpoints.Checkpointer(transformer_dir)
                   if io_utils.exists(transformer_dir) else None)
   if checkpointer is None or checkpointer.latest_step() is None:

@@ -146,6 +146,11 @@ class Checkpointer:
     self._manager.close()
 
 
+# The folders of a workdir that the trainers write their checkpoints to.
+TOKENIZER = 'tokenizer'
+TRANSFORMER = 'transformer'
+
+
 def checkpoint_dir(workdir: str, name: str) -> str:
   return io_utils.join(workdir, name)
 

@@ -1,7 +1,8 @@
 """The trained parameters in a workdir: whether each model finished training, and its latest
 checkpoint's parameters restored onto a mesh (the optimizer state is never read).
 
-A trainer writes its checkpoints to ``<workdir>/<name>/`` (``TOKENIZER``, ``TRANSFORMER``).
+A trainer writes its checkpoints to ``<workdir>/<name>/`` (``checkpoints.TOKENIZER``,
+``checkpoints.TRANSFORMER``).
 """
 
 from typing import Any
@@ -12,13 +13,16 @@ import ml_collections
 from jax.sharding import Mesh
 
 from nested_decode import config_lib, parallel
-from nested_decode.checkpoints import Checkpointer, checkpoint_dir, is_finished
+from nested_decode.checkpoints import (
+  TOKENIZER,
+  TRANSFORMER,
+  Checkpointer,
+  checkpoint_dir,
+  is_finished,
+)
 from nested_decode.inference import tokenizer
 from nested_decode.models import vqgan
 from nested_decode.models.transformer import NestedMaskedTransformer
-
-TOKENIZER = 'tokenizer'
-TRANSFORMER = 'transformer'
 
 
 def tokenizer_is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:

@@ -10,10 +10,9 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from nested_decode import parallel
+from nested_decode import checkpoints, parallel
 from nested_decode.checkpoints import path_name
 from nested_decode.data import pixels
-from nested_decode.inference import restore
 from nested_decode.inference.tokenizer import example_shape, host_inputs, tokenizer_config
 from nested_decode.models import vqgan
 from nested_decode.training import loop
@@ -155,7 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.M
   training = config.tokenizer_training
   parallel.check_batch_size(training.batch_size, mesh, 'tokenizer_training.batch_size')
   return loop.run(
-      name=restore.TOKENIZER, config=config, workdir=workdir,
+      name=checkpoints.TOKENIZER, config=config, workdir=workdir,
       initial_state=create_state(config, mesh),
       train_step=make_train_step(config, mesh), batches=(make_iterator, iterator_state),
       prepare=lambda batch: parallel.shard_batch(host_inputs(config, batch), mesh),

@@ -9,8 +9,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from nested_decode import config_lib, parallel, tasks
-from nested_decode.inference import restore
+from nested_decode import checkpoints, config_lib, parallel, tasks
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import loop, objective
 
@@ -113,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.M
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
   parallel.check_batch_size(training.batch_size, mesh, 'training.batch_size')
   return loop.run(
-      name=restore.TRANSFORMER, config=config, workdir=workdir,
+      name=checkpoints.TRANSFORMER, config=config, workdir=workdir,
       initial_state=create_train_state(config, model, mesh),
       train_step=make_train_step(config, model, mesh), batches=(make_iterator, iterator_state),
       prepare=lambda batch: parallel.shard_batch(batch, mesh),

@@ -8,7 +8,12 @@ import optax
 import pytest
 
 from nested_decode import config_lib, parallel
-from nested_decode.checkpoints import Checkpointer, CheckpointShapeError, checkpoint_dir
+from nested_decode.checkpoints import (
+  TRANSFORMER,
+  Checkpointer,
+  CheckpointShapeError,
+  checkpoint_dir,
+)
 from nested_decode.data import pipeline, sources
 from nested_decode.inference import restore
 from nested_decode.models.transformer import NestedMaskedTransformer
@@ -213,7 +218,7 @@ def test_parameters_load_from_a_checkpoint_with_an_older_optimizer_state(tmp_pat
   older = optax.adamw(1e-3, weight_decay=0.1)
   state = train_transformer.TrainState(step=jnp.int32(8), params=params,
                                        opt_state=older.init(params), rng=jnp.zeros(2, jnp.uint32))
-  checkpointer = Checkpointer(checkpoint_dir(str(tmp_path), restore.TRANSFORMER))
+  checkpointer = Checkpointer(checkpoint_dir(str(tmp_path), TRANSFORMER))
   checkpointer.save(8, state, {'position': 0}, config)
   checkpointer.close()
   loaded = restore.transformer_params(config, str(tmp_path), parallel.make_mesh(config))
