@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nested_decode.decoding.plan import DecodeStep
+from nested_decode.models import partitioning
 from nested_decode.models.transformer import NestedMaskedTransformer, TransformerConfig
 
 GUIDANCE_SCHEDULES = ('constant', 'linear')
@@ -166,15 +167,18 @@ class Decoder:
 
   On a mesh, pass ``init_tokens`` and ``labels`` split over the batch (``parallel.shard_batch``)
   and the parameters replicated or sharded as trained: the decode runs where its inputs live
-  and returns ``tokens`` split like ``init_tokens`` (same tokens as on one device).
+  and returns ``tokens`` split like ``init_tokens`` (same tokens as on one device), its
+  activations laid out by ``rules`` (``parallel.logical_rules(config)``: as in training).
 
   ``compile_seconds`` and ``num_compiled`` count the executables compiled so far.
   """
 
   def __init__(self, model: NestedMaskedTransformer, options: SamplingOptions,
-               compiler_options: dict | None = None):
+               compiler_options: dict | None = None,
+               rules: partitioning.Rules = partitioning.RULES):
     self.model = model
     self.options = options
+    self.rules = tuple(rules)
     self._compiler_options = compiler_options
     self._programs: dict[tuple, Any] = {}
     self._executables: dict[tuple, Any] = {}
@@ -259,7 +263,8 @@ class Decoder:
       mesh = _mesh_of(args)
       if (key, mesh) not in self._programs:
         self._programs[key, mesh] = jax.jit(fn)
-      with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(),
+            partitioning.use_rules(self.rules)):
         lowered = self._programs[key, mesh].lower(*args)
       self._executables[full_key] = lowered.compile(compiler_options=self._compiler_options)
       self.compile_seconds += time.perf_counter() - began
@@ -324,7 +329,8 @@ class Decoder:
 
 
 @functools.lru_cache(maxsize=None)
-def decoder_for(model_config: TransformerConfig, options: SamplingOptions) -> Decoder:
-  """The process's one ``Decoder`` of a model config and sampling options, so that every
-  caller (the API, benchmarks, jobs) shares its compiled programs."""
-  return Decoder(NestedMaskedTransformer(model_config), options)
+def decoder_for(model_config: TransformerConfig, options: SamplingOptions,
+                rules: partitioning.Rules = partitioning.RULES) -> Decoder:
+  """The process's one ``Decoder`` of a model config, sampling options and layout rules
+  (hashable), so that every caller (the API, benchmarks, jobs) shares its compiled programs."""
+  return Decoder(NestedMaskedTransformer(model_config), options, rules=rules)

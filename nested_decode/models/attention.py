@@ -31,8 +31,19 @@ IMPLEMENTATIONS = ('xla', 'cudnn', 'splash')
 SPLASH_BLOCK = 128
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
-  """Attention of every query over every key; returns ``[B, Q, h, d]`` in ``q``'s dtype."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
+           dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
+  """Attention of every query over every key; returns ``[B, Q, h, d]`` in ``q``'s dtype.
+
+  With a ``dropout_rng`` and ``dropout_rate > 0`` (training only) each attention weight is
+  dropped with that probability and the rest scaled by ``1 / (1 - rate)``; the fused kernels
+  have no such option, so this needs the ``xla`` implementation.
+  """
+  if dropout_rng is not None and dropout_rate > 0:
+    if implementation != 'xla':
+      raise ValueError(f'attention-weight dropout needs the xla attention implementation, '
+                       f'not {implementation!r}')
+    return attend_with_dropout(q, k, v, dropout_rate, dropout_rng)
   if implementation == 'splash':
     return splash_attend(q, k, v)
   if implementation not in IMPLEMENTATIONS:
@@ -40,6 +51,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax
                      f'{IMPLEMENTATIONS}')
   impl = None if implementation == 'xla' else implementation
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def attend_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, rate: float,
+                        rng: jax.Array) -> jax.Array:
+  """Softmax attention with the ``[B, h, Q, K]`` weights dropped at ``rate``."""
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(scores / math.sqrt(q.shape[-1]), axis=-1)
+  keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+  weights = jnp.where(keep, weights / (1.0 - rate), 0.0).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v).astype(q.dtype)
 
 
 def _round_up(length: int) -> int:

@@ -50,7 +50,9 @@ class NestedDense(nn.Module):
   """``x @ kernel[:in/p, ..., :out/p]`` over the trailing ``len(in_shape)`` axes of ``x``.
 
   ``in_shape`` and ``out_shape`` are the full-size shapes; ``in_nested``/``out_nested`` say which
-  of their dimensions shrink with the factor (e.g. heads do, head_dim does not).
+  of their dimensions shrink with the factor (e.g. heads do, head_dim does not). The product is
+  taken in ``dtype``; ``output_dtype`` (default ``dtype``) is what it accumulates into and adds
+  the bias in, e.g. float32 logits from bfloat16 operands.
   """
 
   in_shape: tuple[int, ...]
@@ -61,20 +63,23 @@ class NestedDense(nn.Module):
   use_bias: bool = False
   bias_nested: bool = True
   dtype: Dtype = jnp.float32
+  output_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, factor: int) -> jax.Array:
+    output_dtype = self.dtype if self.output_dtype is None else self.output_dtype
     kernel = nested_param(self, 'kernel', self.in_shape + self.out_shape,
                           self.in_nested + self.out_nested, self.logical_axes,
                           default_kernel_init, factor)
     n_in = len(self.in_shape)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
+                            preferred_element_type=output_dtype)
     if self.use_bias:
       bias_nested = self.out_nested if self.bias_nested else (False,) * len(self.out_shape)
       bias = nested_param(self, 'bias', self.out_shape, bias_nested, self.logical_axes[n_in:],
                           nn.initializers.zeros_init(), factor)
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(output_dtype)
     return y
 
 

@@ -64,6 +64,11 @@ class TransformerConfig(NamedTuple):
   remat: str = 'none'  # a key of REMAT_POLICIES
   dtype: str = 'float32'
   attention_impl: str = 'xla'  # a value of attention.IMPLEMENTATIONS
+  # Training only (``train=True``): dropout of the embeddings and of each block's attention and
+  # MLP outputs before they join the residual stream, and of the attention weights (MaskGIT's
+  # hidden and attention-probability dropout).
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
 
   @property
   def head_dim(self) -> int:
@@ -105,10 +110,11 @@ def cast_for_inference(params: Any, dtype: str) -> Any:
 
 class NestedBlock(nn.Module):
   """Pre-LayerNorm transformer block, applied at each width ``D / p`` of ``factors`` to that
-  width's activations (one parameter set, sliced per width)."""
+  width's activations (one parameter set, sliced per width); ``train`` turns dropout on."""
 
   config: TransformerConfig
   factors: tuple[int, ...]
+  train: bool = False
 
   @nn.compact
   def __call__(self, xs: tuple[jax.Array, ...], layer_cache: Optional[KVCache],
@@ -132,6 +138,9 @@ class NestedBlock(nn.Module):
                           out_nested=(True,), logical_axes=('mlp', 'embed'), use_bias=True,
                           dtype=dtype, name='mlp_out')
     heads = lambda a: constrain(a, HEADS)
+    dropout = nn.Dropout(cfg.dropout_rate, deterministic=not self.train)
+    attention_rng = (self.make_rng('dropout') if self.train and cfg.attention_dropout_rate > 0
+                     else None)
     outputs = []
     for x, p in zip(xs, self.factors):
       y = attention_norm(x, p)
@@ -139,11 +148,13 @@ class NestedBlock(nn.Module):
       if layer_cache is not None:
         k = heads(scatter_rows(layer_cache.keys, positions, k))
         v = heads(scatter_rows(layer_cache.values, positions, v))
-      attended = heads(attention.attend(q, k, v, cfg.attention_impl))
+      width_rng = None if attention_rng is None else jax.random.fold_in(attention_rng, p)
+      attended = heads(attention.attend(q, k, v, cfg.attention_impl,
+                                        cfg.attention_dropout_rate, width_rng))
       attended = checkpoint_name(attended, 'attention_out')
-      x = constrain(x + attention_out(attended, p), HIDDEN)
+      x = constrain(x + dropout(attention_out(attended, p)), HIDDEN)
       y = constrain(nn.gelu(mlp_in(mlp_norm(x, p), p)), MLP)
-      outputs.append(constrain(x + mlp_out(y, p), HIDDEN))
+      outputs.append(constrain(x + dropout(mlp_out(y, p)), HIDDEN))
     # Keys and values only for a single width: decoding caches them, training drops them.
     return tuple(outputs), KVCache(k, v) if len(self.factors) == 1 else None
 
@@ -156,7 +167,9 @@ class NestedMaskedTransformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, labels: Optional[jax.Array] = None, *,
                width_factor: int | tuple[int, ...] = 1, positions: Optional[jax.Array] = None,
-               cache: Optional[KVCache] = None):
+               cache: Optional[KVCache] = None, train: bool = False):
+    """``train``: a training pass, with dropout (its random numbers from the ``'dropout'``
+    RNG stream); decode passes never set it."""
     cfg = self.config
     factors = (width_factor,) if isinstance(width_factor, int) else tuple(width_factor)
     for p in factors:
@@ -164,6 +177,8 @@ class NestedMaskedTransformer(nn.Module):
         raise ValueError(f'width_factor={p} is not one of nesting_factors={cfg.nesting_factors}')
     if len(factors) > 1 and cache is not None:
       raise ValueError(f'A cached pass runs one width; got width_factor={width_factor}')
+    if train and cache is not None:
+      raise ValueError('A cached pass is a decode step; it does not train')
     dtype = jnp.dtype(cfg.dtype)
     token_embed = NestedEmbed(cfg.codebook_size + 1, cfg.width, dtype=dtype, name='token_embed')
     position_table = NestedEmbed(cfg.seq_len + 1, cfg.width, ('position', 'embed'), dtype=dtype,
@@ -180,23 +195,24 @@ class NestedMaskedTransformer(nn.Module):
       if positions is None:
         raise ValueError('A cached pass needs the positions of its tokens.')
       xs = (token_embed(tokens, factors[0]) + position_table(positions, factors[0]),)
-    xs = tuple(constrain(x, HIDDEN) for x in xs)
-    xs, new_cache = self._layers(xs, cache, positions, factors)
+    dropout = nn.Dropout(cfg.dropout_rate, deterministic=not train)
+    xs = tuple(constrain(dropout(x), HIDDEN) for x in xs)
+    xs, new_cache = self._layers(xs, cache, positions, factors, train)
     final_norm = NestedLayerNorm(cfg.width, dtype=dtype, name='final_norm')
     logits_layer = NestedDense(in_shape=(cfg.width,), out_shape=(cfg.codebook_size,),
                                in_nested=(True,), out_nested=(False,),
                                logical_axes=('embed', 'vocab'), use_bias=True, bias_nested=False,
-                               dtype=dtype, name='logits')
+                               dtype=dtype, output_dtype=jnp.float32, name='logits')
     logits = []
     for x, p in zip(xs, factors):
       if cache is None:
         x = x[:, 1:]  # logits for content tokens only
-      logits.append(constrain(logits_layer(final_norm(x, p), p).astype(jnp.float32), LOGITS))
+      logits.append(constrain(logits_layer(final_norm(x, p), p), LOGITS))
     if isinstance(width_factor, int):
       return logits[0], new_cache
     return tuple(logits), None
 
-  def _layers(self, xs, cache, positions, factors):
+  def _layers(self, xs, cache, positions, factors, train):
     cfg = self.config
     block = NestedBlock
     if cfg.remat not in REMAT_POLICIES:
@@ -204,13 +220,15 @@ class NestedMaskedTransformer(nn.Module):
     if cfg.remat != 'none':
       block = nn.remat(block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+      stack = nn.scan(block, variable_axes={'params': 0},
+                      split_rngs={'params': True, 'dropout': True},
                       in_axes=(0, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      return stack(cfg, factors, name='layers')(xs, cache, positions)
+      return stack(cfg, factors, train, name='layers')(xs, cache, positions)
     layer_caches = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
-      xs, new_layer_cache = block(cfg, factors, name=f'layers_{i}')(xs, layer_cache, positions)
+      xs, new_layer_cache = block(cfg, factors, train, name=f'layers_{i}')(xs, layer_cache,
+                                                                           positions)
       layer_caches.append(new_layer_cache)
     return xs, jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)

@@ -203,7 +203,8 @@ def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] =
                      compile_train(single_width_config(config))))
   schedules = config_lib.schedules_with_baseline(config) if config.tpu_fit.decodes else {}
   inputs = decode_inputs(config, model, mesh) if schedules else None
-  decoder = Decoder(model, config_lib.sampling_options(config))
+  decoder = Decoder(model, config_lib.sampling_options(config),
+                    rules=parallel.logical_rules(config))
   for name, sched in schedules.items():
     plan = sched.plan(config_lib.decode_task(config))
     programs.append((f'decode:{name}', config.eval.batch_size,

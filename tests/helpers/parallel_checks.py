@@ -149,6 +149,7 @@ def main(workdir: str) -> None:
   # step 2, stopped after step 3 and resumed on another mesh (data=2, fsdp=2, tensor=2), so
   # steps 3 and 4 run there from the restored (resharded) checkpoint.
   config = tiny_config()
+  config.training.ema_decay = 0.99  # its average is placed like the parameters
   began = time.perf_counter()
   train_transformer.train(config, os.path.join(workdir, 'one'), *BATCHES, mesh=one_device)
   result['seconds']['one_device'] = time.perf_counter() - began
@@ -171,6 +172,7 @@ def main(workdir: str) -> None:
     result['shardings'][name] = dict(
         mlp_in_kernel=described(layers['mlp_in']['kernel']),
         mlp_in_kernel_adam_mu=described(mu['mlp_in']['kernel']),
+        mlp_in_kernel_ema=described(state.ema_params['params']['layers']['mlp_in']['kernel']),
         query_kernel=described(layers['query']['kernel']),
         token_embedding=described(state.params['params']['token_embed']['embedding']),
         step=described(state.step))
@@ -212,6 +214,17 @@ def main(workdir: str) -> None:
                                     plan, parallel.shard_batch(np.arange(16, dtype=np.int32),
                                                                data_mesh))
   result['data_parallel_decode_collectives'] = sum(
+      collectives.collective_bytes(executable.as_text())['total']['count']
+      for executable in executables)
+  # The decode lays its activations out by the config's rules, as training does: a rule that
+  # keeps the batch whole makes the same plan gather the rows split over the devices.
+  whole_batch = tuple(rule for rule in parallel.RULES if rule[0] != 'batch')
+  executables = Decoder(model, config_lib.sampling_options(config), rules=whole_batch
+                        ).compile_plan(replicated, split['init'], split['labels'],
+                                       np.asarray(rng), plan,
+                                       parallel.shard_batch(np.arange(16, dtype=np.int32),
+                                                            data_mesh))
+  result['whole_batch_rule_decode_collectives'] = sum(
       collectives.collective_bytes(executable.as_text())['total']['count']
       for executable in executables)
 

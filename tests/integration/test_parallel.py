@@ -242,12 +242,14 @@ def test_parameters_and_optimizer_state_are_sharded(eight_devices):
   # [layers, embed, mlp] = [2, 64, 256]: embed over fsdp=4.
   assert fsdp['mlp_in_kernel']['shard_shapes'] == [[2, 16, 256]]
   assert fsdp['mlp_in_kernel_adam_mu'] == fsdp['mlp_in_kernel']
+  assert fsdp['mlp_in_kernel_ema'] == fsdp['mlp_in_kernel']  # the weight average too
   assert fsdp['query_kernel']['shard_shapes'] == [[2, 16, 8, 8]]
   assert fsdp['step']['spec'] == 'P()'
   tensor = eight_devices['shardings']['data2_fsdp2_tensor2']
   assert tensor['mlp_in_kernel']['shard_shapes'] == [[2, 32, 128]]  # embed/2, mlp/2
   assert tensor['query_kernel']['shard_shapes'] == [[2, 32, 4, 8]]  # embed/2, heads/2
   assert tensor['token_embedding']['shard_shapes'] == [[17, 32]]  # 17 rows: vocab replicated
+  assert tensor['mlp_in_kernel_ema'] == tensor['mlp_in_kernel']
   assert eight_devices['shardings']['load_params']['mlp_in_kernel'] == tensor['mlp_in_kernel']
 
 
@@ -266,6 +268,7 @@ def test_decoding_a_sharded_batch_gives_the_one_device_tokens(eight_devices):
   compiled, expected = eight_devices['decode_executables']
   assert compiled == expected
   assert eight_devices['data_parallel_decode_collectives'] == 0
+  assert eight_devices['whole_batch_rule_decode_collectives'] > 0  # config.mesh.rules apply
   assert eight_devices['tokens_equal'] == 1.0
 
 

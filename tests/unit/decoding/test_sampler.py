@@ -162,11 +162,30 @@ def test_sampler_reports_the_maskgit_counts_for_256_tokens():
 
 @pytest.mark.parametrize('schedule', MASK_SCHEDULES)
 def test_mask_schedules_decrease_to_zero(schedule):
-  assert mask_ratio(0.0, schedule) == pytest.approx(1.0)
-  assert mask_ratio(1.0, schedule) == pytest.approx(0.0)
+  assert mask_ratio(0.0, schedule, 64) == pytest.approx(1.0, abs=1 / 64)
+  assert mask_ratio(1.0, schedule, 64) == pytest.approx(0.0)
   counts = masked_counts(64, 8, schedule)
   assert counts[-1] == 0
   assert all(a > b for a, b in zip([64] + counts, counts))
+
+
+@pytest.mark.parametrize('num_unknown', [64, 256, 1280])
+def test_mask_schedules_are_maskgits_formulas(num_unknown):
+  # google-research/maskgit libml/mask_schedule.py, written with numpy's base-2 functions.
+  ratios = np.linspace(0.01, 1.0, 23)
+  expected = {
+      'cosine': np.cos(np.pi / 2 * ratios),
+      'linear': 1 - ratios,
+      'square': 1 - ratios**2,
+      'cubic': 1 - ratios**3,
+      'sqrt': 1 - np.sqrt(ratios),
+      'log': np.clip(-np.log2(ratios) / np.log2(num_unknown), 0, 1),
+      'exp': 1 - np.exp2(-np.log2(num_unknown) * (1 - ratios)),
+  }
+  assert set(expected) == set(MASK_SCHEDULES)
+  for schedule, values in expected.items():
+    got = [mask_ratio(r, schedule, num_unknown) for r in ratios]
+    np.testing.assert_allclose(got, values, atol=1e-12, err_msg=schedule)
 
 
 def test_unknown_mask_schedule_is_named():
@@ -263,3 +282,14 @@ def test_mask_least_confident_keeps_exactly_count_lowest_with_ties_to_the_lower_
                                 [[True, True, False, False, True],
                                  [False, False, True, True, True]])
   np.testing.assert_array_equal(mask_least_confident(confidence, 0), np.zeros((2, 5), bool))
+
+
+def test_a_decode_never_drops_anything():
+  """A model configured with dropout decodes exactly as the same weights without it."""
+  config = small_config(seq_len=32, num_layers=1)
+  params = init_params(config)
+  with_dropout = NestedMaskedTransformer(config._replace(dropout_rate=0.5,
+                                                         attention_dropout_rate=0.5))
+  _, plain = decode((NestedMaskedTransformer(config), params), ((8, 2), (1, 2)))
+  _, dropped = decode((with_dropout, params), ((8, 2), (1, 2)))
+  np.testing.assert_array_equal(plain.tokens, dropped.tokens)

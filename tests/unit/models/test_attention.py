@@ -1,4 +1,4 @@
-"""Splash attention (Pallas, interpret mode on CPU) against XLA attention."""
+"""Splash attention (Pallas, interpret mode on CPU) against XLA attention; weight dropout."""
 
 import jax
 import jax.numpy as jnp
@@ -62,3 +62,18 @@ def test_model_with_splash_equals_xla_full_and_cached_pass(factor):
   for a, b in zip(passes(small_config(seq_len=130, attention_impl='splash')),
                   passes(xla_config)):
     np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_attention_with_dropout_is_softmax_attention_with_weights_dropped():
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 4, 8)) for i in range(3))
+  rng = jax.random.key(7)
+  kept = attention.attend(q, k, v, 'xla', 1e-9, rng)  # nothing dropped at this rate
+  np.testing.assert_allclose(kept, attention.attend(q, k, v, 'xla'), rtol=1e-5, atol=1e-5)
+  rate = 0.5
+  dropped = attention.attend(q, k, v, 'xla', rate, rng)
+  weights = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(8), axis=-1)
+  keep = jax.random.bernoulli(rng, 1 - rate, weights.shape)
+  expected = jnp.einsum('bhqk,bkhd->bqhd', jnp.where(keep, weights / (1 - rate), 0), v)
+  np.testing.assert_allclose(dropped, expected, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="needs the xla attention implementation, not 'splash'"):
+    attention.attend(q, k, v, 'splash', rate, rng)

@@ -6,6 +6,7 @@ import plain_transformer
 import pytest
 from conftest import init_params, jitted_apply, small_config
 
+from nested_decode.models.nested_layers import NestedDense
 from nested_decode.models.transformer import NestedMaskedTransformer
 
 FACTORS = (1, 2, 4, 8)
@@ -179,3 +180,44 @@ def test_nested_pass_equals_one_pass_per_width():
   for logits, width in zip(joint, widths):
     alone, _ = jitted_apply(model)(params, tokens, labels, width_factor=width)
     np.testing.assert_allclose(logits, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_model_gives_float32_logits():
+  """Under bfloat16 the logits are accumulated and biased in float32 (not rounded to bf16, whose
+  spacing is 0.03-0.06 at |logit| 8-16); the rest of the model is unchanged."""
+  bf16 = small_config(dtype='bfloat16')
+  params = perturbed(init_params(bf16), scale=0.5)
+  tokens, labels = random_batch(bf16)
+  logits, _ = jitted_apply(NestedMaskedTransformer(bf16))(params, tokens, labels, width_factor=1)
+  assert logits.dtype == jnp.float32
+  rounded = np.asarray(logits.astype(jnp.bfloat16).astype(jnp.float32))
+  assert np.mean(np.asarray(logits) != rounded) > 0.9
+  # The layer: bf16 operands, products summed and the bias added in float32.
+  layer = NestedDense(in_shape=(64,), out_shape=(32,), in_nested=(True,), out_nested=(False,),
+                      logical_axes=('embed', 'vocab'), use_bias=True, bias_nested=False,
+                      dtype=jnp.bfloat16, output_dtype=jnp.float32)
+  x = jax.random.normal(jax.random.key(3), (4, 64))
+  weights = perturbed(nn.unbox(layer.init(jax.random.key(4), x, 1)), scale=0.5)
+  rounded = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32))
+  expected = rounded(x) @ rounded(weights['params']['kernel']) + weights['params']['bias']
+  np.testing.assert_allclose(layer.apply(weights, x, 1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_acts_in_training_passes_only():
+  """A train-mode pass differs between two dropout keys (and repeats with one); a pass without
+  ``train`` is the dropout-free model's, so a decode never drops anything."""
+  config = small_config(dropout_rate=0.1, attention_dropout_rate=0.1)
+  model = NestedMaskedTransformer(config)
+  params = perturbed(init_params(config))
+  tokens, labels = random_batch(config)
+  train = jax.jit(lambda key: model.apply(params, tokens, labels, width_factor=(1, 4), train=True,
+                                          rngs={'dropout': key})[0])
+  a, b, again = train(jax.random.key(0)), train(jax.random.key(1)), train(jax.random.key(0))
+  for x, y, z in zip(a, b, again):
+    assert not np.allclose(x, y)
+    np.testing.assert_array_equal(x, z)
+  plain = NestedMaskedTransformer(small_config())
+  for factor in (1, 4):
+    kept, _ = jitted_apply(model)(params, tokens, labels, width_factor=factor)
+    expected, _ = jitted_apply(plain)(params, tokens, labels, width_factor=factor)
+    np.testing.assert_array_equal(kept, expected)
