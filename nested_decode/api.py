@@ -19,6 +19,9 @@ bucket and batch shape; ``sampler.Decoder``); parameters are cast to the compute
 load. ``seconds`` times the compiled transformer decode alone (what ``gflops_per_sample``
 counts), not compilation or the tokenizer.
 
+A transformer trained with ``training.ema_decay > 0`` decodes with the moving average of its
+weights (``Generator.transformer_weights`` says which weights were loaded).
+
 The job's stages (``nested_decode/pipeline``), the studies and the demo notebook
 all sample through ``Generator``.
 """
@@ -78,17 +81,22 @@ class Generator:
   """A trained tokenizer and nested transformer with their config, ready to decode."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer_params: Any,
-               transformer_params: Any, mesh: Mesh | None = None):
-    """``mesh``: the job's mesh (default: ``parallel.make_mesh(config)``, all devices)."""
+               transformer_params: Any, mesh: Mesh | None = None,
+               transformer_weights: str = restore.TRAINED):
+    """``mesh``: the job's mesh (default: ``parallel.make_mesh(config)``, all devices);
+    ``transformer_weights``: which weights ``transformer_params`` are, ``restore.EMA`` (the
+    moving average) or ``restore.TRAINED``."""
     self.config = config
     self.tokenizer_params = tokenizer_params
     self.transformer_params = transformer_params
+    self.transformer_weights = transformer_weights
     self.task = tasks.task_of(config)
     self.mesh = parallel.make_mesh(config) if mesh is None else mesh
     parallel.check_batch_size(config.eval.batch_size, self.mesh, 'eval.batch_size')
     self.model_config = config_lib.transformer_config(config)
     self.decode_task = config_lib.decode_task(config)
-    self._decoder = sampler.decoder_for(self.model_config, config_lib.sampling_options(config))
+    self._decoder = sampler.decoder_for(self.model_config, config_lib.sampling_options(config),
+                                        parallel.logical_rules(config))
     self._inference_params = cast_for_inference(transformer_params, self.model_config.dtype)
     self._plans = {}
 
@@ -275,7 +283,8 @@ class Generator:
     """One file with the config and both models' parameters, for ``load`` (single process)."""
     payload = dict(config=self.config.to_json(),
                    tokenizer=jax.device_get(self.tokenizer_params),
-                   transformer=jax.device_get(self.transformer_params))
+                   transformer=jax.device_get(self.transformer_params),
+                   transformer_weights=self.transformer_weights)
     io_utils.write_bytes(path, flax.serialization.msgpack_serialize(payload))
 
 
@@ -297,7 +306,8 @@ def load(path: str, config: ml_collections.ConfigDict | None = None, mesh: Mesh 
     config = config or config_from_json(payload['config'])
     mesh = parallel.make_mesh(config) if mesh is None else mesh
     place = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
-    return Generator(config, place(payload['tokenizer']), place(payload['transformer']), mesh)
+    return Generator(config, place(payload['tokenizer']), place(payload['transformer']), mesh,
+                     payload.get('transformer_weights', restore.TRAINED))
   transformer_dir = checkpoints.checkpoint_dir(path, checkpoints.TRANSFORMER)
   checkpointer = (checkpoints.Checkpointer(transformer_dir)
                   if io_utils.exists(transformer_dir) else None)
@@ -312,7 +322,9 @@ def load(path: str, config: ml_collections.ConfigDict | None = None, mesh: Mesh 
     if not trained(config, path):
       raise NotTrainedError(f'{path}: the {name} has not finished training ({steps} steps); '
                             'run the job (or its --mode) to the end first')
-  logging.info('Loading the tokenizer and transformer of %s', path)
+  weights = restore.transformer_weights(path)
+  logging.info('Loading the tokenizer and transformer of %s (the transformer\'s %s)', path,
+               'weight average' if weights == restore.EMA else 'trained weights')
   mesh = parallel.make_mesh(config) if mesh is None else mesh
   return Generator(config, restore.tokenizer_params(config, path, mesh),
-                   restore.transformer_params(config, path, mesh), mesh)
+                   restore.transformer_params(config, path, mesh, weights), mesh, weights)

@@ -86,10 +86,22 @@ class Checkpointer:
         config=ocp.args.JsonRestore()))
     return restored['state'], self._own_data_state(step, restored['data']), restored['config']
 
-  def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
-    """The state's ``params`` alone (to sample with), on any number of processes: the optimizer
-    state is not read, so it takes no memory and may have any structure (an older version's)."""
-    wanted = {'params': abstract_params}
+  def state_entries(self, step: int | None = None) -> tuple[str, ...]:
+    """The top-level entries of the state saved at ``step`` (default: the latest)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {self.directory}')
+    stored = self._manager.item_metadata(step)['state']
+    names = (path_name(path).split('/')[0]
+             for path, _ in jax.tree_util.tree_leaves_with_path(stored))
+    return tuple(dict.fromkeys(names))
+
+  def restore_params(self, abstract_params: Any, step: int | None = None,
+                     entry: str = 'params') -> Any:
+    """The state's ``entry`` (``params``, or e.g. their average ``ema_params``) alone, to sample
+    with, on any number of processes: the optimizer state is not read, so it takes no memory
+    and may have any structure (an older version's)."""
+    wanted = {entry: abstract_params}
     step = self._step_to_restore(step, wanted)
     reader = ocp.CheckpointManager(self.directory, item_handlers=dict(
         state=ocp.PyTreeCheckpointHandler()))
@@ -97,7 +109,7 @@ class Checkpointer:
         wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
         partial_restore=True)))
     reader.close()
-    return restored['state']['params']
+    return restored['state'][entry]
 
   def restore_config(self, step: int | None = None) -> dict:
     """The config (as a dict) that the run writing ``step`` (default: the latest) trained with."""

@@ -66,7 +66,7 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   config.model = ml_collections.ConfigDict(dict(
       num_layers=num_layers, width=width, num_heads=num_heads, mlp_dim=4 * width,
       nesting_factors=(1, 2, 4, 8), scan_layers=True, remat='none', dtype=dtype,
-      attention_impl='xla'))
+      attention_impl='xla', **MODEL_DROPOUT_DEFAULTS))
   config.tokens = ml_collections.ConfigDict(dict(
       shape=tuple(token_shape), codebook_size=codebook_size, num_classes=num_classes))
   config.sampling = ml_collections.ConfigDict(dict(
@@ -87,6 +87,15 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   # single-width train step (training.widths=(1,)) too, to compare its collective traffic.
   config.tpu_fit = ml_collections.ConfigDict(dict(topology='v5e:4x4', hbm_gib=0.0,
                                                   decodes=True, single_width=False))
+  return config
+
+
+def with_maskgit_regularisation(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """MaskGIT's regularisation of the transformer (google-research/maskgit, the class-conditional
+  ImageNet config: dropout 0.1 on the hidden and attention-probability paths, Polyak averaging
+  of the weights at 0.999), for the configs that reproduce published models."""
+  config.model.update(dropout_rate=0.1, attention_dropout_rate=0.1)
+  config.training.ema_decay = 0.999
   return config
 
 
@@ -112,6 +121,7 @@ def video_config(*, tiny: bool, model: dict, data: ml_collections.ConfigDict,
     # Rematerialised, keeping only each block's attention output, the train step of 1281 tokens
     # needs 12.3 GiB per chip at batch 256 on 16 chips, a v5e has 16 (docs/tpu_fit.md).
     config.model.remat = 'save_attention_out'
+    with_maskgit_regularisation(config)  # MAGVIT's transformer is MaskGIT's
   config.data = data
   config.task = task
   config.tokenizer = tokenizer
@@ -128,6 +138,14 @@ def video_config(*, tiny: bool, model: dict, data: ml_collections.ConfigDict,
   return config
 
 
+# What resuming with a larger training.num_steps does to the schedules: 'none' keeps them (the
+# learning rate stays at its final value), 'warm' runs them again from the resumed step
+# (training/train_transformer.py, segment_to_train).
+RESTART = 'none'
+# The transformer's weight average (training.ema_decay; 0: none), off unless a config sets it.
+EMA_DECAY = 0.0
+# Dropout in training (nested_decode/models/transformer.py); MaskGIT's configs use 0.1 for both.
+MODEL_DROPOUT_DEFAULTS = dict(dropout_rate=0.0, attention_dropout_rate=0.0)
 # The FVD protocol (README, "Video evaluation protocols"): real clips from this split, as
 # (temporal windows, spatial crops) clips per video; FVD on each of num_folds sets of
 # num_samples clips; clips resized to fvd_image_size first (0: as generated).
@@ -159,7 +177,7 @@ def training_config(**overrides) -> ml_collections.ConfigDict:
       num_steps=300_000, batch_size=256, learning_rate=1e-4, warmup_steps=5000,
       final_lr_fraction=0.0, b1=0.9, b2=0.96, weight_decay=0.045, grad_clip=1.0,
       label_smoothing=0.1, label_dropout=0.1, widths=(1, 2, 4, 8),
-      distill_lambda_start=1.0, distill_lambda_end=0.0,
+      distill_lambda_start=1.0, distill_lambda_end=0.0, ema_decay=EMA_DECAY, restart=RESTART,
       log_every=100, checkpoint_every=5000, keep_checkpoints=3)
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
@@ -205,6 +223,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail('model.width', model.width, f'must be divisible by model.num_heads={model.num_heads}')
   _check_choice(config, 'model.dtype', DTYPES)
   _check_choice(config, 'model.attention_impl', ATTENTION_IMPLS)
+  for key in ('dropout_rate', 'attention_dropout_rate'):
+    if not 0.0 <= model[key] < 1.0:
+      _fail(f'model.{key}', model[key], 'must be in [0, 1)')
+  if model.attention_dropout_rate > 0 and model.attention_impl != 'xla':
+    _fail('model.attention_dropout_rate', model.attention_dropout_rate,
+          f"the fused kernel of config.model.attention_impl={model.attention_impl!r} has no "
+          "attention-weight dropout: set it to 0 or use attention_impl='xla'")
   if model.remat not in REMAT_POLICIES:
     _fail('model.remat', model.remat, f'allowed values are {tuple(REMAT_POLICIES)}')
   if not config.tokens.shape or any(int(s) <= 0 for s in config.tokens.shape):
@@ -233,6 +258,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_video_eval(config.eval, conditions_from_real_clips=task.num_given > 0)
   if 'data' in config:
     validate_data_workers(config.data)
+    if 'token_views' in config.data:
+      _check_positive_int(config, 'data.token_views')
   training = config.training
   for key in ('training.num_steps', 'training.batch_size', 'training.log_every',
               'training.checkpoint_every', 'training.keep_checkpoints'):
@@ -242,6 +269,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail('training.widths', training.widths,
           f'must include 1 (the teacher) and only factors from config.model.nesting_factors='
           f'{factors}')
+  if training.restart not in ('none', 'warm'):
+    _fail('training.restart', training.restart, "allowed values are ('none', 'warm')")
+  if not 0.0 <= training.ema_decay < 1.0:
+    _fail('training.ema_decay', training.ema_decay, 'must be in [0, 1) (0: no average)')
   for key in ('label_smoothing', 'label_dropout', 'distill_lambda_start', 'distill_lambda_end'):
     if not 0.0 <= training[key] <= 1.0:
       _fail(f'training.{key}', training[key], 'must be in [0, 1]')
@@ -375,7 +406,8 @@ def transformer_config(config: ml_collections.ConfigDict) -> TransformerConfig:
       codebook_size=config.tokens.codebook_size, num_classes=config.tokens.num_classes,
       seq_len=seq_len(config), nesting_factors=tuple(m.nesting_factors),
       scan_layers=m.scan_layers, remat=m.remat, dtype=m.dtype,
-      attention_impl=m.attention_impl)
+      attention_impl=m.attention_impl, dropout_rate=m.dropout_rate,
+      attention_dropout_rate=m.attention_dropout_rate)
 
 
 def sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions:

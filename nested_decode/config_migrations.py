@@ -24,6 +24,12 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key, value in defaults.items():
     if key not in config.eval:
       config.eval[key] = value
+  for key, value in config_lib.MODEL_DROPOUT_DEFAULTS.items():
+    if key not in config.model:
+      config.model[key] = value
+  for key, value in (('ema_decay', config_lib.EMA_DECAY), ('restart', config_lib.RESTART)):
+    if key not in config.training:
+      config.training[key] = value
   if 'query_buckets' not in config.sampling:
     config.sampling.query_buckets = config_lib.QUERY_BUCKETS
   if config.get('data'):  # saved before grain workers: read in the training thread

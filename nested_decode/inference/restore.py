@@ -2,7 +2,8 @@
 checkpoint's parameters restored onto a mesh (the optimizer state is never read).
 
 A trainer writes its checkpoints to ``<workdir>/<name>/`` (``checkpoints.TOKENIZER``,
-``checkpoints.TRANSFORMER``).
+``checkpoints.TRANSFORMER``). A transformer trained with ``training.ema_decay > 0`` samples with
+the moving average of its weights (``EMA``), as MaskGIT's did.
 """
 
 from typing import Any
@@ -33,9 +34,21 @@ def transformer_is_trained(config: ml_collections.ConfigDict, workdir: str) -> b
   return is_finished(workdir, TRANSFORMER, config.training.num_steps)
 
 
-def restore_params(workdir: str, name: str, abstract_params: Any) -> Any:
-  """The parameters of trainer ``name``'s latest checkpoint, shape-checked against the model."""
-  return Checkpointer(checkpoint_dir(workdir, name)).restore_params(abstract_params)
+# Which of a transformer checkpoint's weights sampling uses.
+EMA, TRAINED = 'ema_params', 'params'
+
+
+def restore_params(workdir: str, name: str, abstract_params: Any, entry: str = TRAINED) -> Any:
+  """The parameters ``entry`` of trainer ``name``'s latest checkpoint, shape-checked against
+  the model."""
+  return Checkpointer(checkpoint_dir(workdir, name)).restore_params(abstract_params,
+                                                                    entry=entry)
+
+
+def transformer_weights(workdir: str) -> str:
+  """``EMA`` when the transformer's latest checkpoint holds a weight average, else ``TRAINED``."""
+  entries = Checkpointer(checkpoint_dir(workdir, TRANSFORMER)).state_entries()
+  return EMA if EMA in entries else TRAINED
 
 
 def tokenizer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Any:
@@ -48,11 +61,14 @@ def tokenizer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
   return restore_params(workdir, TOKENIZER, abstract)
 
 
-def transformer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Any:
+def transformer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+                       weights: str | None = None) -> Any:
   """The transformer's latest parameters, placed by their logical axes (``parallel.RULES`` or
-  ``config.mesh.rules``) as in training."""
+  ``config.mesh.rules``) as in training: ``weights`` (``EMA`` or ``TRAINED``; default
+  ``transformer_weights(workdir)``, the average when there is one)."""
+  weights = transformer_weights(workdir) if weights is None else weights
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
   tokens = jnp.zeros((1, model.config.seq_len), jnp.int32)
   init = lambda: model.init(jax.random.PRNGKey(0), tokens, jnp.zeros((1,), jnp.int32))
   shardings = parallel.state_shardings(jax.eval_shape(init), mesh, parallel.logical_rules(config))
-  return restore_params(workdir, TRANSFORMER, parallel.abstract_state(init, shardings))
+  return restore_params(workdir, TRANSFORMER, parallel.abstract_state(init, shardings), weights)

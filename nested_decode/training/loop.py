@@ -36,12 +36,17 @@ MakeIterator = Callable[[Any], Iterator[dict]]
 IteratorState = Callable[[Iterator[dict]], Any]
 
 
-def lr_schedule(training: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup to ``learning_rate``, then cosine decay to ``final_lr_fraction`` of it."""
-  return optax.warmup_cosine_decay_schedule(
+def lr_schedule(training: ml_collections.ConfigDict, start: int = 0,
+                steps: int | None = None) -> optax.Schedule:
+  """Linear warmup to ``learning_rate``, then cosine decay to ``final_lr_fraction`` of it, over
+  the ``steps`` (default ``training.num_steps``) steps from ``start``; after them the final
+  value."""
+  steps = training.num_steps if steps is None else steps
+  schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=training.learning_rate,
-      warmup_steps=min(training.warmup_steps, training.num_steps - 1),
-      decay_steps=training.num_steps, end_value=training.learning_rate * training.final_lr_fraction)
+      warmup_steps=min(training.warmup_steps, steps - 1),
+      decay_steps=steps, end_value=training.learning_rate * training.final_lr_fraction)
+  return schedule if start == 0 else lambda count: schedule(count - start)
 
 
 class Preempted(Exception):

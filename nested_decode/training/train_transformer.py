@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from jax.sharding import Mesh
 
-from nested_decode import checkpoints, config_lib, parallel, tasks
+from nested_decode import checkpoints, config_lib, io_utils, parallel, tasks
 from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.training import loop, objective
 
@@ -20,6 +21,86 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
+  # The exponential moving average of ``params`` (``training.ema_decay``; None when 0), which
+  # sampling and evaluation use when a checkpoint has it (inference/restore.py).
+  ema_params: Any = None
+  schedule: 'Segment | None' = None  # the schedules' segment this state trains in
+
+
+@flax.struct.dataclass
+class Segment:
+  """Where the learning-rate and distillation schedules run: from step ``start`` for ``steps``
+  steps, the distillation weight going from ``distill_lambda`` to
+  ``training.distill_lambda_end``. A run has one segment from 0 to ``training.num_steps``; a
+  declared warm restart (``training.restart='warm'``) opens another one where it resumes."""
+  start: int
+  steps: int
+  distill_lambda: float
+
+  @classmethod
+  def first(cls, training: ml_collections.ConfigDict) -> 'Segment':
+    return cls(0, training.num_steps, training.distill_lambda_start)
+
+  def as_arrays(self) -> 'Segment':
+    return Segment(jnp.int32(self.start), jnp.int32(self.steps),
+                   jnp.float32(self.distill_lambda))
+
+  def distill_lambda_at(self, step, end: float):
+    return objective.linear_lambda(step - self.start, self.steps, self.distill_lambda, end)
+
+
+def segment_to_train(training: ml_collections.ConfigDict, saved: Segment | None,
+                     step: int) -> Segment:
+  """The segment a run resumed at ``step`` trains in. Resumed with a larger
+  ``training.num_steps``, ``restart='none'`` keeps the saved schedules (past their end the
+  learning rate stays at its final value and the distillation weight at its end) and
+  ``restart='warm'`` opens a segment from ``step`` to the new end: the learning rate warms up
+  and decays again, the distillation weight goes on from its value at ``step``."""
+  if saved is None:
+    return Segment.first(training)
+  saved = Segment(int(saved.start), int(saved.steps), float(saved.distill_lambda))
+  end = saved.start + saved.steps
+  if training.num_steps <= end:
+    return saved
+  if training.restart == 'warm':
+    logging.warning('Warm restart at step %d: the schedules run again to training.num_steps=%d',
+                    step, training.num_steps)
+    lam = float(saved.distill_lambda_at(step, training.distill_lambda_end))
+    return Segment(step, training.num_steps - step, lam)
+  logging.warning(
+      'training.num_steps=%d is past the end of the schedules this run started with (step %d): '
+      'the learning rate stays at its final value and the distillation weight at its end; set '
+      "training.restart='warm' to run the schedules again from step %d", training.num_steps,
+      end, step)
+  return saved
+
+
+def saved_segment(workdir: str) -> tuple[Segment | None, int]:
+  """The segment and step of the latest transformer checkpoint in ``workdir`` ((None, 0) when
+  there is none), read without the rest of the state."""
+  directory = checkpoints.checkpoint_dir(workdir, checkpoints.TRANSFORMER)
+  if not io_utils.exists(directory):
+    return None, 0
+  checkpointer = checkpoints.Checkpointer(directory)
+  if checkpointer.latest_step() is None:
+    return None, 0
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
+  abstract = Segment(scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.float32))
+  step = int(checkpointer.restore_params(scalar(jnp.int32), entry='step'))
+  return checkpointer.restore_params(abstract, entry='schedule'), step
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+  """The averaging weight of the old EMA at ``step``: ``decay``, lowered early in training to
+  ``(1 + step) / (10 + step)`` (TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``),
+  so a short run's average is not dominated by the initial weights; from step ~9000 on (at
+  0.999) it is ``decay`` itself."""
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def updated_ema(ema_params: Any, params: Any, step: jax.Array, decay: float) -> Any:
+  weight = ema_decay_at(step, decay)
+  return jax.tree.map(lambda ema, new: weight * ema + (1 - weight) * new, ema_params, params)
 
 
 def is_kernel(params: Any) -> Any:
@@ -29,11 +110,15 @@ def is_kernel(params: Any) -> Any:
       lambda path, _: any(getattr(key, 'key', None) == 'kernel' for key in path), params)
 
 
-def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(training: ml_collections.ConfigDict, segment: Segment | None = None
+                   ) -> optax.GradientTransformation:
+  """AdamW whose learning rate follows ``segment`` (default: the first, from step 0); the
+  schedule reads the optimizer's update count, which is the train step."""
+  segment = Segment.first(training) if segment is None else segment
   return optax.chain(
       optax.clip_by_global_norm(training.grad_clip),
-      optax.adamw(loop.lr_schedule(training), b1=training.b1, b2=training.b2,
-                  weight_decay=training.weight_decay, mask=is_kernel))
+      optax.adamw(loop.lr_schedule(training, segment.start, segment.steps), b1=training.b1,
+                  b2=training.b2, weight_decay=training.weight_decay, mask=is_kernel))
 
 
 def boxed_init(config: ml_collections.ConfigDict, model: NestedMaskedTransformer
@@ -48,7 +133,9 @@ def boxed_init(config: ml_collections.ConfigDict, model: NestedMaskedTransformer
     params = model.init(init_rng, tokens, labels)
     optimizer = make_optimizer(config.training)
     return TrainState(step=jnp.array(0, jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=train_rng)
+                      opt_state=optimizer.init(params), rng=train_rng,
+                      ema_params=params if config.training.ema_decay > 0 else None,
+                      schedule=Segment.first(config.training).as_arrays())
   return init
 
 
@@ -66,13 +153,16 @@ def create_train_state(config: ml_collections.ConfigDict, model: NestedMaskedTra
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransformer,
-                    mesh: Mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The compiled step; the state keeps its shardings on ``mesh`` and is donated, batches come
-  split over ``('data', 'fsdp')`` (``parallel.shard_batch``), metrics come back replicated. It
-  runs (and lowers) with ``mesh`` as the context mesh (``parallel.under_mesh``)."""
+                    mesh: Mesh, segment: Segment | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The compiled step, its schedules in ``segment`` (default: the first); the state keeps its
+  shardings on ``mesh`` and is donated, batches come split over ``('data', 'fsdp')``
+  (``parallel.shard_batch``), metrics come back replicated. It runs (and lowers) with ``mesh``
+  as the context mesh (``parallel.under_mesh``)."""
   shardings = state_shardings(config, model, mesh)
   training = config.training
-  optimizer = make_optimizer(training)
+  segment = Segment.first(training) if segment is None else segment
+  optimizer = make_optimizer(training, segment)
   widths = objective.widths_in_order(training.widths)
   mc = model.config
   generated = ~tasks.task_of(config).given_mask()
@@ -84,19 +174,27 @@ def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransf
     inputs = jnp.where(mask, mc.mask_id, tokens)
     dropped = jax.random.uniform(drop_rng, labels.shape) < training.label_dropout
     labels = jnp.where(dropped, mc.unconditional_id, labels)
-    lam = objective.linear_lambda(state.step, training.num_steps,
-                                  training.distill_lambda_start, training.distill_lambda_end)
+    lam = segment.distill_lambda_at(state.step, training.distill_lambda_end)
+    rngs = {}
+    if mc.dropout_rate > 0 or mc.attention_dropout_rate > 0:  # else the stream is as before
+      rng, rngs['dropout'] = jax.random.split(rng)
 
     def loss_fn(params):
-      logits = dict(zip(widths, model.apply(params, inputs, labels, width_factor=widths)[0]))
+      logits = dict(zip(widths, model.apply(params, inputs, labels, width_factor=widths,
+                                            train=True, rngs=rngs)[0]))
       return objective.nested_losses(logits, tokens, mask, training.label_smoothing, lam)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_params is not None:
+      ema_params = updated_ema(ema_params, params, state.step, training.ema_decay)
+    learning_rate = loop.lr_schedule(training, segment.start, segment.steps)(state.step)
     metrics.update(loss=loss, distill_lambda=lam, grad_norm=optax.tree.norm(grads),
-                   learning_rate=loop.lr_schedule(training)(state.step))
-    return TrainState(state.step + 1, params, opt_state, rng), metrics
+                   learning_rate=learning_rate)
+    return TrainState(state.step + 1, params, opt_state, rng, ema_params,
+                      segment.as_arrays()), metrics
 
   jitted = jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
@@ -111,10 +209,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.M
   training = config.training
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
   parallel.check_batch_size(training.batch_size, mesh, 'training.batch_size')
+  segment = segment_to_train(training, *saved_segment(workdir))
   return loop.run(
       name=checkpoints.TRANSFORMER, config=config, workdir=workdir,
       initial_state=create_train_state(config, model, mesh),
-      train_step=make_train_step(config, model, mesh), batches=(make_iterator, iterator_state),
+      train_step=make_train_step(config, model, mesh, segment),
+      batches=(make_iterator, iterator_state),
       prepare=lambda batch: parallel.shard_batch(batch, mesh),
       num_steps=training.num_steps, log_every=training.log_every,
       checkpoint_every=training.checkpoint_every, keep_checkpoints=training.keep_checkpoints,

@@ -223,3 +223,67 @@ def test_parameters_load_from_a_checkpoint_with_an_older_optimizer_state(tmp_pat
   checkpointer.close()
   loaded = restore.transformer_params(config, str(tmp_path), parallel.make_mesh(config))
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def one_batch():
+  return parallel.shard_batch(next(TokenIterator()), parallel.make_mesh(tiny_config()))
+
+
+def test_the_weight_average_follows_its_recurrence_and_is_what_sampling_loads(tmp_path):
+  config = tiny_config(num_steps=3)
+  config.training.ema_decay = 0.9
+  model = NestedMaskedTransformer(config_lib.transformer_config(config))
+  mesh = parallel.make_mesh(config)
+  state = train_transformer.create_train_state(config, model, mesh)
+  step = train_transformer.make_train_step(config, model, mesh)
+  ema = jax.device_get(state.ema_params)
+  for i in range(3):
+    state, _ = step(state, one_batch())
+    weight = min(0.9, (1 + i) / (10 + i))  # 0.1, 0.18, 0.25: the early-training ramp
+    ema = jax.tree.map(lambda e, p, w=weight: w * e + (1 - w) * p, ema,
+                       jax.device_get(state.params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ema,
+               jax.device_get(state.ema_params))
+  shardings = train_transformer.state_shardings(config, model, mesh)
+  assert jax.tree.structure(shardings.ema_params) == jax.tree.structure(shardings.params)
+
+  train_transformer.train(config, str(tmp_path), make_iterator, position, mesh)
+  assert restore.transformer_weights(str(tmp_path)) == restore.EMA
+  average = restore.transformer_params(config, str(tmp_path), mesh, restore.EMA)
+  trained = restore.transformer_params(config, str(tmp_path), mesh, restore.TRAINED)
+  loaded = restore.transformer_params(config, str(tmp_path), mesh)
+  jax.tree.map(np.testing.assert_array_equal, loaded, average)
+  assert not np.allclose(average['params']['logits']['bias'], trained['params']['logits']['bias'])
+
+
+def test_no_weight_average_is_kept_without_a_decay(tmp_path):
+  config = tiny_config(num_steps=3)
+  train_transformer.train(config, str(tmp_path), make_iterator, position,
+                          parallel.make_mesh(config))
+  assert restore.transformer_weights(str(tmp_path)) == restore.TRAINED
+
+
+@pytest.mark.parametrize('restart', ['none', 'warm'])
+def test_training_past_num_steps_continues_or_restarts_the_schedules_as_declared(
+    tmp_path, restart):
+  """Resumed with num_steps 6 -> 10: 'none' keeps the first run's schedules (learning rate at
+  its final value 0, distillation weight at its end 0); 'warm' warms the learning rate up again
+  and decays it to step 10, the distillation weight going on from where it was (0), never
+  jumping back towards 1 (what a schedule rebuilt over 10 steps gives: 1 - 6/9)."""
+  config = tiny_config(num_steps=6)
+  mesh = parallel.make_mesh(config)
+  train_transformer.train(config, str(tmp_path), make_iterator, position, mesh)
+  config.training.num_steps = 10
+  config.training.restart = restart
+  train_transformer.train(config, str(tmp_path), make_iterator, position, mesh, stop_after=3)
+  train_transformer.train(config, str(tmp_path), make_iterator, position, mesh)  # resumed again
+  metrics = read_metrics(tmp_path)
+  lr = {s: metrics[s]['learning_rate'] for s in range(7, 11)}
+  assert all(metrics[s]['distill_lambda'] == 0.0 for s in range(7, 11))
+  if restart == 'none':
+    assert all(value == 0.0 for value in lr.values())
+  else:  # the step-s update uses the schedule at count s - 1; the new segment starts at 6
+    expected = loop.lr_schedule(config.training, 6, 4)
+    for s, value in lr.items():
+      assert value == pytest.approx(float(expected(s - 1)), abs=1e-9), s
+    assert lr[8] == pytest.approx(config.training.learning_rate / 2)  # warmup of 2 steps
