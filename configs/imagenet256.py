@@ -33,8 +33,12 @@ def get_config(arg=None):
   # Without remat the train step needs 23.8 GiB per chip at batch 256 on 16 chips (v5e: 16);
   # keeping only the projection and MLP matmuls needs 6.0 (docs/tpu_fit.md).
   config.model.remat = 'dots_no_batch'
+  config_lib.with_maskgit_regularisation(config)
   config = with_image_pipeline(config, image_size=256, channel_multipliers=(1, 1, 2, 2, 4),
                                base_channels=128, embedding_dim=256)
+  # Ten views of each training image, encoded once: the center crop and 9 random-resized crops
+  # with random flips (LlamaGen precomputes ten-crop tokens; MaskGIT crops at every step).
+  config.data.token_views = 10
   config.eval.batch_size = 400  # divides the 50,000 samples and splits over 16 chips
   return config
 

@@ -27,7 +27,9 @@ def select_frames(video: Any, start: int, num_frames: int, stride: int,
 
 @dataclasses.dataclass(frozen=True)
 class RandomClip(grain.RandomMapTransform):
-  """``num_frames`` frames from a uniformly random start, from grain's per-example rng."""
+  """``num_frames`` frames from a uniformly random start, their square crop at a uniformly
+  random place along the long side (MAGVIT's random windows and crops), from grain's
+  per-example rng."""
   num_frames: int = 16
   stride: int = 1
   image_size: int = 128
@@ -35,7 +37,7 @@ class RandomClip(grain.RandomMapTransform):
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     start = video_files.clip_start(len(element['video']), self.num_frames, self.stride, rng)
     video = select_frames(element['video'], start, self.num_frames, self.stride,
-                          self.image_size)
+                          self.image_size, crop=float(rng.random()))
     return {'video': video, 'label': np.int32(element['label'])}
 
 

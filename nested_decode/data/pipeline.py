@@ -129,14 +129,20 @@ def make_loader(source: Any, *, batch_size: int, seed: int, train: bool,
 
 
 def examples_at(source: Any, indices: np.ndarray,
-                transform: Optional[grain.MapTransform] = None) -> dict[str, np.ndarray]:
+                transform: Optional[grain.MapTransform] = None,
+                view_seed: Optional[tuple[int, int]] = None) -> dict[str, np.ndarray]:
   """Examples ``indices`` of ``source`` as one batch, exactly as an in-order loader gives them
   (``transform``, then ``KeepFeatures``: pixels uint8): for evaluation work split by rows over
-  processes."""
+  processes. A random ``transform`` (a training view) takes ``view_seed = (seed, view)``:
+  example ``i``'s randomness comes from ``(seed, view, i)`` alone, whichever process asks."""
   elements = []
   for index in indices:
     element = source[int(index)]
-    if transform is not None:
+    if isinstance(transform, grain.RandomMapTransform):
+      if view_seed is None:
+        raise ValueError(f'{type(transform).__name__} is random: give examples_at a view_seed')
+      element = transform.random_map(element, np.random.default_rng((*view_seed, int(index))))
+    elif transform is not None:
       element = transform.map(element)
     elements.append(KeepFeatures().map(element))
   return {key: np.stack([element[key] for element in elements]) for key in elements[0]}

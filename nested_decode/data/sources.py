@@ -73,10 +73,13 @@ class Dataset:
   scoring: str  # 'classifier' (MNIST digits: class accuracy and fd), 'fid' or 'fvd'
   location_keys: tuple[tuple[str, str], ...] = ()
   offline_config: str = ''
+  # Whether its training transform is random (crops, flips, windows), so that more than one
+  # token view of an example (config.data.token_views) differs from the first.
+  random_views: bool = True
 
 
 DATASETS = {
-    'mnist': Dataset(_mnist, 'classifier'),
+    'mnist': Dataset(_mnist, 'classifier', random_views=False),
     'imagenet2012': Dataset(
         _imagenet, 'fid',
         (('data.data_dir', 'the prepared TFDS imagenet2012, see the README'),),

@@ -274,7 +274,8 @@ class EvalClip(grain.MapTransform):
 
 @dataclasses.dataclass(frozen=True)
 class TrainClip(grain.RandomMapTransform):
-  """Like ``EvalClip`` from a uniformly random start, drawn from grain's per-example rng."""
+  """Like ``EvalClip`` from a uniformly random start and crop place along the long side,
+  drawn from grain's per-example rng."""
   num_frames: int = 16
   stride: int = 1
   image_size: int = 128
@@ -282,7 +283,8 @@ class TrainClip(grain.RandomMapTransform):
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     clip = element['clip']
     start = clip_start(clip.frame_count, self.num_frames, self.stride, rng)
-    video = decode_clip(clip, start, self.num_frames, self.stride, self.image_size)
+    video = decode_clip(clip, start, self.num_frames, self.stride, self.image_size,
+                        crop=float(rng.random()))
     return {'video': video, 'label': np.int32(element['label'])}
 
 

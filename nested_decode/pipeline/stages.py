@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from nested_decode import api, io_utils, parallel, tasks
+from nested_decode.config_lib import ConfigError
 from nested_decode.data import pipeline
 from nested_decode.data.sources import data_sources, dataset, resumable_batches, worker_options
 from nested_decode.inference import restore, tokenizer
@@ -92,41 +93,69 @@ def stored_token_shards(workdir: str, split: str) -> list[epath.Path] | None:
   return None
 
 
+def token_views(config: ml_collections.ConfigDict, split: str) -> int:
+  """How many views of each example ``split`` is encoded in (``config.data.token_views`` for
+  the training split, one for the others)."""
+  views = config.data.get('token_views', 1) if split == 'train' else 1
+  if views > 1 and not dataset(config).random_views:
+    raise ConfigError(f'config.data.token_views={views} is invalid: '
+                      f'config.data.name={config.data.name!r} has no random training view')
+  return views
+
+
 def encode_split(config: ml_collections.ConfigDict, workdir: str, split: str, mesh: Mesh
                  ) -> None:
-  """Encodes ``split`` (center crops) with the trained tokenizer: every process encodes its
-  share of each global batch of ``eval.batch_size`` examples and writes its own file of
-  ``tokens``, ``labels`` and ``rows`` (example indices)."""
+  """Encodes ``split`` with the trained tokenizer: every process encodes its share of each
+  global batch of ``eval.batch_size`` examples and writes its own file of ``tokens``,
+  ``labels``, ``rows`` (example indices) and ``views``. View 0 is the evaluation transform's
+  (center crop, first clip); views 1 to ``token_views - 1`` of the training split are the
+  training transform's (random crops and flips, random windows), example ``i``'s view ``v``
+  drawn from ``(config.seed, v, i)``, so they do not depend on the process count."""
   parallel.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
   params = tokenizer_stage(config, workdir, mesh)
-  train, evaluation, _, eval_transform = data_sources(config)
+  train, evaluation, train_transform, eval_transform = data_sources(config)
   source = train if split == 'train' else evaluation
-  logging.info('Encoding the %d examples of the %s split', len(source), split)
-  tokens, labels, rows = [], [], []
+  num_views = token_views(config, split)
+  logging.info('Encoding the %d examples of the %s split (%d view%s each)', len(source), split,
+               num_views, 's' if num_views > 1 else '')
+  tokens, labels, rows, views = [], [], [], []
   for share in parallel.row_shares(len(source), config.eval.batch_size, mesh):
-    batch = pipeline.examples_at(source, share.rows, eval_transform)
-    tokens.append(tokenizer.encode_batch(config, params, batch, mesh)[share.valid])
-    labels.append(batch['label'][share.valid])
-    rows.append(share.rows[share.valid])
+    for view in range(num_views):
+      batch = (pipeline.examples_at(source, share.rows, eval_transform) if view == 0 else
+               pipeline.examples_at(source, share.rows, train_transform, (config.seed, view)))
+      tokens.append(tokenizer.encode_batch(config, params, batch, mesh)[share.valid])
+      labels.append(batch['label'][share.valid])
+      rows.append(share.rows[share.valid])
+      views.append(np.full(len(rows[-1]), view, np.int32))
   io_utils.write_npz(
       token_shard_path(workdir, split, jax.process_index(), jax.process_count()),
       tokens=np.concatenate(tokens).astype(np.int32), labels=np.concatenate(labels),
-      rows=np.concatenate(rows))
+      rows=np.concatenate(rows), views=np.concatenate(views))
   multihost_utils.sync_global_devices(f'tokens/{split}')  # every file written before reads
 
 
 def token_dataset(config: ml_collections.ConfigDict, workdir: str, split: str, mesh: Mesh
                   ) -> tuple[np.ndarray, np.ndarray]:
-  """``(tokens [n, N], labels [n])`` of a split in example order, encoded once
-  (``encode_split``) and read from all of its files; the labels are the model's
-  (``tasks.conditioning_labels``)."""
+  """``(tokens [n * V, N], labels [n * V])`` of a split's ``V`` views (``token_views``) in
+  example order, each example's views together, encoded once (``encode_split``) and read from
+  all of its files; the labels are the model's (``tasks.conditioning_labels``)."""
   files = stored_token_shards(workdir, split)
   if files is None:
     encode_split(config, workdir, split, mesh)
     files = stored_token_shards(workdir, split)
   parts = [io_utils.load_npz(os.fspath(path)) for path in files]
   rows = np.concatenate([part['rows'] for part in parts])
-  _, order = np.unique(rows, return_index=True)  # example order; rows held twice counted once
+  views = np.concatenate([part['views'] if 'views' in part else np.zeros(len(part['rows']),
+                                                                           np.int32)
+                          for part in parts])
+  stored_views = int(views.max()) + 1
+  if stored_views != token_views(config, split):
+    raise ConfigError(
+        f'config.data.token_views={token_views(config, split)} is invalid for {files[0].parent}: '
+        f'its {split} tokens hold {stored_views} view(s) of each example; set it to that, or '
+        'encode again in a new workdir')
+  # Example order, each example's views in order; rows held twice counted once.
+  _, order = np.unique(rows.astype(np.int64) * stored_views + views, return_index=True)
   tokens, labels = (np.concatenate([part[key] for part in parts])[order]
                     for key in ('tokens', 'labels'))
   source = f'the {split} split of config.data.name={config.data.name!r} ({files[0].parent})'

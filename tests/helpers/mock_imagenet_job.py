@@ -1,6 +1,6 @@
 r"""``configs/imagenet256.py:tiny``, shrunk for tests, run over TFDS mock data in this process:
 
-  python tests/helpers/mock_imagenet_job.py WORKDIR MODE
+  python tests/helpers/mock_imagenet_job.py WORKDIR MODE    # a --mode, or train_tokens
 
 (one of several JAX processes when ``JAX_COORDINATOR_ADDRESS`` and friends are set). The test
 fixtures call ``run`` in-process.
@@ -26,6 +26,7 @@ def tiny_config(data_dir: str):
   # cached steps padded to 4 query buckets, so that the decodes share a few programs.
   config.tokenizer.num_res_blocks = 1
   config.sampling.query_buckets = 4
+  config.data.token_views = 2  # the center crop and one random crop of each training image
   config.tokenizer_training.update(num_steps=2, batch_size=4, log_every=1, checkpoint_every=2,
                                    adversarial_weight=0.0)
   config.training.update(num_steps=2, batch_size=4, log_every=1, checkpoint_every=2)
@@ -37,11 +38,19 @@ def tiny_config(data_dir: str):
   return config
 
 
+TRAIN_TOKENS = 'train_tokens'  # not a job mode: only the encoding of the training split
+
+
 def run(workdir: str, mode: str):
   from nested_decode import main  # absl flags: imported only here
   config = tiny_config(os.path.join(os.path.dirname(workdir), 'tfds'))
+  job = main.Run(config, 'configs/imagenet256.py:tiny', workdir)
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    main.run_mode(main.MODES[mode], main.Run(config, 'configs/imagenet256.py:tiny', workdir))
+    if mode == TRAIN_TOKENS:
+      from nested_decode.pipeline import stages
+      stages.token_dataset(config, workdir, 'train', job.mesh)
+    else:
+      main.run_mode(main.MODES[mode], job)
   return config
 
 

@@ -1,6 +1,7 @@
 """The ImageNet job end to end on configs/imagenet256.py:tiny over TFDS mock data: FID per
 schedule."""
 
+import copy
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from conftest import HELPERS, cpu_env, free_port, load_config
 from mock_imagenet_job import NUM_EXAMPLES
 
 from nested_decode import parallel
+from nested_decode.config_lib import ConfigError
 from nested_decode.metrics import fid
 from nested_decode.pipeline import fid_eval, stages
 
@@ -58,6 +60,52 @@ class CountingNetwork:
   def __call__(self, images):
     self.images += len(images)
     return self.net(images)
+
+
+def test_the_transformer_trained_on_two_views_of_each_training_image(imagenet_job):
+  """View 0 is the center crop the held-out images get, view 1 a random crop and flip drawn
+  from (seed, view, example): the tokens differ, and the transformer read both."""
+  config, workdir = imagenet_job
+  (file,) = stages.stored_token_shards(workdir, 'train')
+  stored = np.load(file)
+  assert sorted(zip(stored['rows'], stored['views'])) == [
+      (row, view) for row in range(NUM_EXAMPLES) for view in (0, 1)]
+  tokens, labels = stages.token_dataset(config, workdir, 'train', parallel.make_mesh(config))
+  assert tokens.shape == (2 * NUM_EXAMPLES, 256) and len(labels) == 2 * NUM_EXAMPLES
+  center, random_crop = tokens[0::2], tokens[1::2]
+  assert np.mean(center != random_crop) > 0.5
+  np.testing.assert_array_equal(labels[0::2], labels[1::2])
+  wrong = copy.deepcopy(config)
+  wrong.data.token_views = 3
+  with pytest.raises(ConfigError, match=r'config\.data\.token_views=3 .* hold 2 view'):
+    stages.token_dataset(wrong, workdir, 'train', parallel.make_mesh(wrong))
+
+
+def test_two_processes_encode_the_views_one_process_encodes(imagenet_job, tmp_path):
+  """Each process encodes its half of the training images in both views into its own file;
+  read together they are the one-process tokens (a view's randomness is the example's)."""
+  config, reference = imagenet_job
+  workdir = tmp_path / 'run'
+  shutil.copytree(os.path.join(reference, 'tokenizer'), workdir / 'tokenizer')
+  address = f'127.0.0.1:{free_port()}'
+  runs = [subprocess.Popen(
+      [sys.executable, os.path.join(HELPERS, 'mock_imagenet_job.py'), str(workdir),
+       mock_imagenet_job.TRAIN_TOKENS],
+      env=cpu_env(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2',
+                  JAX_PROCESS_ID=str(i)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for run in runs:
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+  files = stages.stored_token_shards(str(workdir), 'train')
+  assert [f.name for f in files] == ['train-00000-of-00002.npz', 'train-00001-of-00002.npz']
+  halves = [set(np.load(f)['rows'].tolist()) for f in files]
+  assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == NUM_EXAMPLES
+  mesh = parallel.make_mesh(config)
+  split, split_labels = stages.token_dataset(config, str(workdir), 'train', mesh)
+  whole, whole_labels = stages.token_dataset(config, reference, 'train', mesh)
+  np.testing.assert_array_equal(split, whole)
+  np.testing.assert_array_equal(split_labels, whole_labels)
 
 
 def test_resume_recomputes_only_the_missing_schedule(imagenet_job, monkeypatch):

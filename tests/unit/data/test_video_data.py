@@ -106,7 +106,7 @@ def test_k600_full_video_is_cut_to_the_window(k600):
                                 video_files.decode_clip(full_video, 134, 16, 1, 24))
 
 
-def test_k600_train_clip_random_start(k600):
+def test_k600_train_clip_random_start_and_crop(k600):
   source = video_files.VideoFileSource(*k600, num_frames=4, stride=2, image_size=16)
   transform = source.train_transform()
   element = source[1]
@@ -115,11 +115,15 @@ def test_k600_train_clip_random_start(k600):
   np.testing.assert_array_equal(clips[0],
                                 transform.random_map(element, np.random.default_rng(0))['video'])
   assert any(not np.array_equal(clips[0], other) for other in clips[1:])
-  start = video_files.clip_start(132, 4, 2, np.random.default_rng(0))
-  np.testing.assert_array_equal(clips[0], source.video(1, start))
+  rng = np.random.default_rng(0)  # the start, then the crop's place along the long side
+  start = video_files.clip_start(132, 4, 2, rng)
+  crop = float(rng.random())
   # Stride 2 takes every other frame.
-  single = [video_files.decode_clip(element['clip'], start + 2 * i, 1, 1, 16)[0] for i in range(4)]
+  single = [video_files.decode_clip(element['clip'], start + 2 * i, 1, 1, 16, crop)[0]
+            for i in range(4)]
   np.testing.assert_array_equal(clips[0], np.stack(single))
+  assert not np.array_equal(clips[0], np.stack([  # not the central crop
+      video_files.decode_clip(element['clip'], start + 2 * i, 1, 1, 16)[0] for i in range(4)]))
 
 
 def test_k600_too_short_clips_are_skipped(k600):

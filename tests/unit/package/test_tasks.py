@@ -117,6 +117,7 @@ def k600_with_kinetics_labels(workdir, num_classes=0):
   config = load_config('k600')
   config.model.update(num_layers=1, width=64, num_heads=8, mlp_dim=128, dtype='float32')
   config.tokens.num_classes = num_classes
+  config.data.token_views = 1  # the split below holds one view of each clip
   config.training.update(num_steps=1, batch_size=2, log_every=1, checkpoint_every=1)
   config_lib.validate(config)
   rng = np.random.default_rng(0)
