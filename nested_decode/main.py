@@ -192,6 +192,12 @@ def run_search_schedule(run: Run) -> None:
   print(f"Found {report['found']} ({report['cache']}); see {run.workdir}/search/")
 
 
+def run_recipe_study(run: Run) -> None:
+  from nested_decode.studies import recipe_study
+  recipe_study.run_recipe_study(run.config, run.workdir, run.mesh)
+  print(f'Wrote {io_utils.join(run.workdir, "recipe_study")}/results.json, results.md')
+
+
 def run_frontier(run: Run) -> None:
   from nested_decode.studies import frontier
   frontier.run_frontier(run.config, run.workdir, run.mesh)
@@ -221,6 +227,7 @@ MODES = {
     'scaling_study': Mode(run_scaling_study, reads_data=True),
     'search_schedule': Mode(run_search_schedule, reads_data=True),
     'frontier': Mode(run_frontier, reads_data=True),
+    'recipe_study': Mode(run_recipe_study, reads_data=True),
 }
 _MODE = flags.DEFINE_enum('mode', 'all', list(MODES), 'What to run; "all" is the whole job.')
 
