@@ -29,6 +29,19 @@ def imagenet_job(tmp_path_factory):
   yield config, workdir
 
 
+def run_in_two_processes(workdir, mode):
+  """``mock_imagenet_job.py workdir mode`` as two JAX processes of one device each."""
+  address = f'127.0.0.1:{free_port()}'
+  runs = [subprocess.Popen(
+      [sys.executable, os.path.join(HELPERS, 'mock_imagenet_job.py'), str(workdir), mode],
+      env=cpu_env(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2',
+                  JAX_PROCESS_ID=str(i)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for run in runs:
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+
+
 def read_report(workdir):
   with open(os.path.join(workdir, 'eval.json')) as f:
     return json.load(f)
@@ -87,16 +100,7 @@ def test_two_processes_encode_the_views_one_process_encodes(imagenet_job, tmp_pa
   config, reference = imagenet_job
   workdir = tmp_path / 'run'
   shutil.copytree(os.path.join(reference, 'tokenizer'), workdir / 'tokenizer')
-  address = f'127.0.0.1:{free_port()}'
-  runs = [subprocess.Popen(
-      [sys.executable, os.path.join(HELPERS, 'mock_imagenet_job.py'), str(workdir),
-       mock_imagenet_job.TRAIN_TOKENS],
-      env=cpu_env(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2',
-                  JAX_PROCESS_ID=str(i)),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for run in runs:
-    _, stderr = run.communicate(timeout=600)
-    assert run.returncode == 0, stderr[-3000:]
+  run_in_two_processes(workdir, mock_imagenet_job.TRAIN_TOKENS)
   files = stages.stored_token_shards(str(workdir), 'train')
   assert [f.name for f in files] == ['train-00000-of-00002.npz', 'train-00001-of-00002.npz']
   halves = [set(np.load(f)['rows'].tolist()) for f in files]
@@ -164,16 +168,7 @@ def test_two_processes_give_the_fids_of_one(imagenet_job, tmp_path):
   name = os.path.basename(fid_eval.statistics_path(reference, 'reference_validation'))
   (workdir / 'samples').mkdir()
   shutil.copy(os.path.join(reference, 'samples', name), workdir / 'samples' / name)
-  address = f'127.0.0.1:{free_port()}'
-  runs = [subprocess.Popen(
-      [sys.executable, os.path.join(HELPERS, 'mock_imagenet_job.py'),
-       str(workdir), 'eval'],
-      env=cpu_env(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2',
-                  JAX_PROCESS_ID=str(i)),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for run in runs:
-    _, stderr = run.communicate(timeout=600)
-    assert run.returncode == 0, stderr[-3000:]
+  run_in_two_processes(workdir, 'eval')
   one, two = read_report(reference), read_report(str(workdir))
   assert [r['fid'] for r in two['rows']] == pytest.approx([r['fid'] for r in one['rows']],
                                                           rel=1e-4)
