@@ -141,6 +141,7 @@ def video_config(*, tiny: bool, model: dict, data: ml_collections.ConfigDict,
 # What resuming with a larger training.num_steps does to the schedules: 'none' keeps them (the
 # learning rate stays at its final value), 'warm' runs them again from the resumed step
 # (training/train_transformer.py, segment_to_train).
+RESTARTS = ('none', 'warm')
 RESTART = 'none'
 # The transformer's weight average (training.ema_decay; 0: none), off unless a config sets it.
 EMA_DECAY = 0.0
@@ -269,8 +270,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail('training.widths', training.widths,
           f'must include 1 (the teacher) and only factors from config.model.nesting_factors='
           f'{factors}')
-  if training.restart not in ('none', 'warm'):
-    _fail('training.restart', training.restart, "allowed values are ('none', 'warm')")
+  if training.restart not in RESTARTS:
+    _fail('training.restart', training.restart, f'allowed values are {RESTARTS}')
   if not 0.0 <= training.ema_decay < 1.0:
     _fail('training.ema_decay', training.ema_decay, 'must be in [0, 1) (0: no average)')
   for key in ('label_smoothing', 'label_dropout', 'distill_lambda_start', 'distill_lambda_end'):
