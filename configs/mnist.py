@@ -91,6 +91,7 @@ def tiny_overrides(config):
   config.eval.schedules = ml_collections.ConfigDict(dict(magnets=config.eval.schedules.magnets))
   config.eval.update(num_samples=20, batch_size=20, grid_per_class=2)
   config.study.update(seeds=2, num_samples=20)
+  config.recipe_study.update(seeds=2, num_samples=20)
   schedules = config.scaling.schedules
   config.scaling.update(widths=(64,), train_steps=(2, 4), separate_steps=(4,), seeds=2,
                         num_samples=20)

@@ -28,11 +28,11 @@ def get_config(arg=None):
   data = ml_collections.ConfigDict(dict(
       name='ucf101', data_dir=config_dict.placeholder(str), num_frames=16, frame_stride=1,
       image_size=32 if arg == 'tiny' else 128, channels=3,
-      # Frame decoding of TFDS records off the training thread; fewer for the small machines of
-      # :tiny.
       # The transformer trains on 16 random windows and crops of each training video, encoded
       # once (MAGVIT draws a random clip at every step; 9.5k videos x 16 views is 153k clips).
       token_views=1 if arg == 'tiny' else 16,
+      # Frame decoding of TFDS records off the training thread; fewer for the small machines of
+      # :tiny.
       **config_lib.data_workers(2 if arg == 'tiny' else 8)))
   task = ml_collections.ConfigDict(dict(name='class_conditional'))
   config = config_lib.video_config(tiny=arg == 'tiny', model=TRANSFORMERS[arg], data=data,
