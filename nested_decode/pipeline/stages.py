@@ -148,10 +148,10 @@ def token_dataset(config: ml_collections.ConfigDict, workdir: str, split: str, m
   views = np.concatenate([part['views'] if 'views' in part else np.zeros(len(part['rows']),
                                                                            np.int32)
                           for part in parts])
-  stored_views = int(views.max()) + 1
-  if stored_views != token_views(config, split):
+  stored_views, wanted_views = int(views.max()) + 1, token_views(config, split)
+  if stored_views != wanted_views:
     raise ConfigError(
-        f'config.data.token_views={token_views(config, split)} is invalid for {files[0].parent}: '
+        f'config.data.token_views={wanted_views} is invalid for {files[0].parent}: '
         f'its {split} tokens hold {stored_views} view(s) of each example; set it to that, or '
         'encode again in a new workdir')
   # Example order, each example's views in order; rows held twice counted once.
