@@ -60,7 +60,7 @@ def main_job_config():
   config.study = ml_collections.ConfigDict(dict(seeds=3, num_samples=1000, variants=True))
   # --mode=recipe_study: the weight average and dropout against neither (docs/real_data.md).
   config.recipe_study = ml_collections.ConfigDict(dict(seeds=3, num_samples=1000,
-                                                       variants=('ema', 'dropout')))
+                                                       variants=('ema', 'dropout', 'ema_dropout')))
   # --mode=scaling_study: nested models of each width x training length (the 256-wide,
   # 800-step one is the main job's), and plain full-width models at separate_steps.
   config.scaling = ml_collections.ConfigDict(dict(

@@ -90,12 +90,17 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   return config
 
 
+# MaskGIT's regularisation of the transformer (google-research/maskgit, the class-conditional
+# ImageNet config): dropout on the hidden and attention-probability paths, Polyak averaging.
+MASKGIT_DROPOUT_RATE = 0.1
+MASKGIT_EMA_DECAY = 0.999
+
+
 def with_maskgit_regularisation(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """MaskGIT's regularisation of the transformer (google-research/maskgit, the class-conditional
-  ImageNet config: dropout 0.1 on the hidden and attention-probability paths, Polyak averaging
-  of the weights at 0.999), for the configs that reproduce published models."""
-  config.model.update(dropout_rate=0.1, attention_dropout_rate=0.1)
-  config.training.ema_decay = 0.999
+  """MaskGIT's dropout and weight average, for the configs that reproduce published models."""
+  config.model.update(dropout_rate=MASKGIT_DROPOUT_RATE,
+                      attention_dropout_rate=MASKGIT_DROPOUT_RATE)
+  config.training.ema_decay = MASKGIT_EMA_DECAY
   return config
 
 

@@ -142,8 +142,9 @@ def mnist_tiny_job(gcs_bucket, tmp_path_factory) -> BucketJob:
   """The whole ``configs/mnist.py:tiny`` job, once, with ``--workdir`` in the bucket, in one
   process on 4 CPU devices (the mesh that the two-process test splits over 2 x 2 devices)."""
   cwd, tmp = tmp_path_factory.mktemp('job_cwd'), tmp_path_factory.mktemp('job_tmp')
+  # The suite's compilation cache (outside cwd and TMPDIR) stays: a user's setting, not output
+  # of the job, and the later modes on this workdir reuse the job's programs.
   env = cpu_env(4, PYTHONPATH=ROOT, TMPDIR=str(tmp))
-  env.pop('JAX_COMPILATION_CACHE_DIR')  # a local cache would be local output of the run
   workdir = f'{gcs_bucket}/mnist_job'
   run = subprocess.run([sys.executable, '-m', 'nested_decode.main',
                         f'--config={ROOT}/configs/mnist.py:tiny', f'--workdir={workdir}'],

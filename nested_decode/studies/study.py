@@ -147,14 +147,16 @@ def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collectio
 
 
 def train_variant(config: ml_collections.ConfigDict, workdir: str, variant_dir: str,
-                  mesh: Mesh) -> Any:
+                  mesh: Mesh, weights: str | None = None) -> Any:
+  """The transformer trained by ``config`` on the job's tokens into ``variant_dir`` (unless it
+  is there already); its ``weights`` (``restore.EMA``/``TRAINED``; default as sampling loads)."""
   if not restore.transformer_is_trained(config, variant_dir):
     tokens, labels = stages.token_dataset(config, workdir, 'train', mesh)
     source = pipeline.ArraySource(f'tokens/train/{config.data.name}', tokens=tokens,
                                    label=labels)
     batches = resumable_batches(source, None, config.training.batch_size, config.seed)
     train_transformer.train(config, variant_dir, *batches, mesh)
-  return restore.transformer_params(config, variant_dir, mesh)
+  return restore.transformer_params(config, variant_dir, mesh, weights)
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,

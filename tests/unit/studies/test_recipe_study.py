@@ -7,19 +7,22 @@ import pytest
 from conftest import load_config
 
 from nested_decode import config_lib
+from nested_decode.inference import restore
 from nested_decode.studies import recipe_study
 
 
 def test_each_variant_changes_only_its_settings_and_the_seed():
   config = load_config('mnist')
-  for variant, settings in recipe_study.VARIANTS.items():
-    trained = recipe_study.variant_config(config, variant, seed=2)
-    config_lib.validate(trained)
-    assert trained.seed == 2
-    assert trained.training.ema_decay == settings['ema_decay']
-    assert trained.model.dropout_rate == settings['dropout_rate']
-    assert trained.model.attention_dropout_rate == settings['attention_dropout_rate']
-    assert trained.training.num_steps == config.training.num_steps
+  for name, variant in recipe_study.VARIANTS.items():
+    own = recipe_study.variant_config(config, name, seed=2)
+    trained = recipe_study.training_config(config, variant.training, seed=2)
+    for c in (own, trained):
+      config_lib.validate(c)
+      assert c.seed == 2 and c.training.num_steps == config.training.num_steps
+      assert c.model.dropout_rate == c.model.attention_dropout_rate == variant.dropout_rate
+    assert own.training.ema_decay == (0.999 if variant.weights == restore.EMA else 0.0)
+    assert trained.training.ema_decay == 0.999  # every training keeps the average
+  assert recipe_study.VARIANTS['ema'].training == recipe_study.VARIANTS['plain'].training
   assert config.seed == 0 and config.training.ema_decay == 0.0  # the job's config is untouched
   with pytest.raises(ValueError, match="'swa'"):
     recipe_study.variant_config(config, 'swa', 0)
@@ -38,5 +41,6 @@ def test_differences_are_paired_by_training_seed():
   assert row['class_accuracy_diff_se'] == pytest.approx(0.01 / math.sqrt(3))
   assert row['fd_diff'] == pytest.approx(-5 / 3)
   assert row['step_time_over_plain'] == pytest.approx(1.1)
+  assert row['weights'] == restore.EMA and row['settings']['ema_decay'] == 0.999
   assert '| ema | 0.8700 |' in recipe_study.markdown(dict(
-      variants=[row], seeds=3, num_samples=10, reference='r', training_steps=8))
+      variants=[row], seeds=3, num_samples=10, reference='r', training_steps=8, ema_decay=0.999))

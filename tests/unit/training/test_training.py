@@ -249,6 +249,16 @@ def test_the_weight_average_follows_its_recurrence_and_is_what_sampling_loads(tm
                        jax.device_get(state.params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ema,
                jax.device_get(state.ema_params))
+  # The average never feeds back: the weights trained beside it are those of a run without it
+  # (so --mode=recipe_study reads plain and ema from one run).
+  config.training.ema_decay = 0.0
+  plain = train_transformer.create_train_state(config, model, mesh)
+  plain_step = train_transformer.make_train_step(config, model, mesh)
+  for _ in range(3):
+    plain, _ = plain_step(plain, one_batch())
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(plain.params),
+               jax.device_get(state.params))
+  config.training.ema_decay = 0.9
   shardings = train_transformer.state_shardings(config, model, mesh)
   assert jax.tree.structure(shardings.ema_params) == jax.tree.structure(shardings.params)
 
