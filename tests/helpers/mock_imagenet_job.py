@@ -1,6 +1,6 @@
 r"""``configs/imagenet256.py:tiny``, shrunk for tests, run over TFDS mock data in this process:
 
-  python tests/helpers/mock_imagenet_job.py WORKDIR MODE    # a --mode, or train_tokens
+  python tests/helpers/mock_imagenet_job.py WORKDIR MODE...    # --modes, or train_tokens, in turn
 
 (one of several JAX processes when ``JAX_COORDINATOR_ADDRESS`` and friends are set). The test
 fixtures call ``run`` in-process.
@@ -41,16 +41,17 @@ def tiny_config(data_dir: str):
 TRAIN_TOKENS = 'train_tokens'  # not a job mode: only the encoding of the training split
 
 
-def run(workdir: str, mode: str):
+def run(workdir: str, *modes: str):
   from nested_decode import main  # absl flags: imported only here
   config = tiny_config(os.path.join(os.path.dirname(workdir), 'tfds'))
   job = main.Run(config, 'configs/imagenet256.py:tiny', workdir)
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    if mode == TRAIN_TOKENS:
-      from nested_decode.pipeline import stages
-      stages.token_dataset(config, workdir, 'train', job.mesh)
-    else:
-      main.run_mode(main.MODES[mode], job)
+    for mode in modes:
+      if mode == TRAIN_TOKENS:
+        from nested_decode.pipeline import stages
+        stages.token_dataset(config, workdir, 'train', job.mesh)
+      else:
+        main.run_mode(main.MODES[mode], job)
   return config
 
 
@@ -60,4 +61,4 @@ if __name__ == '__main__':
   from nested_decode import parallel
   logging.set_verbosity(logging.INFO)
   parallel.initialize_distributed()
-  run(sys.argv[1], sys.argv[2])
+  run(sys.argv[1], *sys.argv[2:])

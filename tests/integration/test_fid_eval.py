@@ -29,17 +29,36 @@ def imagenet_job(tmp_path_factory):
   yield config, workdir
 
 
-def run_in_two_processes(workdir, mode):
-  """``mock_imagenet_job.py workdir mode`` as two JAX processes of one device each."""
+@pytest.fixture(scope='module')
+def two_process_run(imagenet_job, tmp_path_factory):
+  """The job's trained tokenizer and transformer, and its finished magnets and reference
+  statistics, copied to a new workdir where two JAX processes of one device each encode the
+  training split (both views) and then run the eval: the baseline's samples, the eval split's
+  tokens and the tokenizer's reconstructions are computed again there, split over the two."""
+  _, reference = imagenet_job
+  workdir = tmp_path_factory.mktemp('two_processes') / 'run'
+  for kept in ('tokenizer', 'transformer'):
+    shutil.copytree(os.path.join(reference, kept), workdir / kept)
+  (workdir / 'samples').mkdir()
+  for name in ('reference_validation', 'magnets'):
+    path = fid_eval.statistics_path(reference, name)
+    shutil.copy(path, workdir / 'samples' / os.path.basename(path))
   address = f'127.0.0.1:{free_port()}'
-  runs = [subprocess.Popen(
-      [sys.executable, os.path.join(HELPERS, 'mock_imagenet_job.py'), str(workdir), mode],
-      env=cpu_env(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2',
-                  JAX_PROCESS_ID=str(i)),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for run in runs:
-    _, stderr = run.communicate(timeout=600)
-    assert run.returncode == 0, stderr[-3000:]
+  # Logs go to files: a process blocked on a full pipe would stall the other at a barrier.
+  logs = [workdir.parent / f'process{i}.log' for i in range(2)]
+  runs = []
+  for i, log in enumerate(logs):
+    with open(log, 'w') as stderr:
+      runs.append(subprocess.Popen(
+          [sys.executable, os.path.join(HELPERS, 'mock_imagenet_job.py'), str(workdir),
+           mock_imagenet_job.TRAIN_TOKENS, 'eval'],
+          env=cpu_env(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2',
+                      JAX_PROCESS_ID=str(i)),
+          stdout=subprocess.DEVNULL, stderr=stderr))
+  for run, log in zip(runs, logs):
+    run.wait(timeout=600)
+    assert run.returncode == 0, log.read_text()[-3000:]
+  return workdir
 
 
 def read_report(workdir):
@@ -94,13 +113,11 @@ def test_the_transformer_trained_on_two_views_of_each_training_image(imagenet_jo
     stages.token_dataset(wrong, workdir, 'train', parallel.make_mesh(wrong))
 
 
-def test_two_processes_encode_the_views_one_process_encodes(imagenet_job, tmp_path):
+def test_two_processes_encode_the_views_one_process_encodes(imagenet_job, two_process_run):
   """Each process encodes its half of the training images in both views into its own file;
   read together they are the one-process tokens (a view's randomness is the example's)."""
   config, reference = imagenet_job
-  workdir = tmp_path / 'run'
-  shutil.copytree(os.path.join(reference, 'tokenizer'), workdir / 'tokenizer')
-  run_in_two_processes(workdir, mock_imagenet_job.TRAIN_TOKENS)
+  workdir = two_process_run
   files = stages.stored_token_shards(str(workdir), 'train')
   assert [f.name for f in files] == ['train-00000-of-00002.npz', 'train-00001-of-00002.npz']
   halves = [set(np.load(f)['rows'].tolist()) for f in files]
@@ -157,18 +174,12 @@ def test_missing_inception_weights_stop_the_job_before_training(tmp_path):
     stages.check_can_evaluate(config)
 
 
-def test_two_processes_give_the_fids_of_one(imagenet_job, tmp_path):
-  """The eval split over two processes (one device each): each decodes its half of every batch
-  and puts it through Inception; the gathered statistics give the one-process FIDs. The
-  trained stages, the tokens and the reference statistics are copied over."""
+def test_two_processes_give_the_fids_of_one(imagenet_job, two_process_run):
+  """The eval split over two processes (one device each): each decodes its half of every
+  baseline batch and puts it through Inception; the gathered statistics give the one-process
+  FIDs (magnets' statistics were copied, so its row is read back)."""
   _, reference = imagenet_job
-  workdir = tmp_path / 'run'
-  for kept in ('tokenizer', 'transformer', 'tokens'):
-    shutil.copytree(os.path.join(reference, kept), workdir / kept)
-  name = os.path.basename(fid_eval.statistics_path(reference, 'reference_validation'))
-  (workdir / 'samples').mkdir()
-  shutil.copy(os.path.join(reference, 'samples', name), workdir / 'samples' / name)
-  run_in_two_processes(workdir, 'eval')
+  workdir = two_process_run
   one, two = read_report(reference), read_report(str(workdir))
   assert [r['fid'] for r in two['rows']] == pytest.approx([r['fid'] for r in one['rows']],
                                                           rel=1e-4)
