@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT, start_main
+from conftest import ROOT, start_main, without_cpu_only_flags
 
 from nested_decode import platforms
 
@@ -17,10 +17,11 @@ BACKEND_NOISE = re.compile(r'libtpu|TPU_|InitGoogle|Source Location Trace|accele
 
 def readme_env() -> dict:
   """This process's environment as a user's shell has it: no JAX_PLATFORMS (the suite sets
-  one), and no lock file of another JAX process that would keep libtpu from starting at all
-  and so hide its errors."""
+  one), no lock file of another JAX process that would keep libtpu from starting at all
+  and so hide its errors, and no CPU-only XLA flag, which libtpu rejects."""
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS' and not k.startswith('TPU_')}
-  return dict(env, ALLOW_MULTIPLE_LIBTPU_LOAD='1')
+  return dict(env, ALLOW_MULTIPLE_LIBTPU_LOAD='1',
+              XLA_FLAGS=without_cpu_only_flags(os.environ['XLA_FLAGS']))
 
 
 def test_platforms_leave_out_the_tpu_only_where_there_are_no_chips_and_no_user_choice():

@@ -18,7 +18,7 @@ import multihost_checks
 import numpy as np
 import parallel_checks
 import pytest
-from conftest import FAST_COMPILE, HELPERS
+from conftest import CPU_FAST_COMPILE, HELPERS
 from jax.sharding import PartitionSpec as P
 
 from nested_decode import config_lib, parallel
@@ -36,7 +36,7 @@ def subprocess_env(devices: int, cache_dir, **extra) -> dict:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('JAX_', 'SLURM_', 'TPU_')) and k != 'XLA_FLAGS'}
   env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {SLOW_COLLECTIVES} '
-                       f'{FAST_COMPILE}',
+                       f'{CPU_FAST_COMPILE}',
              JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', **extra)
   return env

@@ -21,6 +21,7 @@ if importlib.util.find_spec('libtpu') is None:
   pytest.skip('libtpu is not installed: compiling for TPU topologies needs it '
               '(pip install -e ".[dev]")', allow_module_level=True)
 
+pytestmark = pytest.mark.usefixtures('tpu_compiler')
 TOPOLOGY = 'v5e:2x2'
 # nested / single-width collective traffic of the train step of small_config(data=2, tensor=2)
 # (docs/tpu_fit.md)

@@ -12,6 +12,8 @@ from jax.sharding import PartitionSpec as P
 
 from nested_decode.tools import collectives
 
+pytestmark = pytest.mark.usefixtures('tpu_compiler')
+
 # Two nested loops (5 x 3 iterations); the inner body all-gathers bf16[4,256] in groups of 2, the
 # outer body reduce-scatters f32[64,64] (TPU style: an all-reduce fused with its slice) over 4;
 # the entry holds an async all-gather (start, an overlapped fusion and done copy it), a tuple
