@@ -22,6 +22,7 @@ if importlib.util.find_spec('libtpu') is None:
               '(pip install -e ".[dev]")', allow_module_level=True)
 
 pytestmark = pytest.mark.usefixtures('tpu_compiler')
+
 TOPOLOGY = 'v5e:2x2'
 # nested / single-width collective traffic of the train step of small_config(data=2, tensor=2)
 # (docs/tpu_fit.md)
