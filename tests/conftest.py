@@ -7,10 +7,10 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # The suite's models are tiny, so compiling costs far more than running: LLVM's optimisation
 # level 0 compiles about 40% faster here, and XLA:CPU's loop emitters instead of its fusion
-# emitters make the cold configs/mnist.py:tiny job about 19% faster again (both change how XLA
-# compiles a program, not what it computes). This process and every JAX process the tests start
-# use both. libtpu reads XLA_FLAGS too and rejects the CPU-only flag, so
-# a process that compiles for a TPU topology goes without it (`without_cpu_only_flags`).
+# emitters take 19% off the cold configs/mnist.py:tiny job again (its eval table is the same
+# either way). This process and every JAX process the tests start use both. libtpu reads
+# XLA_FLAGS too and rejects the CPU-only flag, so a process that compiles for a TPU topology
+# goes without it (`without_cpu_only_flags`).
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 CPU_ONLY_FAST_COMPILE = '--xla_cpu_use_fusion_emitters=false'
 CPU_FAST_COMPILE = f'{FAST_COMPILE} {CPU_ONLY_FAST_COMPILE}'
