@@ -83,10 +83,13 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # --mode=compile_tpu: the TPU slice to compile for, its HBM per chip in GiB (0: known from
   # the chip generation, see tpu_fit.HBM_GIB), whether to compile the decodes too (each
-  # takes minutes on a small CPU) or only the train step, and whether to compile a
-  # single-width train step (training.widths=(1,)) too, to compare its collective traffic.
+  # takes minutes on a small CPU) or only the train step, whether to compile a
+  # single-width train step (training.widths=(1,)) too, to compare its collective traffic and
+  # time, and whether to read the compiler's modeled time (a second compile of each program
+  # with its layers unrolled, see tools/tpu_time.py).
   config.tpu_fit = ml_collections.ConfigDict(dict(topology='v5e:4x4', hbm_gib=0.0,
-                                                  decodes=True, single_width=False))
+                                                  decodes=True, single_width=False,
+                                                  modeled_time=True))
   return config
 
 
@@ -397,8 +400,9 @@ def validate_tpu_fit(tpu_fit: ml_collections.ConfigDict) -> None:
     _fail('tpu_fit.hbm_gib', hbm, 'must be a number of GiB >= 0 (0: from the chip generation)')
   if not isinstance(tpu_fit.decodes, bool):
     _fail('tpu_fit.decodes', tpu_fit.decodes, 'must be True or False')
-  if not isinstance(tpu_fit.get('single_width', False), bool):
-    _fail('tpu_fit.single_width', tpu_fit.single_width, 'must be True or False')
+  for key in ('single_width', 'modeled_time'):
+    if not isinstance(tpu_fit.get(key, False), bool):
+      _fail(f'tpu_fit.{key}', tpu_fit[key], 'must be True or False')
 
 
 def seq_len(config: ml_collections.ConfigDict) -> int:

@@ -116,6 +116,8 @@ def run_compile_tpu(run: Run) -> None:
   print(tpu_fit.markdown_table(rows, run.config_name))
   if any('collective_gib' in row for row in rows):
     print(tpu_fit.collectives_table(rows, run.config_name))
+  if any('modeled_seconds' in row for row in rows):
+    print(tpu_fit.modeled_time_table(rows, run.config_name))
   print(f'Wrote {path}')
 
 

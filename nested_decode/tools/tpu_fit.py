@@ -38,7 +38,7 @@ from nested_decode import config_lib, parallel, platforms
 from nested_decode.config_lib import ConfigError
 from nested_decode.decoding.sampler import Decoder
 from nested_decode.models.transformer import NestedMaskedTransformer, cast_for_inference
-from nested_decode.tools import collectives
+from nested_decode.tools import collectives, tpu_time
 from nested_decode.training import train_transformer
 
 GIB = 2 ** 30
@@ -140,13 +140,12 @@ def collective_report(hlos: list[str]) -> dict:
   return row
 
 
-def compile_report(compile_steps: Callable[[], list[Any]], mesh: Mesh, hbm: int,
-                   layers: int, count_collectives: bool = False) -> dict:
-  """Compiles what a program runs (``compile_steps``: the executable of each of its steps, the
-  train step's one or a decode's one per step, shared ones repeated) with ``mesh`` as the
-  context mesh (for kernels placed with ``shard_map``) and reads per-device memory (of the
-  largest executable: they run one after another), FLOPs (of all steps) and, with
-  ``count_collectives``, the collective traffic."""
+def compile_program(compile_steps: Callable[[], list[Any]], mesh: Mesh
+                    ) -> tuple[list[Any] | None, float, str | None]:
+  """``(executables, seconds, None)``: what a program runs (``compile_steps``: the executable of
+  each of its steps, the train step's one or a decode's one per step, shared ones repeated),
+  compiled with ``mesh`` as the context mesh (for kernels placed with ``shard_map``); or
+  ``(None, seconds, message)`` when the compiler refuses it for lack of HBM."""
   start = time.perf_counter()
   try:
     with jax.set_mesh(mesh):  # only around lowering: eager ops under it would target the TPUs
@@ -154,8 +153,14 @@ def compile_report(compile_steps: Callable[[], list[Any]], mesh: Mesh, hbm: int,
   except jax.errors.JaxRuntimeError as error:
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
-    return out_of_memory_report(str(error), hbm, time.perf_counter() - start)
-  seconds = time.perf_counter() - start
+    return None, time.perf_counter() - start, str(error)
+  return executables, time.perf_counter() - start, None
+
+
+def memory_report(executables: list[Any], hbm: int, layers: int, seconds: float,
+                  count_collectives: bool = False) -> dict:
+  """Per-device memory (of the largest executable: they run one after another), FLOPs (of all
+  steps) and, with ``count_collectives``, the collective traffic of a compiled program."""
   memory = max((executable.memory_analysis() for executable in executables),
                key=lambda m: m.argument_size_in_bytes + m.temp_size_in_bytes
                + m.output_size_in_bytes - m.alias_size_in_bytes)
@@ -175,6 +180,22 @@ def compile_report(compile_steps: Callable[[], list[Any]], mesh: Mesh, hbm: int,
       compile_seconds=seconds, **traffic)
 
 
+def modeled_time_report(executables: list[Any], timing_steps: Callable[[], list[Any]] | None,
+                        mesh: Mesh, device_kind: str, layers: int) -> dict:
+  """The compiler's modeled time of a program (``tpu_time.py``): of ``timing_steps``, the
+  program with its layers unrolled, when given, else of ``executables``; and the scanned
+  program's estimate times ``layers`` beside it, to show what scaling a scan would give."""
+  scan_scaled = layers * sum(tpu_time.modeled_seconds(e) for e in executables)
+  timed, seconds = executables, 0.0
+  if timing_steps is not None:
+    timed, seconds, error = compile_program(timing_steps, mesh)
+    if timed is None:
+      return dict(modeled_error=error.strip().splitlines()[0][:300])
+  report = tpu_time.time_report(timed, device_kind)
+  return dict(report, scan_scaled_over_modeled=scan_scaled / report['modeled_seconds'],
+              timing_compile_seconds=seconds)
+
+
 def single_width_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """``config`` training the full width only (the same model and parameters)."""
   single = config.copy_and_resolve_references()
@@ -182,18 +203,11 @@ def single_width_config(config: ml_collections.ConfigDict) -> ml_collections.Con
   return single
 
 
-def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] = print
-                 ) -> list[dict]:
-  """One row per program: the train step, then (``config.tpu_fit.decodes``) the baseline and
-  each schedule's decode."""
-  devices = topology_devices(config.tpu_fit.topology)
-  mesh = parallel.make_mesh(config, devices)
-  hbm = hbm_bytes(config, devices[0])
+def program_compilers(config: ml_collections.ConfigDict, mesh: Mesh
+                      ) -> list[tuple[str, int, Callable[[], list[Any]]]]:
+  """``(program, global batch, compile_steps)`` of the train step, then
+  (``config.tpu_fit.decodes``) of the baseline's and each schedule's decode."""
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
-  layers = config.model.num_layers if config.model.scan_layers else 1
-  common = dict(topology=config.tpu_fit.topology, device_kind=devices[0].device_kind,
-                devices=len(devices), mesh=parallel.describe(mesh),
-                remat=model.config.remat, attention_impl=model.config.attention_impl)
   train = train_inputs(config, model, mesh)
   compile_train = lambda train_config: lambda: [train_transformer.make_train_step(
       train_config, model, mesh).lower(*train).compile()]
@@ -209,29 +223,72 @@ def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] =
     plan = sched.plan(config_lib.decode_task(config))
     programs.append((f'decode:{name}', config.eval.batch_size,
                      lambda plan=plan: decoder.compile_plan(*inputs, plan)))
+  return programs
+
+
+def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] = print
+                 ) -> list[dict]:
+  """One row per program of ``program_compilers``: its memory, FLOPs, collective traffic (train
+  steps) and, with ``config.tpu_fit.modeled_time``, the compiler's modeled time."""
+  devices = topology_devices(config.tpu_fit.topology)
+  mesh = parallel.make_mesh(config, devices)
+  hbm = hbm_bytes(config, devices[0])
+  model_config = config_lib.transformer_config(config)
+  layers = config.model.num_layers if config.model.scan_layers else 1
+  common = dict(topology=config.tpu_fit.topology, device_kind=devices[0].device_kind,
+                devices=len(devices), mesh=parallel.describe(mesh),
+                remat=model_config.remat, attention_impl=model_config.attention_impl)
+  programs = program_compilers(config, mesh)
+  timing = tpu_time.timing_config(config) if config.tpu_fit.modeled_time else None
+  timing_steps = ([steps for _, _, steps in program_compilers(timing, mesh)] if timing
+                  else [None] * len(programs))
 
   rows = []
-  for program, batch, compile_steps in programs:
+  for (program, batch, compile_steps), time_steps in zip(programs, timing_steps):
     row = dict(program=program, global_batch=batch, **common)
-    row.update(compile_report(compile_steps, mesh, hbm, layers,
-                              count_collectives=program.startswith('train')))
-    if 'error' in row:
+    executables, seconds, error = compile_program(compile_steps, mesh)
+    if executables is None:
+      row.update(out_of_memory_report(error, hbm, seconds))
       log(f"{program:>28s}: DOES NOT FIT: {row['error']}")
-    else:
-      log(f"{program:>28s}: {row['argument_gib']:.2f} GiB args + {row['temp_gib']:.2f} temps "
-          f"= {row['total_gib']:.2f} of {row['hbm_gib']:.0f} GiB per chip, "
-          f"{'fits' if row['fits'] else 'DOES NOT FIT'} "
-          f"(compiled in {row['compile_seconds']:.0f} s)")
+      rows.append(row)
+      continue
+    row.update(memory_report(executables, hbm, layers, seconds,
+                             count_collectives=program.startswith('train')))
+    log(f"{program:>28s}: {row['argument_gib']:.2f} GiB args + {row['temp_gib']:.2f} temps "
+        f"= {row['total_gib']:.2f} of {row['hbm_gib']:.0f} GiB per chip, "
+        f"{'fits' if row['fits'] else 'DOES NOT FIT'} "
+        f"(compiled in {row['compile_seconds']:.0f} s)")
     if 'collective_gib' in row:
       log(f"{program:>28s}: collectives move {row['collective_gib']:.2f} GiB per chip per step "
           f"(ring estimate {row['collective_wire_gib']:.2f} GiB sent)")
+    if config.tpu_fit.modeled_time:
+      row.update(modeled_time_report(executables, time_steps, mesh, common['device_kind'],
+                                     layers))
+      if 'modeled_seconds' in row:
+        log(f"{program:>28s}: modeled {1000 * row['modeled_seconds']:.2f} ms, "
+            f"{row['modeled_tflops_per_second']:.1f} TFLOP/s per chip")
     rows.append(row)
-  by_program = {row['program']: row for row in rows}
-  nested, single = by_program['train'], by_program.get('train:single_width')
-  if single and single.get('collective_wire_gib') and 'collective_wire_gib' in nested:
-    nested['collective_vs_single'] = (nested['collective_wire_gib']
-                                      / single['collective_wire_gib'])
+  compare_programs(rows)
   return rows
+
+
+def compare_programs(rows: list[dict]) -> None:
+  """Adds to the nested train step its collective traffic and modeled time over the
+  single-width step's, and to each decode its FLOP ratio and modeled speedup over the
+  baseline's."""
+  by_program = {row['program']: row for row in rows}
+  ratio = lambda a, b, key: a[key] / b[key] if a.get(key) and b.get(key) else None
+  nested, single = by_program['train'], by_program.get('train:single_width')
+  if single:
+    nested['collective_vs_single'] = ratio(nested, single, 'collective_wire_gib')
+    nested['modeled_time_vs_single'] = ratio(nested, single, 'modeled_seconds')
+  baseline = by_program.get('decode:baseline')
+  for row in rows:
+    if baseline and row['program'].startswith('decode:'):
+      flops = 'timed_tflops_per_device' if 'timed_tflops_per_device' in row else (
+          'tflops_per_device')
+      row['flop_ratio'] = ratio(baseline, row, flops)
+      row['modeled_speedup'] = ratio(baseline, row, 'modeled_seconds')
 
 
 MARKDOWN_COLUMNS = (
@@ -261,11 +318,31 @@ def collectives_table(rows: list[dict], config_name: str) -> str:
                 COLLECTIVE_MARKDOWN_COLUMNS)
 
 
+MODELED_TIME_MARKDOWN_COLUMNS = (
+    ('config', '{}'), ('topology', '{}'), ('program', '{}'), ('global_batch', '{}'),
+    ('timed_tflops_per_device', '{:.3g}'), ('modeled_ms', '{:.3g}'),
+    ('modeled_tflops_per_second', '{:.1f}'), ('modeled_fraction_of_peak', '{:.0%}'),
+    ('flop_ratio', '{:.2f}x'), ('modeled_speedup', '{:.2f}x'),
+    ('speedup_over_flop_ratio', '{:.2f}'), ('modeled_time_vs_single', '{:.2f}x'),
+    ('scan_scaled_over_modeled', '{:.2f}'), ('unmodeled_kernels', '{}'))
+
+
+def modeled_time_table(rows: list[dict], config_name: str) -> str:
+  """The rows' modeled time (``tpu_time.py``) as a markdown table: per chip, one train step or
+  one decode of the global batch."""
+  timed = [dict(row, modeled_ms=1000 * row['modeled_seconds'],
+                speedup_over_flop_ratio=(row['modeled_speedup'] / row['flop_ratio']
+                                         if row.get('modeled_speedup') and row.get('flop_ratio')
+                                         else None))
+           for row in rows if row.get('modeled_seconds')]
+  return _table(timed, config_name, MODELED_TIME_MARKDOWN_COLUMNS)
+
+
 def _table(rows: list[dict], config_name: str, columns: tuple) -> str:
   lines = ['| ' + ' | '.join(name for name, _ in columns) + ' |',
            '|' + ' --- |' * len(columns)]
   for row in rows:
-    row = dict(row, config=config_name, fits='yes' if row['fits'] else '**no**')
+    row = dict(row, config=config_name, fits='yes' if row.get('fits') else '**no**')
     cells = ('?' if row.get(name) is None else form.format(row[name]) for name, form in columns)
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from nested_decode import config_lib, main, parallel
 from nested_decode.config_lib import ConfigError
 from nested_decode.models import attention
-from nested_decode.tools import tpu_fit
+from nested_decode.tools import tpu_fit, tpu_time
 
 if importlib.util.find_spec('libtpu') is None:
   pytest.skip('libtpu is not installed: compiling for TPU topologies needs it '
@@ -75,7 +75,40 @@ def test_train_step_and_decodes_compile_and_fit(tmp_path, capsys):
     assert row['mesh'] == 'data=2 x fsdp=1 x tensor=2' and row['hbm_gib'] == 16
     assert 0 < row['argument_gib'] < row['total_gib'] < 0.1 and row['fits']
     assert row['tflops_per_device'] > 0
+  # the compiler's modeled time (tools/tpu_time.py): one layer, so the scanned program is timed
+  assert '| modeled_ms | modeled_tflops_per_second |' in out
+  for row in rows:
+    assert row['modeled_seconds'] > 0 and row['timing_compile_seconds'] == 0
+    assert 0 < row['modeled_fraction_of_peak'] < 1  # no program beats the chip's peak
+    assert row['modeled_tflops_per_second'] == pytest.approx(
+        row['timed_tflops_per_device'] / row['modeled_seconds'])
+    assert row['unmodeled_kernels'] > 0  # splash attention's Pallas kernels
+  assert nested['modeled_time_vs_single'] > 1
+  baseline, magnets = rows[2], rows[3]
+  assert baseline['modeled_speedup'] == 1 == baseline['flop_ratio']
+  assert magnets['modeled_speedup'] == pytest.approx(
+      baseline['modeled_seconds'] / magnets['modeled_seconds'])
   assert jax.default_backend() == 'cpu'
+
+
+def test_modeled_time_counts_every_layer_of_a_scan():
+  """The modeled time of a two-layer scanned train step (one width: a smaller program) is that
+  of the same program with its layers unrolled, which the cost model sees whole; the scanned
+  program's estimate is not."""
+  config = small_config()
+  config.model.update(num_layers=2, attention_impl='xla')
+  config.training.widths = (1,)
+  config.tpu_fit.decodes = False
+  unrolled = config.copy_and_resolve_references()
+  unrolled.model.scan_layers = False
+  with jax.default_matmul_precision('default'):  # conftest's 'highest' triples the compile
+    scanned_row, = tpu_fit.compile_rows(config, log=lambda line: None)
+    unrolled_row, = tpu_fit.compile_rows(unrolled, log=lambda line: None)
+  assert scanned_row['timing_compile_seconds'] > 0 == unrolled_row['timing_compile_seconds']
+  assert scanned_row['modeled_seconds'] == unrolled_row['modeled_seconds']
+  assert scanned_row['timed_tflops_per_device'] == unrolled_row['timed_tflops_per_device']
+  assert unrolled_row['scan_scaled_over_modeled'] == 1 != scanned_row['scan_scaled_over_modeled']
+  assert scanned_row['unmodeled_kernels'] == 0
 
 
 def test_fsdp_shards_the_state_and_per_chip_memory_falls_as_the_fsdp_axis_grows():
@@ -94,6 +127,7 @@ def test_fsdp_shards_the_state_and_per_chip_memory_falls_as_the_fsdp_axis_grows(
     config.model.update(width=256, num_heads=8, mlp_dim=1024, num_layers=2)
     config.training.batch_size = 16
     config.mesh.update(data=4 // fsdp, fsdp=fsdp)
+    config.tpu_fit.modeled_time = False
     with jax.default_matmul_precision('default'):  # conftest's 'highest' triples the compile
       rows[fsdp], = tpu_fit.compile_rows(config, log=lambda line: None)
   replicated, sharded = rows[1], rows[4]
@@ -113,6 +147,38 @@ def test_splash_kernel_compiles_for_tpu_under_a_mesh():
   with jax.set_mesh(mesh), jax.default_matmul_precision('default'):
     hlo = attend.lower(q, q, q).compile().as_text()
   assert 'tpu_custom_call' in hlo  # the Mosaic kernel, not interpreted
+
+
+def test_modeled_time_removes_the_cost_models_minus_one_second_per_concat_bitcast():
+  """Splash attention's forward pass on one v5e chip: the compiler inserts a ConcatBitcast,
+  which its cost model charges -1 s, and the Pallas kernel, which it does not model."""
+  mesh = jax.make_mesh((1, 1, 1), parallel.AXES, devices=tpu_fit.topology_devices('v5e:1x1'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  split = NamedSharding(mesh, P(parallel.BATCH_AXES, None, 'tensor', None))
+  q = jax.ShapeDtypeStruct((8, 1280, 16, 64), jnp.bfloat16, sharding=split)
+  attend = jax.jit(lambda q, k, v: attention.attend(q, k, v, 'splash'))
+  with jax.set_mesh(mesh), jax.default_matmul_precision('default'):
+    compiled = attend.lower(q, q, q).compile()
+  raw = compiled.cost_analysis()['optimal_seconds']
+  bitcasts = compiled.as_text().count(tpu_time.MINUS_ONE_SECOND_CALL)
+  assert bitcasts >= 1 and -bitcasts < raw < 0
+  assert tpu_time.modeled_seconds(compiled) == pytest.approx(raw + bitcasts)
+  assert tpu_time.time_report([compiled], 'TPU v5 lite')['unmodeled_kernels'] == 1
+
+
+def test_modeled_time_of_a_large_matmul_is_near_the_chips_peak():
+  """[65536, 768] @ [768, 768] in bfloat16 on one v5e chip: 77 GFLOP, 0.39 ms at its 197 TFLOP/s
+  peak; the cost model says 0.94 ms (42% of peak, issue 29)."""
+  device = tpu_fit.topology_devices('v5e:1x1')[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  x = jax.ShapeDtypeStruct((65536, 768), jnp.bfloat16, sharding=sharding)
+  w = jax.ShapeDtypeStruct((768, 768), jnp.bfloat16, sharding=sharding)
+  with jax.default_matmul_precision('default'):
+    compiled = jax.jit(jnp.matmul).lower(x, w).compile()
+  report = tpu_time.time_report([compiled], device.device_kind)
+  assert report['timed_tflops_per_device'] == pytest.approx(2 * 65536 * 768 ** 2 / 1e12)
+  assert 0.3 < report['modeled_fraction_of_peak'] < 0.6
+  assert report['unmodeled_kernels'] == 0
 
 
 def test_unknown_topology_is_a_config_error():

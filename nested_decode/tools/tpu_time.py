@@ -1,0 +1,64 @@
+"""How long the TPU compiler expects a program to run: the ``optimal_seconds`` of
+``cost_analysis()`` of an executable compiled for a TPU topology (``tools/tpu_fit.py``). These are
+XLA's cost-model estimates, not measurements.
+
+Read as given, the estimate is wrong in three ways, which were measured with libtpu 0.0.52
+(docs/tpu_fit.md):
+
+- The cost model charges -1 s for each ``ConcatBitcast`` custom call, a layout bitcast that the
+  TPU compiler inserts itself. An MNIST train step reads -6.0 s with six of them. Each one is
+  added back here, so it counts as zero time.
+- Pallas kernels (``tpu_custom_call``, e.g. splash attention) are not modeled and count zero.
+  Rows give their number (``unmodeled_kernels``) so that such a row can be read as a lower bound.
+- A ``while`` loop (the layer ``scan``) is not counted once per iteration, and the cost model is
+  not additive over layers. On imagenet256's baseline decode, the scanned program's estimate
+  times 24 overstates the unrolled program's estimate by 29%. So ``tpu_fit`` times the unrolled
+  program (``timing_config``).
+"""
+
+from typing import Any
+
+import ml_collections
+
+# Dense bfloat16 peak per chip in TFLOP/s, by ``device_kind``, from Cloud TPU's system pages.
+PEAK_BF16_TFLOPS = {'TPU v5 lite': 197.0, 'TPU v6 lite': 918.0, 'TPU v5': 459.0,
+                    'TPU v4': 275.0}
+MINUS_ONE_SECOND_CALL = 'custom_call_target="ConcatBitcast"'
+UNMODELED_KERNEL_CALL = 'custom_call_target="tpu_custom_call"'
+
+
+def timing_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """``config`` with its layers unrolled (the same model and parameters, stacked differently),
+  so the cost model sees every layer; None if the scanned program is timed already (no scan, or
+  a scan with one iteration)."""
+  if not config.model.scan_layers or config.model.num_layers == 1:
+    return None
+  unrolled = config.copy_and_resolve_references()
+  unrolled.model.scan_layers = False
+  return unrolled
+
+
+def modeled_seconds(executable: Any) -> float:
+  """The compiler's estimate of one run of ``executable``, with its -1 s sentinels removed."""
+  raw = executable.cost_analysis()['optimal_seconds']
+  seconds = raw + executable.as_text().count(MINUS_ONE_SECOND_CALL)
+  if seconds <= 0:
+    raise ValueError(f'the TPU cost model gave {raw} s, {seconds} s with its ConcatBitcast '
+                     f'sentinels removed: it charges something else this module does not know')
+  return seconds
+
+
+def time_report(executables: list[Any], device_kind: str) -> dict:
+  """The modeled time of running ``executables`` one after another (a decode's steps, shared
+  executables repeated), its FLOPs per second and what fraction of the chip's bf16 peak that
+  is (None for a chip not in ``PEAK_BF16_TFLOPS``)."""
+  seconds = sum(modeled_seconds(executable) for executable in executables)
+  flops = sum(executable.cost_analysis().get('flops', 0.0) for executable in executables)
+  tflops_per_second = flops / seconds / 1e12
+  peak = PEAK_BF16_TFLOPS.get(device_kind)
+  return dict(
+      modeled_seconds=seconds, modeled_tflops_per_second=tflops_per_second,
+      modeled_fraction_of_peak=None if peak is None else tflops_per_second / peak,
+      unmodeled_kernels=sum(executable.as_text().count(UNMODELED_KERNEL_CALL)
+                            for executable in executables),
+      timed_tflops_per_device=flops / 1e12)
