@@ -36,7 +36,9 @@ from jax.sharding import Mesh
 
 from nested_decode import config_lib, parallel, platforms
 from nested_decode.config_lib import ConfigError
+from nested_decode.decoding import families
 from nested_decode.decoding.sampler import Decoder
+from nested_decode.decoding.schedule import Schedule
 from nested_decode.models.transformer import NestedMaskedTransformer, cast_for_inference
 from nested_decode.tools import collectives, tpu_time
 from nested_decode.training import train_transformer
@@ -216,6 +218,8 @@ def program_compilers(config: ml_collections.ConfigDict, mesh: Mesh
     programs.append(('train:single_width', config.training.batch_size,
                      compile_train(single_width_config(config))))
   schedules = config_lib.schedules_with_baseline(config) if config.tpu_fit.decodes else {}
+  if config.tpu_fit.decodes and config.tpu_fit.families:
+    schedules.update(family_schedules(config))
   inputs = decode_inputs(config, model, mesh) if schedules else None
   decoder = Decoder(model, config_lib.sampling_options(config),
                     rules=parallel.logical_rules(config))
@@ -224,6 +228,18 @@ def program_compilers(config: ml_collections.ConfigDict, mesh: Mesh
     programs.append((f'decode:{name}', config.eval.batch_size,
                      lambda plan=plan: decoder.compile_plan(*inputs, plan)))
   return programs
+
+
+def family_schedules(config: ml_collections.ConfigDict) -> dict[str, Schedule]:
+  """The simpler ways to decode cheaper (``decoding/families.py``): the full width with
+  ``1..sampling.steps`` steps and each sub-model alone with ``sampling.steps``, with and without
+  the cache, named ``'<family>:<decode>'``. Their steps share a few executables per width."""
+  steps = config.sampling.steps
+  decodes = families.one_width_decodes(config.training.widths, 1, steps)
+  chosen = decodes[families.FEWER_STEPS] + [
+      d for d in decodes[families.SUB_MODEL] if d.widths[0][1] == steps]
+  return {f'{families.family_of(d.widths)}:{d.name}': Schedule(d.widths, d.cache)
+          for d in chosen}
 
 
 def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] = print

@@ -111,6 +111,29 @@ def test_modeled_time_counts_every_layer_of_a_scan():
   assert scanned_row['unmodeled_kernels'] == 0
 
 
+def test_the_simpler_cheaper_decodes_get_rows_with_their_modeled_speedups():
+  """With tpu_fit.families, the full width with fewer steps and the sub-model alone, each with
+  and without the cache; uncached decodes of one width run one executable per step."""
+  config = small_config()
+  config.model.attention_impl = 'xla'
+  config.training.widths = (1, 2)
+  config.tpu_fit.families = True
+  with jax.default_matmul_precision('default'):  # conftest's 'highest' triples the compile
+    rows = {row['program']: row for row in tpu_fit.compile_rows(config, log=lambda line: None)}
+  assert sorted(rows) == sorted(
+      ['train', 'decode:baseline', 'decode:magnets'] + [f'decode:{family}:{decode}' for family,
+      decode in [('fewer_steps', '1x1_nocache'), ('fewer_steps', '1x1_cached'),
+                 ('fewer_steps', '1x2_nocache'), ('fewer_steps', '1x2_cached'),
+                 ('sub_model', '2x2_nocache'), ('sub_model', '2x2_cached')]])
+  baseline = rows['decode:baseline']
+  assert rows['decode:fewer_steps:1x2_nocache']['modeled_seconds'] == pytest.approx(
+      baseline['modeled_seconds'], rel=1e-9)
+  one_step = rows['decode:fewer_steps:1x1_nocache']
+  assert one_step['modeled_speedup'] == pytest.approx(2, rel=1e-9)
+  assert one_step['flop_ratio'] == pytest.approx(2, rel=1e-9)
+  assert rows['decode:sub_model:2x2_nocache']['flop_ratio'] > 1
+
+
 def test_fsdp_shards_the_state_and_per_chip_memory_falls_as_the_fsdp_axis_grows():
   """The nested train step of a 256-wide model at a global batch of 16 (the state outweighs
   the activations), compiled for 4 chips: 4-way FSDP holds about a quarter of the parameters and
