@@ -22,6 +22,11 @@ Train steps also report the bytes their collectives move per device in one step
 collective-permute, loops counted by their trip counts), and with ``config.tpu_fit.single_width``
 a single-width train step (``training.widths=(1,)``, the same model) is compiled too, so the
 nested step's row says how much more it moves (``collective_vs_single``, on the ring estimate).
+
+With ``config.tpu_fit.modeled_time`` every row also carries the compiler's modeled time of the
+program (``tools/tpu_time.py``: each program compiled a second time with its layers unrolled),
+and decodes their FLOP ratio and modeled speedup over the baseline; ``config.tpu_fit.families``
+adds the simpler cheaper decodes (``family_schedules``) as rows.
 """
 
 import re

@@ -98,7 +98,7 @@ def test_modeled_time_counts_every_layer_of_a_scan():
   config = small_config()
   config.model.update(num_layers=2, attention_impl='xla')
   config.training.widths = (1,)
-  config.tpu_fit.decodes = False
+  config.tpu_fit.update(topology='v5e:1x1', decodes=False)  # one chip compiles faster
   unrolled = config.copy_and_resolve_references()
   unrolled.model.scan_layers = False
   with jax.default_matmul_precision('default'):  # conftest's 'highest' triples the compile
@@ -117,7 +117,7 @@ def test_the_simpler_cheaper_decodes_get_rows_with_their_modeled_speedups():
   config = small_config()
   config.model.attention_impl = 'xla'
   config.training.widths = (1, 2)
-  config.tpu_fit.families = True
+  config.tpu_fit.update(topology='v5e:1x1', families=True)  # one chip compiles faster
   with jax.default_matmul_precision('default'):  # conftest's 'highest' triples the compile
     rows = {row['program']: row for row in tpu_fit.compile_rows(config, log=lambda line: None)}
   assert sorted(rows) == sorted(
