@@ -3,7 +3,7 @@
 XLA's cost-model estimates, not measurements.
 
 Read as given, the estimate is wrong in three ways, which were measured with libtpu 0.0.52
-(docs/tpu_fit.md):
+(docs/tpu_time.md):
 
 - The cost model charges -1 s for each ``ConcatBitcast`` custom call, a layout bitcast that the
   TPU compiler inserts itself. An MNIST train step reads -6.0 s with six of them. Each one is
