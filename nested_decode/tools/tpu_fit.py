@@ -192,7 +192,7 @@ def modeled_time_report(executables: list[Any], timing_steps: Callable[[], list[
   """The compiler's modeled time of a program (``tpu_time.py``): of ``timing_steps``, the
   program with its layers unrolled, when given, else of ``executables``; and the scanned
   program's estimate times ``layers`` beside it, to show what scaling a scan would give."""
-  scan_scaled = layers * sum(tpu_time.modeled_seconds(e) for e in executables)
+  scan_scaled = layers * tpu_time.time_report(executables, device_kind)['modeled_seconds']
   timed, seconds = executables, 0.0
   if timing_steps is not None:
     timed, seconds, error = compile_program(timing_steps, mesh)
