@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nested_decode.models import partitioning
+from nested_decode.models import conv3d, partitioning
 
 
 class TokenizerConfig(NamedTuple):
@@ -108,7 +108,8 @@ def pad_to_causal(videos, temporal_factor: int):
 def conv(x: jax.Array, features: int, kernel: int, name: str, stride: int = 1,
          temporal_stride: int = 1) -> jax.Array:
   """``nn.Conv`` with 'SAME' padding over ``[B, H, W, C]``; over ``[B, T, H, W, C]`` a 3D conv
-  with the same kernel size in time, causal: time is front-padded with the first frame.
+  (``conv3d.Conv3D``) with the same kernel size in time, causal: time is front-padded with the
+  first frame.
 
   Call inside a compact method: the convolution becomes the caller's submodule ``name``. The
   output stays split over the batch on a mesh (``partitioning.constrain_batch``): the kernels are
@@ -119,9 +120,9 @@ def conv(x: jax.Array, features: int, kernel: int, name: str, stride: int = 1,
     return partitioning.constrain_batch(y)
   if kernel > 1:
     x = jnp.concatenate([x[:, :1]] * (kernel - 1) + [x], axis=1)
-  pads = [_same_padding(size, kernel, stride) for size in x.shape[2:4]]
-  y = nn.Conv(features, (kernel,) * 3, strides=(temporal_stride, stride, stride),
-              padding=[(0, 0)] + pads, name=name)(x)
+  pads = [conv3d.same_padding(size, kernel, stride) for size in x.shape[2:4]]
+  y = conv3d.Conv3D(features, (kernel,) * 3, strides=(temporal_stride, stride, stride),
+                    padding=[(0, 0)] + pads, name=name)(x)
   return partitioning.constrain_batch(y)
 
 
@@ -132,12 +133,6 @@ def group_norm(x: jax.Array, num_groups: int, name: str) -> jax.Array:
   if x.ndim == 4:
     return norm(x)
   return norm(x.reshape((-1,) + x.shape[2:])).reshape(x.shape)
-
-
-def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-  """XLA's 'SAME' padding of one axis (the extra pixel goes at the end)."""
-  total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
-  return total // 2, total - total // 2
 
 
 class ResBlock(nn.Module):

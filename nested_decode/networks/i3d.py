@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from nested_decode.models import conv3d
 from nested_decode.networks import weight_shapes
 
 NUM_CLASSES = 400
@@ -68,8 +69,8 @@ class Unit3D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(self.features, self.kernel_size, strides=self.strides, padding='SAME',
-                use_bias=not self.batch_norm_and_relu, name='Conv_0')(x)
+    x = conv3d.Conv3D(self.features, self.kernel_size, strides=self.strides, padding='SAME',
+                      use_bias=not self.batch_norm_and_relu, name='Conv_0')(x)
     if not self.batch_norm_and_relu:
       return x
     x = nn.BatchNorm(use_running_average=True, use_scale=False, epsilon=BATCH_NORM_EPSILON,
