@@ -15,6 +15,11 @@ each against its fold of real clips) and ``fvd_std``, with ``gflops_per_sample``
 ``flop_ratio``. For scale it also scores the tokenizer's reconstructions of the held-out clips
 (the ceiling any sampler can reach through this tokenizer) and, for frame prediction, repeating
 the last condition frame (a model that learned nothing).
+
+Frame prediction also scores every set's frames against the real clips they continue: rows
+carry ``psnr`` and ``ssim`` (``metrics.frames``, means over clips and the predicted frames),
+``eval.json``'s ``frame_metrics`` those and their per-frame means for each set and reference,
+and ``frame_metrics.png`` plots them frame by frame.
 """
 
 from typing import Callable, Iterator
@@ -30,9 +35,9 @@ from nested_decode import api, config_lib, io_utils, parallel, tasks
 from nested_decode.data import clip_views, pipeline
 from nested_decode.data.sources import data_sources
 from nested_decode.inference import decode_cost, tokenizer
-from nested_decode.metrics import frechet, fvd
+from nested_decode.metrics import frames, frechet, fvd
 from nested_decode.pipeline import stages
-from nested_decode.writers import video_writer
+from nested_decode.writers import frame_metrics_plot, video_writer
 
 ClipBatches = Callable[[], Iterator[tuple[parallel.RowShare, np.ndarray, np.ndarray | None]]]
 
@@ -104,23 +109,36 @@ def resize_for_fvd(videos: np.ndarray, size: int) -> np.ndarray:
 
 
 def streamed_features(path: str, batches: ClipBatches, saved_clips: int,
-                      i3d: fvd.I3DFeatures, fvd_image_size: int = 0) -> dict[str, np.ndarray]:
+                      i3d: fvd.I3DFeatures, fvd_image_size: int = 0,
+                      real: ClipBatches | None = None) -> dict[str, np.ndarray]:
   """``{'features'}`` (I3D, of the clips ``batches`` yields, at ``fvd_image_size``) and, when the
-  batches carry them, ``'labels'``; each process computes its rows and all are gathered. Stored
-  at ``path`` (and read from it when present); the first ``saved_clips`` clips also go to
-  ``path`` without the ``_i3d`` suffix."""
+  batches carry them, ``'labels'``; with ``real`` (the real clips, in the same batches), also
+  ``'psnr'`` and ``'ssim'`` ``[N, T]`` of each clip against its real one. Each process computes
+  its rows and all are gathered. Stored at ``path`` (and read from it when present); the first
+  ``saved_clips`` clips also go to ``path`` without the ``_i3d`` suffix."""
   if io_utils.exists(path):
     return io_utils.load_npz(path)
   features, labels, kept = [], [], []
+  scores = {'psnr': [], 'ssim': []}
+  real_batches = real() if real is not None else None
   for share, videos, batch_labels in batches():
     features.append(parallel.gather_share(i3d(resize_for_fvd(videos, fvd_image_size)), share))
     if batch_labels is not None:
       labels.append(parallel.gather_share(batch_labels, share))
+    if real_batches is not None:
+      real_share, real_videos, _ = next(real_batches)
+      if not np.array_equal(real_share.rows, share.rows):
+        raise ValueError(f'{path}: clips of rows {share.rows} met real clips of rows '
+                         f'{real_share.rows}')
+      for name, values in frames.frame_scores(videos, real_videos).items():
+        scores[name].append(parallel.gather_share(values, share))
     if sum(len(k) for k in kept) < saved_clips:
       kept.append(parallel.gather_share(videos, share))
   result = {'features': np.concatenate(features)}
   if labels:
     result['labels'] = np.concatenate(labels)
+  if real is not None:
+    result.update({name: np.concatenate(values) for name, values in scores.items()})
   if jax.process_index() == 0:
     if saved_clips:
       io_utils.write_npz(path.replace('_i3d.npz', '.npz'),
@@ -151,22 +169,31 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
                      stages.token_dataset(config, workdir, 'eval', mesh), fvd.default_features())
 
 
-def sample_with(config, workdir, generator, eval_token_dataset, i3d) -> dict[str, np.ndarray]:
-  """I3D features: ``'real'`` first (its labels condition class-conditional samples), then
-  each schedule's."""
+def sample_with(config, workdir, generator, eval_token_dataset, i3d) -> dict[str, dict]:
+  """Per clip set, ``streamed_features``' result: ``'real'`` first (its labels condition
+  class-conditional samples), then each schedule's (for frame prediction with the PSNR and
+  SSIM of its frames against the real clips it continues)."""
   saved, size = config.eval.saved_clips, config.eval.fvd_image_size
   real = streamed_features(features_path(workdir, 'real'),
                            lambda: real_clips(config, generator.mesh), saved, i3d, size)
   labels, given = condition(config, *eval_token_dataset, real['labels'])
-  features = {}
+  results = {}
   for name in config_lib.schedules_with_baseline(config):
-    features[name] = streamed_features(
+    results[name] = streamed_features(
         features_path(workdir, name), schedule_clips(generator, name, labels, given), saved,
-        i3d, size)['features']
-  features['real'] = real['features']
+        i3d, size, paired_real_clips(config, generator.mesh))
+  results['real'] = real
   if jax.process_index() == 0:
     write_comparison_gif(config, workdir)
-  return features
+  return results
+
+
+def paired_real_clips(config: ml_collections.ConfigDict, mesh: Mesh) -> ClipBatches | None:
+  """For frame prediction, the real clips sample ``i`` continues, to score its frames against
+  (None for a task without given frames: its samples have no real counterpart)."""
+  if not tasks.task_of(config).num_given:
+    return None
+  return lambda: real_clips(config, mesh)
 
 
 def saved_videos(workdir: str, name: str) -> np.ndarray:
@@ -186,14 +213,18 @@ def write_comparison_gif(config: ml_collections.ConfigDict, workdir: str) -> Non
 
 
 def reference_batches(config, generator, eval_tokens) -> dict[str, ClipBatches]:
-  """Clip sets that put the samples' FVD in context (see the module docstring)."""
-  count = min(len(eval_tokens), total_clips(config))
+  """Clip sets that put the samples' FVD in context (see the module docstring). For frame
+  prediction the reconstructions are of the clips the samples continue, in the same order."""
   mesh = generator.mesh
+  if tasks.task_of(config).num_given:
+    tokens = eval_tokens[real_indices(config, len(eval_tokens))]
+  else:
+    tokens = eval_tokens[:total_clips(config)]
 
   def reconstructions():
-    for share in parallel.row_shares(count, config.eval.batch_size, mesh):
+    for share in parallel.row_shares(len(tokens), config.eval.batch_size, mesh):
       yield share, tokenizer.decode_tokens(config, generator.tokenizer_params,
-                                           share.take(eval_tokens[:count]), mesh), None
+                                           share.take(tokens), mesh), None
 
   references = {'tokenizer_reconstruction': reconstructions}
   if tasks.task_of(config).num_given:
@@ -217,29 +248,43 @@ def fold_fvd(features: np.ndarray, real: np.ndarray, num_folds: int) -> tuple[fl
 
 
 def eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> list[dict]:
-  """``eval.json``: per schedule GFLOPs and FVD against the real held-out clips."""
+  """``eval.json``: per schedule GFLOPs and FVD against the real held-out clips (and, for frame
+  prediction, PSNR and SSIM), the references' scores, and ``frame_metrics.png``."""
   i3d = fvd.default_features()
   generator = stages.generator(config, workdir, mesh)
   eval_tokens, eval_labels = stages.token_dataset(config, workdir, 'eval', mesh)
-  features = sample_with(config, workdir, generator, (eval_tokens, eval_labels), i3d)
-  real = features.pop('real')
+  results = sample_with(config, workdir, generator, (eval_tokens, eval_labels), i3d)
+  real = results.pop('real')['features']
   flops = {row['schedule']: row for row in decode_cost.flops_rows(config)}
+  first_predicted = config.task.condition_frames if tasks.task_of(config).num_given else 0
+  frame_metrics = {}
   rows = []
-  for name, sample_features in features.items():
+  for name, result in results.items():
     row = {key: flops[name][key] for key in ('schedule', 'cache', 'steps', 'gflops_per_sample',
                                              'flop_ratio')}
-    mean, std = fold_fvd(sample_features, real, config.eval.num_folds)
+    mean, std = fold_fvd(result['features'], real, config.eval.num_folds)
     row.update(fvd=mean, fvd_std=std, num_folds=config.eval.num_folds,
-               num_clips=len(sample_features))
+               num_clips=len(result['features']))
+    if 'psnr' in result:
+      frame_metrics[name] = frames.summary(result, first_predicted)
+      row.update(psnr=frame_metrics[name]['psnr'], ssim=frame_metrics[name]['ssim'])
     rows.append(row)
     logging.info('eval %s: %s', name, row)
   references = {}
   for name, batches in reference_batches(config, generator, eval_tokens).items():
     reference = streamed_features(features_path(workdir, name), batches, 0, i3d,
-                                  config.eval.fvd_image_size)['features']
-    references[name] = fold_fvd(reference, real, config.eval.num_folds)[0]
+                                  config.eval.fvd_image_size,
+                                  paired_real_clips(config, generator.mesh))
+    references[name] = fold_fvd(reference['features'], real, config.eval.num_folds)[0]
+    if 'psnr' in reference:
+      frame_metrics[name] = frames.summary(reference, first_predicted)
   report = dict(rows=rows, reference_fvd=references, num_real_clips=len(real),
                 task=tasks.task_of(config).name)
+  if frame_metrics:
+    report['frame_metrics'] = frame_metrics
   if jax.process_index() == 0:
     io_utils.write_json(io_utils.join(workdir, 'eval.json'), report)
+    if frame_metrics:
+      frame_metrics_plot.save_frame_metrics_plot(
+          io_utils.join(workdir, 'frame_metrics.png'), frame_metrics, first_predicted)
   return rows

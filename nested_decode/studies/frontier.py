@@ -24,7 +24,6 @@ Resumable: every scored row is one file under ``DIR/frontier/{validation,test}/`
 """
 
 import dataclasses
-import io
 import math
 from typing import Any, Callable
 
@@ -40,6 +39,7 @@ from nested_decode.inference import restore
 from nested_decode.metrics import paired
 from nested_decode.pipeline import image, stages
 from nested_decode.studies import resumable, scaling_study, study
+from nested_decode.writers import figures
 
 SEPARATE = 'separate'  # the family of the separately trained plain models
 # Seeds no other job uses: the study, the scaling study and the main job sample with 0, 1, 2,
@@ -407,14 +407,6 @@ def _gflops_axis(ax) -> None:
   ax.set_xlabel('GFLOPs per sample (log)')
 
 
-def _save(fig, path: str) -> None:
-  import matplotlib.pyplot as plt
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=120, bbox_inches='tight')
-  plt.close(fig)
-  io_utils.write_bytes(path, buffer.getvalue())
-
-
 def draw_test_frontier(axes, report: dict) -> None:
   """Into two matplotlib axes (fd, class accuracy): the test scores of each family's picks
   against GFLOPs (± std over seeds), the family's frontier through them, and the baseline."""
@@ -446,21 +438,17 @@ def draw_test_frontier(axes, report: dict) -> None:
 
 
 def plot(report: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  plt = figures.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
   draw_test_frontier(axes, report)
   fig.suptitle('Best decode of each family per FLOP budget: chosen on validation, scored on '
                'the held-out digits (c: cached)')
-  _save(fig, path)
+  figures.save_png(fig, path)
 
 
 def plot_validation(rows: list[dict], path: str) -> None:
   """Every decode scored on validation, and each family's frontier through them."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  plt = figures.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
   for ax, (key, lower, label) in zip(axes, PANELS):
     for family, color in COLORS.items():
@@ -476,4 +464,4 @@ def plot_validation(rows: list[dict], path: str) -> None:
     ax.set_ylabel(f'{label}, validation')
   axes[0].legend(fontsize=8)
   fig.suptitle('Every decode scored on validation, and the frontier of each family')
-  _save(fig, path)
+  figures.save_png(fig, path)

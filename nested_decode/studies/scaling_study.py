@@ -29,6 +29,7 @@ from nested_decode.inference import decode_cost, restore
 from nested_decode.models import flops as flops_lib
 from nested_decode.studies import resumable, study
 from nested_decode.studies import trend as trend_lib
+from nested_decode.writers import figures
 
 FD_TARGET = 0.10        # relative fd increase over the baseline that still counts as matching
 ACCURACY_TARGET = 0.02  # class accuracy points (as a fraction) that may be lost
@@ -313,11 +314,7 @@ def markdown(report: dict) -> str:
 def plot_gaps(report: dict, path: str) -> None:
   """The gaps of the best >= 3x and >= 4x schedules against width, one line per training
   length, with the target bounds."""
-  import io
-
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  plt = figures.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
   gaps = (('fd_gap', 'fd increase over the baseline (%)', 100 * FD_TARGET),
           ('class_accuracy_diff', 'class accuracy - baseline (points)', -100 * ACCURACY_TARGET))
@@ -343,7 +340,4 @@ def plot_gaps(report: dict, path: str) -> None:
     ax.set_ylabel(label)
   axes[0].legend(fontsize=7)
   fig.suptitle('Quality gap of the best schedule at >= 3x / >= 4x fewer FLOPs against size')
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=120, bbox_inches='tight')
-  plt.close(fig)
-  io_utils.write_bytes(path, buffer.getvalue())
+  figures.save_png(fig, path)

@@ -28,6 +28,7 @@ from nested_decode.models.transformer import NestedMaskedTransformer
 from nested_decode.networks import mnist_classifier
 from nested_decode.pipeline import image, stages
 from nested_decode.training import objective, train_transformer
+from nested_decode.writers import figures
 
 CACHES = ('none', 'refresh_on_switch')
 BASELINE = 'baseline_T12'  # what every row is compared with: full width, 12 steps, no cache
@@ -257,11 +258,7 @@ def markdown(report: dict) -> str:
 
 
 def plot_pareto(rows: list[dict], path: str) -> None:
-  import io
-
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  plt = figures.pyplot()
   fig, ax = plt.subplots(figsize=(8, 5.5))
   for cache, marker in zip(CACHES, ('o', 's')):
     sel = [r for r in rows if r['cache'] == cache]
@@ -278,7 +275,4 @@ def plot_pareto(rows: list[dict], path: str) -> None:
   ax.set_ylabel('Fréchet distance to held-out digits (lower is better)')
   ax.set_title('Quality against decode compute, one nested model')
   ax.legend()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=120, bbox_inches='tight')
-  plt.close(fig)
-  io_utils.write_bytes(path, buffer.getvalue())
+  figures.save_png(fig, path)

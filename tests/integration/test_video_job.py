@@ -13,7 +13,7 @@ from conftest import ROOT, load_config
 from PIL import Image
 
 from nested_decode import api, config_lib, parallel
-from nested_decode.metrics import frechet
+from nested_decode.metrics import frames, frechet
 from nested_decode.pipeline import video
 from nested_decode.writers import video_writer
 
@@ -24,10 +24,10 @@ def test_comparison_gif_frames_mark_given_and_generated_frames(tmp_path):
   video_writer.save_comparison_gif(str(path), {'real': videos, 'magnets': videos[::-1]},
                                    given_frames=2)
   assert Image.open(path).n_frames == 6
-  frames = video_writer.comparison_frames({'real': videos}, given_frames=2)
+  gif_frames = video_writer.comparison_frames({'real': videos}, given_frames=2)
   margin = video_writer.MARGIN
   border_pixel = lambda image: image.getpixel((margin, image.size[1] - 1 - margin))
-  assert [border_pixel(f) for f in frames] == (
+  assert [border_pixel(f) for f in gif_frames] == (
       [video_writer.GIVEN_COLOR] * 2 + [video_writer.GENERATED_COLOR] * 4)
 
 
@@ -73,6 +73,23 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(frame_pred
   np.testing.assert_array_equal(baseline[:, :5], magnets[:, :5])
   assert np.any(baseline[:, 5:] != magnets[:, 5:])
   assert Image.open(samples / 'comparison.gif').n_frames == 16
+
+  # PSNR and SSIM pair each sample with the real clip it continues: all 4 clips are saved, so
+  # the report's scores can be recomputed from them.
+  metrics = report['frame_metrics']
+  assert set(metrics) == {'baseline', 'magnets', 'tokenizer_reconstruction',
+                          'repeat_last_condition_frame'}
+  for name, clips in (('baseline', baseline), ('magnets', magnets)):
+    scores = frames.frame_scores(clips, real)
+    assert rows[name]['psnr'] == metrics[name]['psnr'] == pytest.approx(
+        scores['psnr'][:, 5:].mean())
+    assert metrics[name]['ssim_per_frame'] == pytest.approx(scores['ssim'].mean(0).tolist())
+  # The condition frames decode from the given tokens alone, as in the reconstructions, and
+  # copy-last repeats them exactly.
+  assert metrics['tokenizer_reconstruction']['psnr_per_frame'][:5] == pytest.approx(
+      metrics['baseline']['psnr_per_frame'][:5])
+  assert metrics['repeat_last_condition_frame']['psnr_per_frame'][:5] == [None] * 5
+  assert Image.open(tmp_path / 'frame_metrics.png').size[0] > 600
 
   # The API loads the workdir and, given the real condition frames, predicts the clips the
   # job sampled: the job decodes through it, and the causal tokenizer's condition latents do not
