@@ -335,7 +335,8 @@ class PatchDiscriminator(nn.Module):
   """PatchGAN discriminator: stride-2 4x4 convs with leaky ReLU, one logit per patch.
 
   ``images [B, H, W, C]`` -> logits ``[B, ceil(H / 2**L), ceil(W / 2**L), 1]``; videos
-  ``[B, T, H, W, C]`` get 4x4x4 convs (stride 2 in time too). GroupNorm (off with
+  ``[B, T, H, W, C]`` get 4x4x4 convs (stride 2 in time too; ``conv3d.Conv3D``, the same
+  parameters as ``nn.Conv``). GroupNorm (off with
   ``num_groups=None``) keeps images independent, as the per-image R1 penalty needs.
   """
 
@@ -347,14 +348,15 @@ class PatchDiscriminator(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     x = images
     dims = images.ndim - 2
+    conv_class = nn.Conv if dims == 2 else conv3d.Conv3D
     for i in range(self.num_layers):
-      x = partitioning.constrain_batch(nn.Conv(
+      x = partitioning.constrain_batch(conv_class(
           self.base_channels * 2 ** min(i, 3), (4,) * dims, strides=(2,) * dims,
           name=f'conv_{i}')(x))
       if i > 0 and self.num_groups:
         x = nn.GroupNorm(self.num_groups, name=f'norm_{i}')(x)
       x = nn.leaky_relu(x, 0.2)
-    return nn.Conv(1, (4,) * dims, name='logits')(x)
+    return conv_class(1, (4,) * dims, name='logits')(x)
 
 
 def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:

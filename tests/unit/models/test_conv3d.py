@@ -10,6 +10,7 @@ from nested_decode.models import conv3d
 
 @pytest.mark.parametrize('kernel,strides,padding', [
     ((3, 3, 3), (1, 1, 1), 'SAME'),
+    ((4, 4, 4), (2, 2, 2), 'SAME'),      # the video discriminator's
     ((7, 7, 7), (2, 2, 2), 'SAME'),      # I3D's stem: asymmetric 'SAME' padding in every axis
     ((1, 1, 1), (1, 1, 1), 'SAME'),
     ((3, 3, 3), (2, 2, 2), [(0, 0), (1, 1), (0, 1)]),  # the causal tokenizer's downsampling

@@ -1,12 +1,14 @@
 import functools
+from unittest import mock
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from nested_decode.models import vqgan
+from nested_decode.models import conv3d, vqgan
 from nested_decode.models.vqgan import VQGAN, TokenizerConfig
 
 MNIST = TokenizerConfig(image_channels=1, base_channels=8, channel_multipliers=(1, 2, 4),
@@ -278,3 +280,19 @@ def test_video_discriminator_gives_patch_logits():
   disc = vqgan.PatchDiscriminator(base_channels=8, num_layers=2)
   logits = disc.apply(disc.init(rbg_key(0), videos), videos)
   assert logits.shape == (1, 2, 4, 4, 1)
+
+
+def test_video_discriminator_and_its_r1_penalty_equal_flax_3d_convolutions():
+  videos = jax.random.normal(rbg_key(0), (2, 8, 16, 16, 1))
+  disc = vqgan.PatchDiscriminator(base_channels=8, num_layers=2)
+  params = disc.init(rbg_key(1), videos)
+  # R1 differentiates twice: through the input, then the parameters.
+  r1_grads = lambda: jax.grad(functools.partial(vqgan.r1_penalty, disc.apply))(params, videos)
+  logits, grads = disc.apply(params, videos), r1_grads()
+  with mock.patch.object(conv3d, 'Conv3D', nn.Conv):
+    assert jax.tree.map(np.shape, disc.init(rbg_key(1), videos)) == jax.tree.map(
+        np.shape, params)
+    want_logits, want_grads = disc.apply(params, videos), r1_grads()
+  np.testing.assert_allclose(logits, want_logits, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
