@@ -6,6 +6,9 @@ skipped when its final output is already in DIR (and resumed from its checkpoint
 
 Modes:
   train_tokenizer  train (or resume) the VQ tokenizer, DIR/tokenizer/;
+  eval_tokenizer   video: the tokenizer alone, DIR/tokenizer_eval.json: FVD of its
+                   reconstructions of the real clips and, for frame prediction, their PSNR and
+                   SSIM beside repeating the last condition frame;
   train            train (or resume) the nested transformer on tokens, DIR/transformer/;
   sample           per schedule in config.eval.schedules (and the baseline): DIR/samples/;
   eval             DIR/eval.json: GFLOPs, class accuracy and Fréchet distance per schedule;
@@ -32,6 +35,7 @@ Modes:
 
 import dataclasses
 import functools
+import json
 import logging as pylogging
 import os
 import sys
@@ -150,6 +154,18 @@ def run_train_tokenizer(run: Run) -> None:
   stages.tokenizer_stage(run.config, run.workdir, run.mesh)
 
 
+def run_eval_tokenizer(run: Run) -> None:
+  from nested_decode.inference import tokenizer
+  if not tokenizer.is_video(run.config):
+    raise config_lib.ConfigError(
+        f'--mode=eval_tokenizer scores video tokenizers; {run.config_name} is an image config, '
+        'whose --mode=eval scores the reconstructions beside the samples')
+  from nested_decode.pipeline import video
+  report = video.tokenizer_eval_stage(run.config, run.workdir, run.mesh)
+  print(json.dumps(report, indent=1))
+  print(f'Wrote {io_utils.join(run.workdir, "tokenizer_eval.json")}')
+
+
 def run_train(run: Run) -> None:
   from nested_decode.pipeline import stages
   stages.transformer_stage(run.config, run.workdir, run.mesh)
@@ -217,6 +233,7 @@ class Mode:
 MODES = {
     'all': Mode(run_eval, reads_data=True, evaluates=True),
     'train_tokenizer': Mode(run_train_tokenizer, reads_data=True),
+    'eval_tokenizer': Mode(run_eval_tokenizer, reads_data=True),
     'train': Mode(run_train, reads_data=True),
     'sample': Mode(run_sample, reads_data=True),
     'eval': Mode(run_eval, reads_data=True, evaluates=True),

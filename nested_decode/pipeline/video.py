@@ -228,14 +228,20 @@ def reference_batches(config, generator, eval_tokens) -> dict[str, ClipBatches]:
 
   references = {'tokenizer_reconstruction': reconstructions}
   if tasks.task_of(config).num_given:
-    last = config.task.condition_frames - 1
-
-    def repeat_last_condition_frame():
-      for share, videos, _ in real_clips(config, mesh):
-        yield share, np.concatenate([videos[:, :last + 1]] + [videos[:, last:last + 1]]
-                                    * (videos.shape[1] - last - 1), axis=1), None
-    references['repeat_last_condition_frame'] = repeat_last_condition_frame
+    references['repeat_last_condition_frame'] = repeated_last_condition_frame(config, mesh)
   return references
+
+
+def repeated_last_condition_frame(config: ml_collections.ConfigDict, mesh: Mesh) -> ClipBatches:
+  """The real clips with every frame after the condition replaced by the last condition frame:
+  a frame predictor that learned nothing."""
+  last = config.task.condition_frames - 1
+
+  def batches():
+    for share, videos, _ in real_clips(config, mesh):
+      yield share, np.concatenate([videos[:, :last + 1]] + [videos[:, last:last + 1]]
+                                  * (videos.shape[1] - last - 1), axis=1), None
+  return batches
 
 
 def fold_fvd(features: np.ndarray, real: np.ndarray, num_folds: int) -> tuple[float, float]:
@@ -288,3 +294,34 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> l
       frame_metrics_plot.save_frame_metrics_plot(
           io_utils.join(workdir, 'frame_metrics.png'), frame_metrics, first_predicted)
   return rows
+
+
+def tokenizer_eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> dict:
+  """``tokenizer_eval.json``: the trained tokenizer alone, before any transformer: FVD of its
+  reconstructions of the real clips (each clip encoded and decoded) and, for frame prediction,
+  their PSNR and SSIM frame by frame, beside repeating the last condition frame. What a sampler
+  can reach through this tokenizer, to tune it without training the transformer."""
+  params = stages.tokenizer_stage(config, workdir, mesh)
+  i3d, size = fvd.default_features(), config.eval.fvd_image_size
+  real = streamed_features(features_path(workdir, 'real'), lambda: real_clips(config, mesh),
+                           config.eval.saved_clips, i3d, size)['features']
+
+  def reconstructions():
+    for share, videos, _ in real_clips(config, mesh):
+      ids = tokenizer.encode_batch(config, params, {'video': videos}, mesh)
+      yield share, tokenizer.decode_tokens(config, params, ids, mesh), None
+
+  sets = {'reconstruction_of_real': reconstructions}
+  given = tasks.task_of(config).num_given
+  if given:
+    sets['repeat_last_condition_frame'] = repeated_last_condition_frame(config, mesh)
+  report = {'tokenizer_steps': config.tokenizer_training.num_steps, 'num_clips': len(real)}
+  for name, batches in sets.items():
+    result = streamed_features(features_path(workdir, name), batches, 0, i3d, size,
+                               paired_real_clips(config, mesh))
+    report[name] = {'fvd': fold_fvd(result['features'], real, config.eval.num_folds)[0]}
+    if given:
+      report[name].update(frames.summary(result, config.task.condition_frames))
+  if jax.process_index() == 0:
+    io_utils.write_json(io_utils.join(workdir, 'tokenizer_eval.json'), report)
+  return report

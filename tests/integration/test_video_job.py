@@ -31,22 +31,27 @@ def test_comparison_gif_frames_mark_given_and_generated_frames(tmp_path):
       [video_writer.GIVEN_COLOR] * 2 + [video_writer.GENERATED_COLOR] * 4)
 
 
+# configs/k600.py:tiny shrunk for the suite.
+JOB_OVERRIDES = ['--config.tokenizer_training.num_steps=3', '--config.training.num_steps=3',
+                 '--config.data.num_train_clips=32', '--config.data.num_eval_clips=4',
+                 '--config.eval.num_samples=2', '--config.eval.num_folds=2',
+                 '--config.eval.batch_size=4',
+                 '--config.eval.saved_clips=4', '--config.eval.gif_clips=2',
+                 '--config.model.num_layers=1',
+                 # cached steps padded to 4 query buckets: the decodes share a few programs
+                 '--config.sampling.query_buckets=4']
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, '-m', 'nested_decode.main', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope='module')
 def frame_prediction_job(tmp_path_factory):
   """``configs/k600.py:tiny`` shrunk by overrides, run as users run it: its workdir and log."""
   workdir = tmp_path_factory.mktemp('k600_tiny')
-  overrides = ['--config.tokenizer_training.num_steps=3', '--config.training.num_steps=3',
-               '--config.data.num_train_clips=32', '--config.data.num_eval_clips=4',
-               '--config.eval.num_samples=2', '--config.eval.num_folds=2',
-               '--config.eval.batch_size=4',
-               '--config.eval.saved_clips=4', '--config.eval.gif_clips=2',
-               '--config.model.num_layers=1',
-               # cached steps padded to 4 query buckets: the decodes share a few programs
-               '--config.sampling.query_buckets=4']
-  result = subprocess.run(
-      [sys.executable, '-m', 'nested_decode.main', '--config=configs/k600.py:tiny',
-       f'--workdir={workdir}', *overrides], cwd=ROOT, capture_output=True, text=True,
-      timeout=600)
+  result = run_main('--config=configs/k600.py:tiny', f'--workdir={workdir}', *JOB_OVERRIDES)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, result.stderr
 
@@ -106,6 +111,28 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(frame_pred
   # The job again, resumed.
   assert video.eval_stage(config, str(tmp_path), parallel.make_mesh(config)) == report['rows']
   assert sampled() == written  # finished schedules are read back, not sampled again
+
+
+def test_the_tokenizer_alone_scores_what_the_job_scored_its_reconstructions(
+    frame_prediction_job):
+  """``--mode=eval_tokenizer`` on the job's workdir: its reconstructions of the real clips are
+  the job's reference reconstructions (the same clips through the same tokenizer)."""
+  workdir = frame_prediction_job[0]
+  result = run_main('--config=configs/k600.py:tiny', f'--workdir={workdir}',
+                    '--mode=eval_tokenizer', *JOB_OVERRIDES)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((workdir / 'tokenizer_eval.json').read_text())
+  job = json.loads((workdir / 'eval.json').read_text())
+  assert report['tokenizer_steps'] == 3 and report['num_clips'] == 4
+  reconstructions = report['reconstruction_of_real']
+  assert reconstructions['psnr_per_frame'] == pytest.approx(
+      job['frame_metrics']['tokenizer_reconstruction']['psnr_per_frame'])
+  assert reconstructions['fvd'] == pytest.approx(job['reference_fvd']['tokenizer_reconstruction'])
+  assert report['repeat_last_condition_frame']['psnr_per_frame'][:5] == [None] * 5
+
+  image = run_main('--config=configs/mnist.py:tiny', f'--workdir={workdir}_mnist',
+                   '--mode=eval_tokenizer')
+  assert image.returncode != 0 and 'scores video tokenizers' in image.stderr
 
 
 def test_the_demo_notebook_runs_top_to_bottom(frame_prediction_job):
