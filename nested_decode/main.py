@@ -8,7 +8,7 @@ Modes:
   train_tokenizer  train (or resume) the VQ tokenizer, DIR/tokenizer/;
   eval_tokenizer   video: the tokenizer alone, DIR/tokenizer_eval.json: FVD of its
                    reconstructions of the real clips and, for frame prediction, their PSNR and
-                   SSIM beside repeating the last condition frame;
+                   SSIM beside repeating the last condition frame (tokenizer_frame_metrics.png);
   train            train (or resume) the nested transformer on tokens, DIR/transformer/;
   sample           per schedule in config.eval.schedules (and the baseline): DIR/samples/;
   eval             DIR/eval.json: GFLOPs, class accuracy and Fréchet distance per schedule;

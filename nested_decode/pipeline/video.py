@@ -299,7 +299,8 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> l
 def tokenizer_eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> dict:
   """``tokenizer_eval.json``: the trained tokenizer alone, before any transformer: FVD of its
   reconstructions of the real clips (each clip encoded and decoded) and, for frame prediction,
-  their PSNR and SSIM frame by frame, beside repeating the last condition frame. What a sampler
+  their PSNR and SSIM frame by frame (plotted in ``tokenizer_frame_metrics.png``), beside
+  repeating the last condition frame. What a sampler
   can reach through this tokenizer, to tune it without training the transformer."""
   params = stages.tokenizer_stage(config, workdir, mesh)
   i3d, size = fvd.default_features(), config.eval.fvd_image_size
@@ -324,4 +325,8 @@ def tokenizer_eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: 
       report[name].update(frames.summary(result, config.task.condition_frames))
   if jax.process_index() == 0:
     io_utils.write_json(io_utils.join(workdir, 'tokenizer_eval.json'), report)
+    if given:
+      frame_metrics_plot.save_frame_metrics_plot(
+          io_utils.join(workdir, 'tokenizer_frame_metrics.png'),
+          {name: report[name] for name in sets}, config.task.condition_frames)
   return report

@@ -129,6 +129,7 @@ def test_the_tokenizer_alone_scores_what_the_job_scored_its_reconstructions(
       job['frame_metrics']['tokenizer_reconstruction']['psnr_per_frame'])
   assert reconstructions['fvd'] == pytest.approx(job['reference_fvd']['tokenizer_reconstruction'])
   assert report['repeat_last_condition_frame']['psnr_per_frame'][:5] == [None] * 5
+  assert Image.open(workdir / 'tokenizer_frame_metrics.png').size[0] > 600
 
   image = run_main('--config=configs/mnist.py:tiny', f'--workdir={workdir}_mnist',
                    '--mode=eval_tokenizer')
