@@ -253,6 +253,21 @@ def fold_fvd(features: np.ndarray, real: np.ndarray, num_folds: int) -> tuple[fl
   return float(np.mean(scores)), float(np.std(scores))
 
 
+def set_scores(result: dict[str, np.ndarray], real: np.ndarray,
+               config: ml_collections.ConfigDict) -> tuple[float, float, dict | None]:
+  """``(fvd, fvd_std, frame_metrics)`` of a clip set (``streamed_features``' result) against
+  the real features: FVD over the folds and, when the set carries them, ``frames.summary`` of
+  its PSNR and SSIM (else None)."""
+  mean, std = fold_fvd(result['features'], real, config.eval.num_folds)
+  summary = frames.summary(result, config.task.condition_frames) if 'psnr' in result else None
+  return mean, std, summary
+
+
+def save_frame_metrics(config: ml_collections.ConfigDict, path: str, summaries: dict) -> None:
+  if summaries and jax.process_index() == 0:
+    frame_metrics_plot.save_frame_metrics_plot(path, summaries, config.task.condition_frames)
+
+
 def eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> list[dict]:
   """``eval.json``: per schedule GFLOPs and FVD against the real held-out clips (and, for frame
   prediction, PSNR and SSIM), the references' scores, and ``frame_metrics.png``."""
@@ -262,18 +277,17 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> l
   results = sample_with(config, workdir, generator, (eval_tokens, eval_labels), i3d)
   real = results.pop('real')['features']
   flops = {row['schedule']: row for row in decode_cost.flops_rows(config)}
-  first_predicted = config.task.condition_frames if tasks.task_of(config).num_given else 0
   frame_metrics = {}
   rows = []
   for name, result in results.items():
     row = {key: flops[name][key] for key in ('schedule', 'cache', 'steps', 'gflops_per_sample',
                                              'flop_ratio')}
-    mean, std = fold_fvd(result['features'], real, config.eval.num_folds)
+    mean, std, summary = set_scores(result, real, config)
     row.update(fvd=mean, fvd_std=std, num_folds=config.eval.num_folds,
                num_clips=len(result['features']))
-    if 'psnr' in result:
-      frame_metrics[name] = frames.summary(result, first_predicted)
-      row.update(psnr=frame_metrics[name]['psnr'], ssim=frame_metrics[name]['ssim'])
+    if summary:
+      frame_metrics[name] = summary
+      row.update(psnr=summary['psnr'], ssim=summary['ssim'])
     rows.append(row)
     logging.info('eval %s: %s', name, row)
   references = {}
@@ -281,18 +295,16 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> l
     reference = streamed_features(features_path(workdir, name), batches, 0, i3d,
                                   config.eval.fvd_image_size,
                                   paired_real_clips(config, generator.mesh))
-    references[name] = fold_fvd(reference['features'], real, config.eval.num_folds)[0]
-    if 'psnr' in reference:
-      frame_metrics[name] = frames.summary(reference, first_predicted)
+    references[name], _, summary = set_scores(reference, real, config)
+    if summary:
+      frame_metrics[name] = summary
   report = dict(rows=rows, reference_fvd=references, num_real_clips=len(real),
                 task=tasks.task_of(config).name)
   if frame_metrics:
     report['frame_metrics'] = frame_metrics
   if jax.process_index() == 0:
     io_utils.write_json(io_utils.join(workdir, 'eval.json'), report)
-    if frame_metrics:
-      frame_metrics_plot.save_frame_metrics_plot(
-          io_utils.join(workdir, 'frame_metrics.png'), frame_metrics, first_predicted)
+  save_frame_metrics(config, io_utils.join(workdir, 'frame_metrics.png'), frame_metrics)
   return rows
 
 
@@ -313,20 +325,19 @@ def tokenizer_eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: 
       yield share, tokenizer.decode_tokens(config, params, ids, mesh), None
 
   sets = {'reconstruction_of_real': reconstructions}
-  given = tasks.task_of(config).num_given
-  if given:
+  if tasks.task_of(config).num_given:
     sets['repeat_last_condition_frame'] = repeated_last_condition_frame(config, mesh)
   report = {'tokenizer_steps': config.tokenizer_training.num_steps, 'num_clips': len(real)}
+  frame_metrics = {}
   for name, batches in sets.items():
     result = streamed_features(features_path(workdir, name), batches, 0, i3d, size,
                                paired_real_clips(config, mesh))
-    report[name] = {'fvd': fold_fvd(result['features'], real, config.eval.num_folds)[0]}
-    if given:
-      report[name].update(frames.summary(result, config.task.condition_frames))
+    mean, _, summary = set_scores(result, real, config)
+    report[name] = {'fvd': mean, **(summary or {})}
+    if summary:
+      frame_metrics[name] = summary
   if jax.process_index() == 0:
     io_utils.write_json(io_utils.join(workdir, 'tokenizer_eval.json'), report)
-    if given:
-      frame_metrics_plot.save_frame_metrics_plot(
-          io_utils.join(workdir, 'tokenizer_frame_metrics.png'),
-          {name: report[name] for name in sets}, config.task.condition_frames)
+  save_frame_metrics(config, io_utils.join(workdir, 'tokenizer_frame_metrics.png'),
+                     frame_metrics)
   return report
