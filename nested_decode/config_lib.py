@@ -158,8 +158,11 @@ EMA_DECAY = 0.0
 MODEL_DROPOUT_DEFAULTS = dict(dropout_rate=0.0, attention_dropout_rate=0.0)
 # The FVD protocol (README, "Video evaluation protocols"): real clips from this split, as
 # (temporal windows, spatial crops) clips per video; FVD on each of num_folds sets of
-# num_samples clips; clips resized to fvd_image_size first (0: as generated).
-VIDEO_EVAL_DEFAULTS = dict(real_split='eval', clip_views=(1, 1), num_folds=1, fvd_image_size=0)
+# num_samples clips; clips resized to fvd_image_size first (0: as generated). frame_metrics:
+# frame prediction's PSNR and SSIM of every set against its real clips, which reads the real
+# clips again for each set.
+VIDEO_EVAL_DEFAULTS = dict(real_split='eval', clip_views=(1, 1), num_folds=1, fvd_image_size=0,
+                           frame_metrics=True)
 # ImageNet's FID protocol (README, "Evaluating an ImageNet model").
 FID_EVAL_DEFAULTS = dict(fid_reference='train', min_reference_images=10_000, inception_weights='')
 

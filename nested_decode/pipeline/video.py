@@ -189,9 +189,10 @@ def sample_with(config, workdir, generator, eval_token_dataset, i3d) -> dict[str
 
 
 def paired_real_clips(config: ml_collections.ConfigDict, mesh: Mesh) -> ClipBatches | None:
-  """For frame prediction, the real clips sample ``i`` continues, to score its frames against
-  (None for a task without given frames: its samples have no real counterpart)."""
-  if not tasks.task_of(config).num_given:
+  """For frame prediction with ``eval.frame_metrics``, the real clips sample ``i`` continues,
+  to score its frames against (None otherwise; a task without given frames has no real
+  counterpart of a sample). Configs saved before the key existed read it as on."""
+  if not tasks.task_of(config).num_given or not config.eval.get('frame_metrics', True):
     return None
   return lambda: real_clips(config, mesh)
 

@@ -192,6 +192,8 @@ def test_paper_configs_follow_magvit_protocols():
   k600, ucf = load_config('k600'), load_config('ucf101')
   assert (k600.eval.num_samples, k600.eval.num_folds, tuple(k600.eval.clip_views),
           k600.eval.fvd_image_size, k600.eval.real_split) == (50_000, 4, (2, 3), 64, 'eval')
+  assert not k600.eval.frame_metrics and load_config('k600', 'tiny').eval.frame_metrics
+  assert video.paired_real_clips(k600, None) is None
   assert (ucf.eval.num_samples, ucf.eval.num_folds, tuple(ucf.eval.clip_views),
           ucf.eval.real_split) == (10_000, 4, (2, 3), 'train')
   k600.eval.real_split = 'train'
