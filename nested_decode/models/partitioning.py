@@ -115,6 +115,20 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, current_spec(names, x.shape, mesh))
 
 
+def constrain_merged_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """``x [B, S, H * head_dim]``, heads merged into one dimension, pinned as ``HEADS`` pins the
+  unmerged ``[B, S, H, head_dim]``: the merged dimension is split where the heads (and head_dim)
+  are, so merging and splitting them again moves no data between devices."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  unmerged = x.shape[:2] + (num_heads, x.shape[2] // num_heads)
+  batch, length, heads, kv = current_spec(HEADS, unmerged, mesh)
+  merged = _mesh_axes(heads) + _mesh_axes(kv)
+  merged = None if not merged else merged[0] if len(merged) == 1 else merged
+  return jax.lax.with_sharding_constraint(x, P(batch, length, merged))
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
   """``x`` split over the batch axes along its leading dimension, the rest replicated (the
   tokenizers' feature maps)."""

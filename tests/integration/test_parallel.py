@@ -161,6 +161,20 @@ def test_activations_are_pinned_by_name_on_a_mesh_and_left_alone_without_one():
   assert all(spec[0] == ('data', 'fsdp') for spec in specs)
 
 
+def test_merged_heads_are_split_where_the_heads_are_and_never_inside_one():
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), parallel.AXES,
+                                   axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  merged = lambda heads: lambda x: partitioning.constrain_merged_heads(x, heads)
+  x = np.zeros((8, 5, 24), np.float32)
+  assert partitioning.constrain_merged_heads(x, 6) is x  # no context mesh
+  assert _constraint_specs(merged(6), x, mesh=mesh) == [P(('data', 'fsdp'), None, 'tensor')]
+  # 3 heads of 8 do not split over tensor=2; 24 columns would, through the middle of a head
+  assert _constraint_specs(merged(3), x, mesh=mesh) == [P(('data', 'fsdp'), None, None)]
+  head_dim_too = (('batch', 'fsdp'), ('heads', 'tensor'), ('kv', 'data'))
+  assert _constraint_specs(merged(6), x, mesh=mesh, rules=head_dim_too) == \
+      [P('fsdp', None, ('tensor', 'data'))]
+
+
 def test_every_parameter_name_of_the_transformer_has_a_rule():
   config = parallel_checks.tiny_config()
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
