@@ -28,6 +28,7 @@ class DecodeStep:
   masked_before: int   # content tokens masked when the step starts
   masked_after: int    # content tokens masked when it ends
   num_active: int      # positions whose results the step uses (num_queries without padding)
+  keeps_cache: bool = False  # the next step reads the cache this one leaves (it is cached)
 
 
 def expand_width_schedule(width_schedule: Sequence[Sequence[int]]) -> list[int]:
@@ -75,4 +76,5 @@ def make_plan(seq_len: int, num_unknown: int, width_schedule: Sequence[Sequence[
                             num_logits=seq_len if full else queries,
                             masked_before=before[t], masked_after=after[t],
                             num_active=active))
-  return tuple(steps)
+  return tuple(dataclasses.replace(step, keeps_cache=not later.full_pass)
+               for step, later in zip(steps, steps[1:])) + (steps[-1],)

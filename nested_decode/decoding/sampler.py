@@ -129,9 +129,11 @@ class StepInputs(NamedTuple):
                np.float32(options.guidance_at(ratio)))
 
 
-def program_key(step: DecodeStep) -> tuple[int, bool, int]:
-  """What fixes a step program: steps with equal keys run one executable."""
-  return step.width_factor, step.full_pass, step.num_queries
+def program_key(step: DecodeStep) -> tuple[int, bool, int, bool]:
+  """What fixes a step program: steps with equal keys run one executable. A step whose cache no
+  later step reads returns none: writing it made imagenet256's baseline decode 54% slower by
+  the TPU compiler's model of a v5e (docs/tpu_time.md)."""
+  return step.width_factor, step.full_pass, step.num_queries, step.keeps_cache
 
 
 def _signature(tree: Any) -> tuple:
@@ -298,7 +300,8 @@ class Decoder:
     logits, cache = jax.vmap(run)(both, cache)
     return (1 + guidance) * logits[0] - guidance * logits[1], cache
 
-  def _step(self, width_factor: int, full_pass: bool, num_queries: int, params,
+  def _step(self, width_factor: int, full_pass: bool, num_queries: int, keeps_cache: bool,
+            params,
             state: DecodeState, labels, noise: tuple[jax.Array, jax.Array],
             inputs: StepInputs) -> DecodeState:
     cfg, options = self.model.config, self.options
@@ -325,7 +328,7 @@ class Decoder:
     confidence = jnp.where(masked, confidence, jnp.inf)
     still_masked = mask_least_confident(confidence, inputs.masked_after)
     return DecodeState(jnp.where(still_masked, cfg.mask_id, candidate), still_masked, masked,
-                       cache)
+                       cache if keeps_cache else None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -276,6 +276,20 @@ def test_steps_and_schedules_of_one_width_and_bucket_share_one_executable(setup)
   assert decoder.num_compiled == programs
 
 
+def test_only_a_step_whose_cache_the_next_step_reads_returns_one(setup):
+  model, params = setup
+  config = model.config
+  plan = make_plan(config.seq_len, config.seq_len, ((8, 2), (1, 2)), 'refresh_on_switch')
+  assert [step.keeps_cache for step in plan] == [True, False, True, False]
+  decoder = Decoder(model, SamplingOptions())
+  tokens, labels = all_masked(config), jnp.zeros((4,), jnp.int32)
+  steps = decoder.compile_plan(params, tokens, labels, jax.random.key(0), plan)[1::2]
+  caches = [jax.tree.leaves(step.out_info.cache) for step in steps]
+  assert [len(leaves) for leaves in caches] == [2, 0, 2, 0]  # keys and values, or nothing
+  baseline = make_plan(config.seq_len, config.seq_len, ((1, 3),), 'none')
+  assert not any(step.keeps_cache for step in baseline)
+
+
 def test_mask_least_confident_keeps_exactly_count_lowest_with_ties_to_the_lower_position():
   confidence = jnp.array([[0.5, -1.0, 0.5, jnp.inf, 0.2], [3.0, 2.0, 1.0, 0.0, -1.0]])
   np.testing.assert_array_equal(mask_least_confident(confidence, jnp.int32(3)),
