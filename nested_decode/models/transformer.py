@@ -50,7 +50,7 @@ class KVCache(NamedTuple):
   """Keys and values with the heads merged, ``[L, B, S, (H/p) * head_dim]``. Merged, the
   cached pass's row scatter and attention read a wide minor dimension instead of head_dim
   (48 at imagenet256, under the TPU's 128 lanes); the TPU compiler models imagenet256's
-  cached ``magnets`` decode 21% faster so (docs/tpu_time.md)."""
+  cached ``magnets`` decode at 31% less time so (docs/tpu_time.md)."""
   keys: jax.Array
   values: jax.Array
 
