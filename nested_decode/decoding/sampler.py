@@ -301,8 +301,7 @@ class Decoder:
     return (1 + guidance) * logits[0] - guidance * logits[1], cache
 
   def _step(self, width_factor: int, full_pass: bool, num_queries: int, keeps_cache: bool,
-            params,
-            state: DecodeState, labels, noise: tuple[jax.Array, jax.Array],
+            params, state: DecodeState, labels, noise: tuple[jax.Array, jax.Array],
             inputs: StepInputs) -> DecodeState:
     cfg, options = self.model.config, self.options
     tokens, masked = state.tokens, state.masked
