@@ -75,6 +75,22 @@ def real_clips(config: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[
     yield share, batch['video'], batch['label']
 
 
+def other_real_clips(config: ml_collections.ConfigDict, mesh: Mesh) -> ClipBatches:
+  """As many clips of the training split's first videos as there are real clips, cut as the
+  held-out clips are: real clips that are not the held-out ones, so their FVD against them is
+  the floor of FVD at this number of clips (what a perfect model would score)."""
+  train, _, _, eval_transform = data_sources(config)
+  count = total_clips(config)
+  if len(train) < count:
+    raise ValueError(f'The training split has {len(train)} videos; the FVD floor needs '
+                     f'{count} (config.eval.num_samples x config.eval.num_folds)')
+
+  def batches():
+    for share in parallel.row_shares(count, config.eval.batch_size, mesh):
+      yield share, pipeline.examples_at(train, share.rows, eval_transform)['video'], None
+  return batches
+
+
 def check_num_samples(config: ml_collections.ConfigDict, available: int) -> None:
   if config.eval.num_samples > available:
     raise ValueError(f'config.eval.num_samples={config.eval.num_samples} but the real clips '
@@ -313,8 +329,9 @@ def tokenizer_eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: 
   """``tokenizer_eval.json``: the trained tokenizer alone, before any transformer: FVD of its
   reconstructions of the real clips (each clip encoded and decoded) and, for frame prediction,
   their PSNR and SSIM frame by frame (plotted in ``tokenizer_frame_metrics.png``), beside
-  repeating the last condition frame. What a sampler
-  can reach through this tokenizer, to tune it without training the transformer."""
+  repeating the last condition frame, and the FVD floor: as many real clips of the training
+  split (``training_clips``). What a sampler can reach through this tokenizer, to tune it
+  without training the transformer."""
   params = stages.tokenizer_stage(config, workdir, mesh)
   i3d, size = fvd.default_features(), config.eval.fvd_image_size
   real = streamed_features(features_path(workdir, 'real'), lambda: real_clips(config, mesh),
@@ -325,14 +342,15 @@ def tokenizer_eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: 
       ids = tokenizer.encode_batch(config, params, {'video': videos}, mesh)
       yield share, tokenizer.decode_tokens(config, params, ids, mesh), None
 
-  sets = {'reconstruction_of_real': reconstructions}
+  sets = {'reconstruction_of_real': reconstructions,
+          'training_clips': other_real_clips(config, mesh)}
   if tasks.task_of(config).num_given:
     sets['repeat_last_condition_frame'] = repeated_last_condition_frame(config, mesh)
   report = {'tokenizer_steps': config.tokenizer_training.num_steps, 'num_clips': len(real)}
   frame_metrics = {}
   for name, batches in sets.items():
-    result = streamed_features(features_path(workdir, name), batches, 0, i3d, size,
-                               paired_real_clips(config, mesh))
+    paired = None if name == 'training_clips' else paired_real_clips(config, mesh)
+    result = streamed_features(features_path(workdir, name), batches, 0, i3d, size, paired)
     mean, _, summary = set_scores(result, real, config)
     report[name] = {'fvd': mean, **(summary or {})}
     if summary:

@@ -129,6 +129,7 @@ def test_the_tokenizer_alone_scores_what_the_job_scored_its_reconstructions(
       job['frame_metrics']['tokenizer_reconstruction']['psnr_per_frame'])
   assert reconstructions['fvd'] == pytest.approx(job['reference_fvd']['tokenizer_reconstruction'])
   assert report['repeat_last_condition_frame']['psnr_per_frame'][:5] == [None] * 5
+  assert list(report['training_clips']) == ['fvd'] and report['training_clips']['fvd'] > 0
   assert Image.open(workdir / 'tokenizer_frame_metrics.png').size[0] > 600
 
   image = run_main('--config=configs/mnist.py:tiny', f'--workdir={workdir}_mnist',
@@ -208,3 +209,21 @@ def test_clips_are_resized_for_fvd():
   assert (resized == 200).all()
   assert video.resize_for_fvd(clips, 0) is clips
 
+
+
+def test_the_fvd_floor_scores_training_clips_cut_as_the_held_out_ones():
+  config = load_config('k600', 'tiny')
+  config.data.update(num_train_clips=6, num_eval_clips=4)
+  config.eval.update(num_samples=2, num_folds=2, batch_size=3)
+  mesh = parallel.make_mesh(config)
+  batches = list(video.other_real_clips(config, mesh)())
+  clips = np.concatenate([videos[share.valid] for share, videos, _ in batches])
+  train, evaluation, _, transform = video.data_sources(config)
+  expected = video.pipeline.examples_at(train, np.arange(4), transform)['video']
+  np.testing.assert_array_equal(clips, expected)
+  assert clips.shape == (4, 16, 32, 32, 1)
+  held_out = video.pipeline.examples_at(evaluation, np.arange(4), transform)['video']
+  assert not any((clip == other).all() for clip in clips for other in held_out)
+  config.data.num_train_clips = 3
+  with pytest.raises(ValueError, match=r'training split has 3 videos; the FVD floor needs 4'):
+    video.other_real_clips(config, mesh)
