@@ -342,15 +342,17 @@ def tokenizer_eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: 
       ids = tokenizer.encode_batch(config, params, {'video': videos}, mesh)
       yield share, tokenizer.decode_tokens(config, params, ids, mesh), None
 
-  sets = {'reconstruction_of_real': reconstructions,
-          'training_clips': other_real_clips(config, mesh)}
+  # Each set with the real clips its frames are scored against (the floor's clips have none).
+  paired = paired_real_clips(config, mesh)
+  sets = {'reconstruction_of_real': (reconstructions, paired),
+          'training_clips': (other_real_clips(config, mesh), None)}
   if tasks.task_of(config).num_given:
-    sets['repeat_last_condition_frame'] = repeated_last_condition_frame(config, mesh)
+    sets['repeat_last_condition_frame'] = (repeated_last_condition_frame(config, mesh), paired)
   report = {'tokenizer_steps': config.tokenizer_training.num_steps, 'num_clips': len(real)}
   frame_metrics = {}
-  for name, batches in sets.items():
-    paired = None if name == 'training_clips' else paired_real_clips(config, mesh)
-    result = streamed_features(features_path(workdir, name), batches, 0, i3d, size, paired)
+  for name, (batches, paired_clips) in sets.items():
+    result = streamed_features(features_path(workdir, name), batches, 0, i3d, size,
+                               paired_clips)
     mean, _, summary = set_scores(result, real, config)
     report[name] = {'fvd': mean, **(summary or {})}
     if summary:
