@@ -75,19 +75,25 @@ def real_clips(config: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[
     yield share, batch['video'], batch['label']
 
 
-def other_real_clips(config: ml_collections.ConfigDict, mesh: Mesh) -> ClipBatches:
-  """As many clips of the training split's first videos as there are real clips, cut as the
-  held-out clips are: real clips that are not the held-out ones, so their FVD against them is
-  the floor of FVD at this number of clips (what a perfect model would score)."""
-  train, _, _, eval_transform = data_sources(config)
+def other_split_clips(config: ml_collections.ConfigDict, mesh: Mesh) -> ClipBatches:
+  """As many real clips as the FVD's real clips, from the other split (the training split's
+  first videos, or the held-out ones where ``eval.real_split='train'``), cut as the real clips
+  are (``eval.clip_views``): their FVD against the real clips is the floor of FVD at this
+  number of clips, what a perfect model would score."""
+  train, evaluation, _, eval_transform = data_sources(config)
+  from_eval = config.eval.real_split == 'train'
+  videos = evaluation if from_eval else train
+  if tuple(config.eval.clip_views) != (1, 1) and not isinstance(videos, clip_views.ClipViews):
+    videos = clip_views.ClipViews(videos, *config.eval.clip_views)
   count = total_clips(config)
-  if len(train) < count:
-    raise ValueError(f'The training split has {len(train)} videos; the FVD floor needs '
-                     f'{count} (config.eval.num_samples x config.eval.num_folds)')
+  if len(videos) < count:
+    raise ValueError(f'The {"held-out" if from_eval else "training"} split has {len(videos)} '
+                     f'clips; the FVD floor needs {count} (config.eval.num_samples x '
+                     'config.eval.num_folds)')
 
   def batches():
     for share in parallel.row_shares(count, config.eval.batch_size, mesh):
-      yield share, pipeline.examples_at(train, share.rows, eval_transform)['video'], None
+      yield share, pipeline.examples_at(videos, share.rows, eval_transform)['video'], None
   return batches
 
 
@@ -329,9 +335,8 @@ def tokenizer_eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: 
   """``tokenizer_eval.json``: the trained tokenizer alone, before any transformer: FVD of its
   reconstructions of the real clips (each clip encoded and decoded) and, for frame prediction,
   their PSNR and SSIM frame by frame (plotted in ``tokenizer_frame_metrics.png``), beside
-  repeating the last condition frame, and the FVD floor: as many real clips of the training
-  split (``training_clips``). What a sampler can reach through this tokenizer, to tune it
-  without training the transformer."""
+  repeating the last condition frame, and the FVD floor (``other_split_clips``). What a sampler
+  can reach through this tokenizer, to tune it without training the transformer."""
   params = stages.tokenizer_stage(config, workdir, mesh)
   i3d, size = fvd.default_features(), config.eval.fvd_image_size
   real = streamed_features(features_path(workdir, 'real'), lambda: real_clips(config, mesh),
@@ -345,7 +350,7 @@ def tokenizer_eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: 
   # Each set with the real clips its frames are scored against (the floor's clips have none).
   paired = paired_real_clips(config, mesh)
   sets = {'reconstruction_of_real': (reconstructions, paired),
-          'training_clips': (other_real_clips(config, mesh), None)}
+          'other_split_clips': (other_split_clips(config, mesh), None)}
   if tasks.task_of(config).num_given:
     sets['repeat_last_condition_frame'] = (repeated_last_condition_frame(config, mesh), paired)
   report = {'tokenizer_steps': config.tokenizer_training.num_steps, 'num_clips': len(real)}

@@ -13,6 +13,7 @@ from conftest import ROOT, load_config
 from PIL import Image
 
 from nested_decode import api, config_lib, parallel
+from nested_decode.data.clips import FirstClip
 from nested_decode.metrics import frames, frechet
 from nested_decode.pipeline import video
 from nested_decode.writers import video_writer
@@ -129,7 +130,7 @@ def test_the_tokenizer_alone_scores_what_the_job_scored_its_reconstructions(
       job['frame_metrics']['tokenizer_reconstruction']['psnr_per_frame'])
   assert reconstructions['fvd'] == pytest.approx(job['reference_fvd']['tokenizer_reconstruction'])
   assert report['repeat_last_condition_frame']['psnr_per_frame'][:5] == [None] * 5
-  assert list(report['training_clips']) == ['fvd'] and report['training_clips']['fvd'] > 0
+  assert list(report['other_split_clips']) == ['fvd'] and report['other_split_clips']['fvd'] > 0
   assert Image.open(workdir / 'tokenizer_frame_metrics.png').size[0] > 600
 
   image = run_main('--config=configs/mnist.py:tiny', f'--workdir={workdir}_mnist',
@@ -210,14 +211,16 @@ def test_clips_are_resized_for_fvd():
   assert video.resize_for_fvd(clips, 0) is clips
 
 
+def valid_clips(batches):
+  return np.concatenate([videos[share.valid] for share, videos, _ in batches()])
 
-def test_the_fvd_floor_scores_training_clips_cut_as_the_held_out_ones():
+
+def test_the_fvd_floor_scores_clips_of_the_other_split_cut_as_the_real_ones():
   config = load_config('k600', 'tiny')
   config.data.update(num_train_clips=6, num_eval_clips=4)
   config.eval.update(num_samples=2, num_folds=2, batch_size=3)
   mesh = parallel.make_mesh(config)
-  batches = list(video.other_real_clips(config, mesh)())
-  clips = np.concatenate([videos[share.valid] for share, videos, _ in batches])
+  clips = valid_clips(video.other_split_clips(config, mesh))
   train, evaluation, _, transform = video.data_sources(config)
   expected = video.pipeline.examples_at(train, np.arange(4), transform)['video']
   np.testing.assert_array_equal(clips, expected)
@@ -225,5 +228,20 @@ def test_the_fvd_floor_scores_training_clips_cut_as_the_held_out_ones():
   held_out = video.pipeline.examples_at(evaluation, np.arange(4), transform)['video']
   assert not any((clip == other).all() for clip in clips for other in held_out)
   config.data.num_train_clips = 3
-  with pytest.raises(ValueError, match=r'training split has 3 videos; the FVD floor needs 4'):
-    video.other_real_clips(config, mesh)
+  with pytest.raises(ValueError, match=r'training split has 3 clips; the FVD floor needs 4'):
+    video.other_split_clips(config, mesh)
+
+
+
+def test_where_the_real_clips_are_training_clips_the_floor_takes_held_out_ones(monkeypatch):
+  config = load_config('ucf101', 'tiny')
+  assert config.eval.real_split == 'train'
+  config.eval.update(num_samples=4, batch_size=3, clip_views=(1, 2))
+  # Two splits told apart by their pixels: 10 in the training videos, 200 in the held-out ones.
+  videos = lambda value: np.full((3, 16, 32, 32, 3), value, np.uint8)
+  splits = [video.pipeline.ArraySource(name, video=videos(value), label=np.zeros(3, np.int32))
+            for name, value in (('train', 10), ('eval', 200))]
+  transform = FirstClip(16, 1, 32)
+  monkeypatch.setattr(video, 'data_sources', lambda config: (*splits, None, transform))
+  clips = valid_clips(video.other_split_clips(config, parallel.make_mesh(config)))
+  assert clips.shape == (4, 16, 32, 32, 3) and (clips == 200).all()
