@@ -83,7 +83,7 @@ def other_split_clips(config: ml_collections.ConfigDict, mesh: Mesh) -> ClipBatc
   train, evaluation, _, eval_transform = data_sources(config)
   from_eval = config.eval.real_split == 'train'
   videos = evaluation if from_eval else train
-  if tuple(config.eval.clip_views) != (1, 1) and not isinstance(videos, clip_views.ClipViews):
+  if tuple(config.eval.clip_views) != (1, 1):  # data_sources cuts views of the real split only
     videos = clip_views.ClipViews(videos, *config.eval.clip_views)
   count = total_clips(config)
   if len(videos) < count:

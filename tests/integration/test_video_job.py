@@ -232,7 +232,6 @@ def test_the_fvd_floor_scores_clips_of_the_other_split_cut_as_the_real_ones():
     video.other_split_clips(config, mesh)
 
 
-
 def test_where_the_real_clips_are_training_clips_the_floor_takes_held_out_ones(monkeypatch):
   config = load_config('ucf101', 'tiny')
   assert config.eval.real_split == 'train'
