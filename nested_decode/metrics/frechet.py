@@ -1,12 +1,16 @@
 """Fréchet distance between Gaussians fitted to two feature sets (the core of FID and FVD).
 
-``d^2 = |mu1 - mu2|^2 + tr(s1 + s2 - 2 (s1 s2)^(1/2))``. The trace of the matrix square root is
-taken as ``sum(sqrt(eig(s1^(1/2) s2 s1^(1/2))))``: that matrix is symmetric positive
-semi-definite, so symmetric eigensolvers apply and no complex parts or singular-matrix fixes
-are needed, even when features are rank-deficient (more dimensions than samples, dead ReLUs).
+``d^2 = |mu1 - mu2|^2 + tr(s1 + s2 - 2 (s1 s2)^(1/2))``. With ``s1 = F F^T`` (a pivoted Cholesky
+factor ``F [d, r]``, ``r`` the numerical rank of ``s1``), the non-zero eigenvalues of ``s1 s2`` are
+those of ``F^T s2 F``, which is symmetric positive semi-definite, so the trace of the square root
+is ``sum(sqrt(eigvalsh(F^T s2 F)))``: no complex parts or singular-matrix fixes, and for
+rank-deficient features (fewer samples than dimensions, dead ReLUs) only an ``r x r``
+eigenproblem, where a full eigendecomposition of ``s1`` would also add the square roots of its
+rounding-level eigenvalues.
 """
 
 import numpy as np
+from scipy.linalg import lapack
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -19,9 +23,15 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
 
 
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-  eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-  return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+def _psd_factor(matrix: np.ndarray) -> np.ndarray:
+  """``F [d, r]`` with ``F F^T = matrix`` (positive semi-definite, numerical rank ``r``)."""
+  factor, pivots, rank, info = lapack.dpstrf(matrix, lower=1)
+  if info < 0:
+    raise ValueError(f'pivoted Cholesky rejected its argument {-info}')
+  lower = np.tril(factor)[:, :rank]
+  unpivoted = np.empty_like(lower)
+  unpivoted[pivots - 1] = lower  # dpstrf factors P^T matrix P
+  return unpivoted
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
@@ -33,8 +43,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
     raise ValueError(f'expected mu [d] and sigma [d, d] with one d, got {mu1.shape}, '
                      f'{sigma1.shape}, {mu2.shape}, {sigma2.shape}')
-  sqrt1 = _psd_sqrt(sigma1)
-  middle = sqrt1 @ sigma2 @ sqrt1
+  factor = _psd_factor(sigma1)
+  middle = factor.T @ sigma2 @ factor
   # Symmetrize away rounding so eigvalsh sees an exactly symmetric matrix.
   middle = (middle + middle.T) / 2
   trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(middle), 0, None)).sum()
