@@ -56,8 +56,10 @@ def main_job_config():
       magnets_3x=config_lib.schedule(((4, 1), (1, 4))),
       fewer_steps_3x=config_lib.schedule(((1, 3),), cache='none')))
   config.eval.update(num_samples=1000, batch_size=250, grid_per_class=10)
-  # --mode=study; variants=False skips the separately trained comparison models.
-  config.study = ml_collections.ConfigDict(dict(seeds=3, num_samples=1000, variants=True))
+  # --mode=study; variants=False skips the separately trained comparison models, and
+  # schedules (names of studies/study.py's grid) keeps only those and the baseline.
+  config.study = ml_collections.ConfigDict(dict(seeds=3, num_samples=1000, variants=True,
+                                                schedules=()))
   # --mode=recipe_study: the weight average and dropout against neither (docs/real_data.md).
   config.recipe_study = ml_collections.ConfigDict(dict(seeds=3, num_samples=1000,
                                                        variants=('ema', 'dropout', 'ema_dropout')))

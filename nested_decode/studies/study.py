@@ -48,6 +48,20 @@ def decode_grid(steps: int = 12) -> list[tuple[str, tuple[tuple[int, int], ...]]
   return grid
 
 
+def chosen_grid(config: ml_collections.ConfigDict) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
+  """The grid's entries named in ``config.study.schedules`` (all when empty), with the
+  baseline every row is compared with."""
+  grid = decode_grid(config.sampling.steps)
+  chosen = set(config.study.schedules)
+  unknown = chosen - {name for name, _ in grid}
+  if unknown:
+    raise config_lib.ConfigError(
+        f'config.study.schedules={tuple(config.study.schedules)!r} names {sorted(unknown)}, '
+        f'which are not in the grid; allowed: {", ".join(name for name, _ in grid)}')
+  return [(name, widths) for name, widths in grid
+          if not chosen or name in chosen or name == BASELINE]
+
+
 @dataclasses.dataclass
 class Scorer:
   """Samples decodes of a trained model and scores them against reference digits."""
@@ -165,10 +179,11 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
   out_dir = io_utils.join(workdir, 'study')
   study = config.study
   seeds = list(range(study.seeds))
+  grid = chosen_grid(config)
   params = stages.transformer_stage(config, workdir, mesh)
   scorer = make_scorer(config, workdir, mesh, params)
   rows, correct = [], []
-  for name, widths in decode_grid(config.sampling.steps):
+  for name, widths in grid:
     for cache in CACHES:
       row, row_correct = scorer.score_samples(widths, cache, seeds, study.num_samples)
       rows.append(dict(schedule=name, model='nested', **row))

@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
+from conftest import load_config
 
+from nested_decode.config_lib import ConfigError
 from nested_decode.metrics import paired
 from nested_decode.studies import schedule_search, study
 
@@ -18,6 +20,18 @@ def test_grid_has_baselines_single_widths_and_both_directions():
       assert factors == sorted(factors) and factors[0] == 1
   assert sum(name.startswith('up_') for name in grid) >= 4
   assert sum(name.startswith('down_') for name in grid) >= 1
+
+
+def test_a_study_of_chosen_schedules_keeps_the_baseline_and_names_unknown_ones():
+  config = load_config('mnist', 'tiny')
+  assert study.chosen_grid(config) == study.decode_grid(12)
+  config.study.schedules = ('down_1x6_8x6', 'alone_p4')
+  assert [name for name, _ in study.chosen_grid(config)] == [
+      'baseline_T12', 'alone_p4', 'down_1x6_8x6']
+  config.study.schedules = ('alone_p4', 'alone_p3')
+  with pytest.raises(ConfigError, match=r"config.study.schedules=\('alone_p4', 'alone_p3'\) "
+                     r"names \['alone_p3'\], which are not in the grid; allowed: baseline_T8, "):
+    study.chosen_grid(config)
 
 
 def test_pareto_front_keeps_only_undominated_rows():
@@ -60,7 +74,6 @@ def test_study_rows_are_compared_with_the_baseline_sample_by_sample():
 
 
 def test_variants_are_plain_models_of_each_sub_width_and_the_nested_one_without_distillation():
-  from conftest import load_config
   config = load_config('mnist')
   variants = study.variant_configs(config)
   assert set(variants) == {'separate_width256', 'separate_width128', 'separate_width64',
