@@ -147,7 +147,7 @@ def test_main_exits_143_on_sigterm_with_a_checkpoint_and_the_same_command_resume
   workdir = str(tmp_path)
   metrics = os.path.join(workdir, 'tokenizer_metrics.jsonl')
   args = ['--config=configs/mnist.py:tiny', f'--workdir={workdir}', '--mode=train_tokenizer',
-          '--config.tokenizer_training.num_steps=100', '--config.tokenizer_training.log_every=1',
+          '--config.tokenizer_training.num_steps=40', '--config.tokenizer_training.log_every=1',
           '--config.tokenizer_training.checkpoint_every=1000']  # only SIGTERM's and the last
   trainer = start(args, workdir, env, module=True)
   wait_for(lambda: len(metric_rows(metrics)) >= 1, trainer)
@@ -162,7 +162,7 @@ def test_main_exits_143_on_sigterm_with_a_checkpoint_and_the_same_command_resume
   rc, stderr = finish(start(args, workdir, env, module=True), workdir)
   assert rc == 0, stderr
   assert f'Resuming tokenizer training from step {reached}' in stderr
-  assert [row['step'] for row in metric_rows(metrics)] == list(range(1, 101))
+  assert [row['step'] for row in metric_rows(metrics)] == list(range(1, 41))
 
 
 def start_two_processes(*args):
