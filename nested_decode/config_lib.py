@@ -82,14 +82,15 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   # Device mesh (nested_decode/parallel.py); -1: the devices the other axes leave.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # --mode=compile_tpu: the TPU slice to compile for, its HBM per chip in GiB (0: known from
-  # the chip generation, see tpu_fit.HBM_GIB), whether to compile the decodes too (each
-  # takes minutes on a small CPU) or only the train step, whether to compile a
+  # the chip generation, see tpu_fit.HBM_GIB), whether to compile the train step and the
+  # decodes (each takes minutes on a small CPU), whether to compile a
   # single-width train step (training.widths=(1,)) too, to compare its collective traffic and
   # time, whether to read the compiler's modeled time (a second compile of each program
   # with its layers unrolled, see tools/tpu_time.py), and whether to compile the simpler
   # cheaper decodes too (fewer full-width steps, a sub-model alone; tpu_fit.family_schedules).
   config.tpu_fit = ml_collections.ConfigDict(dict(topology='v5e:4x4', hbm_gib=0.0,
-                                                  decodes=True, single_width=False,
+                                                  train=True, decodes=True,
+                                                  single_width=False,
                                                   modeled_time=True, families=False))
   return config
 
@@ -402,11 +403,12 @@ def validate_tpu_fit(tpu_fit: ml_collections.ConfigDict) -> None:
   hbm = tpu_fit.hbm_gib
   if isinstance(hbm, bool) or not isinstance(hbm, (int, float)) or hbm < 0:
     _fail('tpu_fit.hbm_gib', hbm, 'must be a number of GiB >= 0 (0: from the chip generation)')
-  if not isinstance(tpu_fit.decodes, bool):
-    _fail('tpu_fit.decodes', tpu_fit.decodes, 'must be True or False')
-  for key in ('single_width', 'modeled_time', 'families'):
+  for key in ('train', 'decodes', 'single_width', 'modeled_time', 'families'):
     if not isinstance(tpu_fit.get(key, False), bool):
       _fail(f'tpu_fit.{key}', tpu_fit[key], 'must be True or False')
+  if not (tpu_fit.get('train', True) or tpu_fit.decodes):
+    _fail('tpu_fit.decodes', tpu_fit.decodes, 'must be True when tpu_fit.train is False: '
+          'there would be nothing to compile')
 
 
 def seq_len(config: ml_collections.ConfigDict) -> int:

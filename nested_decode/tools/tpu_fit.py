@@ -212,16 +212,18 @@ def single_width_config(config: ml_collections.ConfigDict) -> ml_collections.Con
 
 def program_compilers(config: ml_collections.ConfigDict, mesh: Mesh
                       ) -> list[tuple[str, int, Callable[[], list[Any]]]]:
-  """``(program, global batch, compile_steps)`` of the train step, then
-  (``config.tpu_fit.decodes``) of the baseline's and each schedule's decode."""
+  """``(program, global batch, compile_steps)`` of the train step (``config.tpu_fit.train``),
+  then (``config.tpu_fit.decodes``) of the baseline's and each schedule's decode."""
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
-  train = train_inputs(config, model, mesh)
-  compile_train = lambda train_config: lambda: [train_transformer.make_train_step(
-      train_config, model, mesh).lower(*train).compile()]
-  programs = [('train', config.training.batch_size, compile_train(config))]
-  if config.tpu_fit.get('single_width', False):
-    programs.append(('train:single_width', config.training.batch_size,
-                     compile_train(single_width_config(config))))
+  programs = []
+  if config.tpu_fit.get('train', True):
+    train = train_inputs(config, model, mesh)
+    compile_train = lambda train_config: lambda: [train_transformer.make_train_step(
+        train_config, model, mesh).lower(*train).compile()]
+    programs.append(('train', config.training.batch_size, compile_train(config)))
+    if config.tpu_fit.get('single_width', False):
+      programs.append(('train:single_width', config.training.batch_size,
+                       compile_train(single_width_config(config))))
   schedules = config_lib.schedules_with_baseline(config) if config.tpu_fit.decodes else {}
   if config.tpu_fit.decodes and config.tpu_fit.families:
     schedules.update(family_schedules(config))
@@ -299,8 +301,8 @@ def compare_programs(rows: list[dict]) -> None:
   baseline's."""
   by_program = {row['program']: row for row in rows}
   ratio = lambda a, b, key: a[key] / b[key] if a.get(key) and b.get(key) else None
-  nested, single = by_program['train'], by_program.get('train:single_width')
-  if single:
+  nested, single = by_program.get('train'), by_program.get('train:single_width')
+  if nested and single:
     nested['collective_vs_single'] = ratio(nested, single, 'collective_wire_gib')
     nested['modeled_time_vs_single'] = ratio(nested, single, 'modeled_seconds')
   baseline = by_program.get('decode:baseline')

@@ -152,6 +152,11 @@ def test_malformed_tpu_topology():
   assert "config.tpu_fit.topology='v5e'" in message and 'v5e:4x4' in message
 
 
+def test_compile_tpu_with_nothing_to_compile():
+  message = bad(tpu_fit__train=False, tpu_fit__decodes=False)
+  assert 'config.tpu_fit.decodes=False' in message and 'tpu_fit.train is False' in message
+
+
 def test_negative_chip_memory():
   message = bad(tpu_fit__hbm_gib=-1.0)
   assert 'config.tpu_fit.hbm_gib=-1.0' in message
