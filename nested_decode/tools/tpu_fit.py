@@ -167,15 +167,17 @@ def compile_program(compile_steps: Callable[[], list[Any]], mesh: Mesh
 def memory_report(executables: list[Any], hbm: int, layers: int, seconds: float,
                   count_collectives: bool = False) -> dict:
   """Per-device memory (of the largest executable: they run one after another), FLOPs (of all
-  steps) and, with ``count_collectives``, the collective traffic of a compiled program."""
+  steps) and, with ``count_collectives``, the collective traffic of a compiled program (none
+  where its HLO cannot be read, ``tpu_time.hlo_text``)."""
   memory = max((executable.memory_analysis() for executable in executables),
                key=lambda m: m.argument_size_in_bytes + m.temp_size_in_bytes
                + m.output_size_in_bytes - m.alias_size_in_bytes)
   total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
   flops = sum(executable.cost_analysis().get('flops', 0.0) for executable in executables)
-  traffic = (collective_report([executable.as_text() for executable in executables])
-             if count_collectives else {})
+  texts = ([tpu_time.hlo_text(executable) for executable in executables] if count_collectives
+           else [None])
+  traffic = {} if None in texts else collective_report(texts)
   return dict(
       argument_gib=memory.argument_size_in_bytes / GIB,
       output_gib=memory.output_size_in_bytes / GIB,
@@ -192,15 +194,21 @@ def modeled_time_report(executables: list[Any], timing_steps: Callable[[], list[
   """The compiler's modeled time of a program (``tpu_time.py``): of ``timing_steps``, the
   program with its layers unrolled, when given, else of ``executables``; and the scanned
   program's estimate times ``layers`` beside it, to show what scaling a scan would give."""
-  scan_scaled = layers * tpu_time.time_report(executables, device_kind)['modeled_seconds']
+  try:
+    scan_scaled = layers * tpu_time.time_report(executables, device_kind)['modeled_seconds']
+  except tpu_time.UnreadableEstimate:
+    scan_scaled = None
   timed, seconds = executables, 0.0
   if timing_steps is not None:
     timed, seconds, error = compile_program(timing_steps, mesh)
     if timed is None:
       return dict(modeled_error=error.strip().splitlines()[0][:300])
-  report = tpu_time.time_report(timed, device_kind)
-  return dict(report, scan_scaled_over_modeled=scan_scaled / report['modeled_seconds'],
-              timing_compile_seconds=seconds)
+  try:
+    report = tpu_time.time_report(timed, device_kind)
+  except tpu_time.UnreadableEstimate as error:
+    return dict(modeled_error=str(error))
+  return dict(report, timing_compile_seconds=seconds,
+              scan_scaled_over_modeled=scan_scaled and scan_scaled / report['modeled_seconds'])
 
 
 def single_width_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

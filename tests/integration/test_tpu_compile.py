@@ -205,6 +205,32 @@ def test_modeled_time_of_a_large_matmul_is_near_the_chips_peak():
   assert report['unmodeled_kernels'] == 0
 
 
+def test_a_v6e_program_whose_hlo_cannot_be_read_back_is_still_timed():
+  """On v6e the compiler offloads a large gather to the SparseCore, and jaxlib cannot read that
+  program's HLO back (an async-update it rejects); the estimate is then taken as given."""
+  device = tpu_fit.topology_devices('v6e:1x1')[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  logits = jax.ShapeDtypeStruct((1280, 128), jnp.float32, sharding=sharding)
+  ids = jax.ShapeDtypeStruct((1280,), jnp.int32, sharding=sharding)
+  pick = lambda logits, ids: jnp.take_along_axis(logits, ids[:, None], axis=-1)
+  compiled = jax.jit(pick).lower(logits, ids).compile()
+  assert tpu_time.hlo_text(compiled) is None
+  raw = compiled.cost_analysis()['optimal_seconds']
+  assert 0 < raw < 1
+  report = tpu_time.time_report([compiled, compiled], device.device_kind)
+  assert report['modeled_seconds'] == pytest.approx(2 * raw)
+  assert report['unreadable_programs'] == 1 and report['unmodeled_kernels'] is None
+
+
+def test_sentinels_of_an_unreadable_program_come_from_the_fraction_of_its_estimate():
+  # -3.999375 s: a v6e decode step whose XLA text dump held 4 ConcatBitcasts (tpu_time.py)
+  assert tpu_time.seconds_without_sentinels(-3.999375) == pytest.approx(0.000625)
+  assert tpu_time.seconds_without_sentinels(0.25) == 0.25
+  for ambiguous in (1.5, -2.0):
+    with pytest.raises(tpu_time.UnreadableEstimate, match='cannot be counted'):
+      tpu_time.seconds_without_sentinels(ambiguous)
+
+
 def test_unknown_topology_is_a_config_error():
   config = small_config()
   config.tpu_fit.topology = 'v9z:3x3'
