@@ -409,6 +409,9 @@ def validate_tpu_fit(tpu_fit: ml_collections.ConfigDict) -> None:
   if not (tpu_fit.get('train', True) or tpu_fit.decodes):
     _fail('tpu_fit.decodes', tpu_fit.decodes, 'must be True when tpu_fit.train is False: '
           'there would be nothing to compile')
+  if tpu_fit.get('single_width', False) and not tpu_fit.get('train', True):
+    _fail('tpu_fit.single_width', True, 'compiles a second train step, so it needs '
+          'tpu_fit.train=True')
 
 
 def seq_len(config: ml_collections.ConfigDict) -> int:

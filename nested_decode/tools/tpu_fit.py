@@ -175,9 +175,11 @@ def memory_report(executables: list[Any], hbm: int, layers: int, seconds: float,
   total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
   flops = sum(executable.cost_analysis().get('flops', 0.0) for executable in executables)
-  texts = ([tpu_time.hlo_text(executable) for executable in executables] if count_collectives
-           else [None])
-  traffic = {} if None in texts else collective_report(texts)
+  traffic = {}
+  if count_collectives:
+    texts = [tpu_time.hlo_text(executable) for executable in executables]
+    traffic = (dict(collectives_unreadable=True) if None in texts
+               else collective_report(texts))
   return dict(
       argument_gib=memory.argument_size_in_bytes / GIB,
       output_gib=memory.output_size_in_bytes / GIB,
@@ -190,12 +192,14 @@ def memory_report(executables: list[Any], hbm: int, layers: int, seconds: float,
 
 
 def modeled_time_report(executables: list[Any], timing_steps: Callable[[], list[Any]] | None,
-                        mesh: Mesh, device_kind: str, layers: int) -> dict:
+                        mesh: Mesh, device_kind: str, layers: int, decode: bool) -> dict:
   """The compiler's modeled time of a program (``tpu_time.py``): of ``timing_steps``, the
   program with its layers unrolled, when given, else of ``executables``; and the scanned
-  program's estimate times ``layers`` beside it, to show what scaling a scan would give."""
+  program's estimate times ``layers`` beside it, to show what scaling a scan would give.
+  ``decode``: the program's steps are decode steps, each modeled under one second."""
+  report = lambda programs: tpu_time.time_report(programs, device_kind, short_programs=decode)
   try:
-    scan_scaled = layers * tpu_time.time_report(executables, device_kind)['modeled_seconds']
+    scan_scaled = layers * report(executables)['modeled_seconds']
   except tpu_time.UnreadableEstimate:
     scan_scaled = None
   timed, seconds = executables, 0.0
@@ -204,11 +208,12 @@ def modeled_time_report(executables: list[Any], timing_steps: Callable[[], list[
     if timed is None:
       return dict(modeled_error=error.strip().splitlines()[0][:300])
   try:
-    report = tpu_time.time_report(timed, device_kind)
+    timed_report = report(timed)
   except tpu_time.UnreadableEstimate as error:
     return dict(modeled_error=str(error))
-  return dict(report, timing_compile_seconds=seconds,
-              scan_scaled_over_modeled=scan_scaled and scan_scaled / report['modeled_seconds'])
+  return dict(timed_report, timing_compile_seconds=seconds,
+              scan_scaled_over_modeled=(None if scan_scaled is None
+                                        else scan_scaled / timed_report['modeled_seconds']))
 
 
 def single_width_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -292,12 +297,16 @@ def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] =
     if 'collective_gib' in row:
       log(f"{program:>28s}: collectives move {row['collective_gib']:.2f} GiB per chip per step "
           f"(ring estimate {row['collective_wire_gib']:.2f} GiB sent)")
+    if row.get('collectives_unreadable'):
+      log(f"{program:>28s}: its HLO cannot be read back, so its collectives are not counted")
     if config.tpu_fit.modeled_time:
       row.update(modeled_time_report(executables, time_steps, mesh, common['device_kind'],
-                                     layers))
+                                     layers, decode=program.startswith('decode:')))
       if 'modeled_seconds' in row:
         log(f"{program:>28s}: modeled {1000 * row['modeled_seconds']:.2f} ms, "
             f"{row['modeled_tflops_per_second']:.1f} TFLOP/s per chip")
+      else:
+        log(f"{program:>28s}: no modeled time: {row['modeled_error']}")
     rows.append(row)
   compare_programs(rows)
   return rows
@@ -355,7 +364,8 @@ MODELED_TIME_MARKDOWN_COLUMNS = (
     ('modeled_tflops_per_second', '{:.1f}'), ('modeled_fraction_of_peak', '{:.0%}'),
     ('flop_ratio', '{:.2f}x'), ('modeled_speedup', '{:.2f}x'),
     ('speedup_over_flop_ratio', '{:.2f}'), ('modeled_time_vs_single', '{:.2f}x'),
-    ('scan_scaled_over_modeled', '{:.2f}'), ('unmodeled_kernels', '{}'))
+    ('scan_scaled_over_modeled', '{:.2f}'), ('unmodeled_kernels', '{}'),
+    ('unreadable_programs', '{}'))
 
 
 def modeled_time_table(rows: list[dict], config_name: str) -> str:

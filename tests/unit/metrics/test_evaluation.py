@@ -58,12 +58,15 @@ def test_frechet_rank_deficient_covariance():
       frechet.frechet_distance_from_features(features, constant), rel=1e-9)
 
 
-def test_frechet_of_features_in_a_subspace_is_their_distance_there():
-  """Two sets in one 3-dimensional subspace of 64 dimensions, fewer samples than dimensions:
-  the distance of their coordinates in the subspace (the full-rank formula with sqrtm)."""
+@pytest.mark.parametrize('dims,rank', [(64, 3), (128, 3), (300, 3), (300, 70)])
+def test_frechet_of_features_in_a_subspace_is_their_distance_there(dims, rank):
+  """Two sets in one ``rank``-dimensional subspace of ``dims`` dimensions, fewer samples than
+  dimensions: the distance of their coordinates in the subspace (the full-rank formula with
+  sqrtm). Above 64 dimensions LAPACK factors the covariance in blocks."""
   rng = np.random.default_rng(2)
-  a, b = rng.normal(size=(20, 3)), rng.normal(size=(30, 3)) @ rng.normal(size=(3, 3)) + 0.5
-  basis = np.linalg.qr(rng.normal(size=(64, 3)))[0]  # orthonormal columns
+  a = rng.normal(size=(2 * rank + 20, rank))
+  b = rng.normal(size=(3 * rank + 30, rank)) @ rng.normal(size=(rank, rank)) + 0.5
+  basis = np.linalg.qr(rng.normal(size=(dims, rank)))[0]  # orthonormal columns
   (mu1, sigma1), (mu2, sigma2) = frechet.feature_statistics(a), frechet.feature_statistics(b)
   expected = (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1 + sigma2)
               - 2 * np.trace(scipy.linalg.sqrtm(sigma1 @ sigma2)).real)

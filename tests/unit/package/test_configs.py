@@ -155,6 +155,8 @@ def test_malformed_tpu_topology():
 def test_compile_tpu_with_nothing_to_compile():
   message = bad(tpu_fit__train=False, tpu_fit__decodes=False)
   assert 'config.tpu_fit.decodes=False' in message and 'tpu_fit.train is False' in message
+  message = bad(tpu_fit__train=False, tpu_fit__single_width=True)
+  assert 'config.tpu_fit.single_width=True' in message and 'tpu_fit.train=True' in message
 
 
 def test_negative_chip_memory():
