@@ -60,7 +60,8 @@ def with_image_pipeline(config, *, image_size, channel_multipliers, base_channel
       final_lr_fraction=0.1, b1=0.5, b2=0.9, grad_clip=1.0, adversarial_weight=0.1,
       discriminator_channels=64, r1_gamma=10.0,
       usage_decay=0.99, dead_code_threshold=0.01, restart_every=1000, log_every=100,
-      checkpoint_every=5000))
+      checkpoint_every=5000,
+      pretrained=config_lib.PRETRAINED_TOKENIZER))
   # ADM's protocol (docs in the README): 50,000 samples, 50 per class, FID against the
   # statistics of the training images at the model's resolution.
   config.eval.num_samples = 50_000

@@ -42,7 +42,8 @@ def main_job_config():
       num_steps=600, batch_size=64, learning_rate=1e-3, warmup_steps=100, final_lr_fraction=0.1,
       b1=0.9, b2=0.99, grad_clip=1.0, adversarial_weight=0.0, discriminator_channels=32,
       r1_gamma=10.0, usage_decay=0.99, dead_code_threshold=0.05, restart_every=50,
-      log_every=100, checkpoint_every=500))
+      log_every=100, checkpoint_every=500,
+      pretrained=config_lib.PRETRAINED_TOKENIZER))
   config.training = config_lib.training_config(
       num_steps=800, batch_size=64, learning_rate=1e-3, warmup_steps=50, log_every=25,
       checkpoint_every=200)

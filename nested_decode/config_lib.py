@@ -139,7 +139,8 @@ def video_config(*, tiny: bool, model: dict, data: ml_collections.ConfigDict,
       num_steps=500_000, batch_size=64, num_frames=data.num_frames, learning_rate=1e-4,
       warmup_steps=5000, final_lr_fraction=0.1, b1=0.5, b2=0.9, grad_clip=1.0,
       adversarial_weight=0.1, discriminator_channels=64, r1_gamma=10.0, usage_decay=0.99,
-      dead_code_threshold=0.01, restart_every=1000, log_every=100, checkpoint_every=5000))
+      dead_code_threshold=0.01, restart_every=1000, log_every=100, checkpoint_every=5000,
+      pretrained=PRETRAINED_TOKENIZER))
   config.eval.num_samples = 50_000
   config.eval.batch_size = 64
   config.eval.saved_clips = 64
@@ -153,6 +154,9 @@ def video_config(*, tiny: bool, model: dict, data: ml_collections.ConfigDict,
 # (training/train_transformer.py, segment_to_train).
 RESTARTS = ('none', 'warm')
 RESTART = 'none'
+# A file of --mode=export_tokenizer that a job uses instead of training a tokenizer ('': train
+# one; inference/tokenizer_file.py).
+PRETRAINED_TOKENIZER = ''
 # The transformer's weight average (training.ema_decay; 0: none), off unless a config sets it.
 EMA_DECAY = 0.0
 # Dropout in training (nested_decode/models/transformer.py); MaskGIT's configs use 0.1 for both.

@@ -30,6 +30,8 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key, value in (('ema_decay', config_lib.EMA_DECAY), ('restart', config_lib.RESTART)):
     if key not in config.training:
       config.training[key] = value
+  if 'tokenizer_training' in config and 'pretrained' not in config.tokenizer_training:
+    config.tokenizer_training.pretrained = config_lib.PRETRAINED_TOKENIZER
   if 'query_buckets' not in config.sampling:
     config.sampling.query_buckets = config_lib.QUERY_BUCKETS
   if config.get('data'):  # saved before grain workers: read in the training thread

@@ -14,6 +14,8 @@ Modes:
   eval             DIR/eval.json: GFLOPs, class accuracy and Fréchet distance per schedule;
   export           DIR/model.msgpack: config, tokenizer and transformer in one file for
                    nested_decode.api.load (e.g. the demo notebook's model);
+  export_tokenizer DIR/tokenizer.msgpack: the trained tokenizer alone, for another job's
+                   --config.tokenizer_training.pretrained (it then trains none);
   flops            analytic GFLOPs per sample of each decode, DIR/flops.json;
   bench            the same rows plus measured seconds per batch decode, DIR/bench.json;
   bench_train      steps/s, examples/s and the time spent waiting for data of the train steps
@@ -182,6 +184,18 @@ def run_export(run: Run) -> None:
   print(f'Wrote {path}')
 
 
+def run_export_tokenizer(run: Run) -> None:
+  from nested_decode.inference import restore, tokenizer_file
+  if not restore.tokenizer_is_trained(run.config, run.workdir):
+    raise config_lib.ConfigError(
+        f'{run.workdir} holds no trained tokenizer ({run.config.tokenizer_training.num_steps} '
+        'steps); train one with --mode=train_tokenizer first')
+  path = io_utils.join(run.workdir, 'tokenizer.msgpack')
+  params = restore.tokenizer_params(run.config, run.workdir, run.mesh)
+  tokenizer_file.write(run.config, params, path)
+  print(f'Wrote {path}')
+
+
 def run_eval(run: Run) -> None:
   """The whole job (and ``--mode=eval``): every stage up to the evaluation."""
   rows = pipeline_job(run.config).eval_stage(run.config, run.workdir, run.mesh)
@@ -238,6 +252,7 @@ MODES = {
     'sample': Mode(run_sample, reads_data=True),
     'eval': Mode(run_eval, reads_data=True, evaluates=True),
     'export': Mode(run_export, reads_data=True),
+    'export_tokenizer': Mode(run_export_tokenizer),
     'flops': Mode(run_flops),
     'bench': Mode(run_bench),
     'bench_train': Mode(run_bench_train, reads_data=True),

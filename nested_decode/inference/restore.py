@@ -21,13 +21,15 @@ from nested_decode.checkpoints import (
   checkpoint_dir,
   is_finished,
 )
-from nested_decode.inference import tokenizer
+from nested_decode.inference import tokenizer, tokenizer_file
 from nested_decode.models import vqgan
 from nested_decode.models.transformer import NestedMaskedTransformer
 
 
 def tokenizer_is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
-  return is_finished(workdir, TOKENIZER, config.tokenizer_training.num_steps)
+  """Whether the workdir's tokenizer finished training, or the config names a pretrained one."""
+  return bool(tokenizer_file.pretrained_path(config)) or is_finished(
+      workdir, TOKENIZER, config.tokenizer_training.num_steps)
 
 
 def transformer_is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
@@ -52,12 +54,16 @@ def transformer_weights(workdir: str) -> str:
 
 
 def tokenizer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Any:
-  """The tokenizer's latest parameters, large convolutions split over ``fsdp`` as in training
+  """The tokenizer's latest parameters, or those of the file ``tokenizer_training.pretrained``
+  names (``tokenizer_file.py``), large convolutions split over ``fsdp`` as in training
   (``parallel.fsdp_shardings``)."""
   model = vqgan.VQGAN(tokenizer.tokenizer_config(config))
   shape = tokenizer.example_shape(config, config.tokenizer_training.get('num_frames', 1))
   init = lambda: {'params': model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))['params']}
-  abstract = parallel.abstract_state(init, parallel.fsdp_shardings(jax.eval_shape(init), mesh))
+  shardings = parallel.fsdp_shardings(jax.eval_shape(init), mesh)
+  abstract = parallel.abstract_state(init, shardings)
+  if tokenizer_file.pretrained_path(config):
+    return jax.device_put(tokenizer_file.read(config, abstract), shardings)
   return restore_params(workdir, TOKENIZER, abstract)
 
 

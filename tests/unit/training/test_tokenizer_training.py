@@ -4,11 +4,14 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from conftest import ROOT
 
-from nested_decode import parallel
+from nested_decode import main, parallel
+from nested_decode.config_lib import ConfigError
 from nested_decode.data import sources
 from nested_decode.inference import restore, tokenizer
+from nested_decode.pipeline import stages
 from nested_decode.training import train_tokenizer
 
 CONFIG_PATH = os.path.join(ROOT, 'configs', 'mnist.py')
@@ -61,3 +64,33 @@ def test_adversarial_loss_trains_the_discriminator_too(tmp_path):
   moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
            zip(jax.tree.leaves(initial), jax.tree.leaves(state.disc_params))]
   assert max(moved) > 0
+
+
+def test_a_pretrained_tokenizer_file_replaces_training(tmp_path):
+  """--mode=export_tokenizer writes a trained tokenizer to one file; a job whose
+  tokenizer_training.pretrained names it trains none and encodes with the same parameters."""
+  config = mnist_tiny()
+  config.tokenizer_training.update(num_steps=2, log_every=1, checkpoint_every=2)
+  mesh = parallel.make_mesh(config)
+  trained_dir, job_dir = str(tmp_path / 'trained'), str(tmp_path / 'job')
+  train, _, _, _ = sources.data_sources(config)
+  train_tokenizer.train(config, trained_dir, *sources.resumable_batches(train, None, 16, 0), mesh)
+  main.run_export_tokenizer(main.Run(config, 'mnist:tiny', trained_dir))
+  images, _ = sources.all_images(train)
+  trained = restore.tokenizer_params(config, trained_dir, mesh)
+
+  config.tokenizer_training.pretrained = os.path.join(trained_dir, 'tokenizer.msgpack')
+  assert restore.tokenizer_is_trained(config, job_dir)
+  loaded = stages.tokenizer_stage(config, job_dir, mesh)
+  assert not os.path.exists(os.path.join(job_dir, 'tokenizer'))
+  encode = lambda params: tokenizer.encode_batch(config, params, {'image': images[:8]}, mesh)
+  np.testing.assert_array_equal(encode(loaded), encode(trained))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(trained))
+
+  config.tokenizer.base_channels = 16
+  with pytest.raises(ConfigError, match=r'holds a tokenizer of another config: '
+                     r'tokenizer.base_channels is 8 in the file, 16 in the config'):
+    restore.tokenizer_params(config, job_dir, mesh)
+  config.tokenizer_training.pretrained = str(tmp_path / 'missing.msgpack')
+  with pytest.raises(ConfigError, match=r'config.tokenizer_training.pretrained=.*no such file'):
+    restore.tokenizer_params(config, job_dir, mesh)
