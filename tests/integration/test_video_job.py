@@ -62,11 +62,15 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(frame_pred
   assert 'Sampled 4 clips with schedule magnets' in stderr
   report = json.loads((tmp_path / 'eval.json').read_text())
   rows = {row['schedule']: row for row in report['rows']}
-  assert set(rows) == {'baseline', 'magnets'} and report['task'] == 'frame_prediction'
+  assert set(rows) == {'baseline', 'magnets', 'fewer_steps_4x', 'fewer_steps_6x'}
+  assert report['task'] == 'frame_prediction'
   for row in rows.values():
     assert row['num_clips'] == 4 and np.isfinite(row['fvd']) and row['fvd'] >= 0
     assert row['num_folds'] == 2 and row['fvd_std'] > 0  # two folds of 2 clips each
   assert rows['magnets']['flop_ratio'] > 3
+  # every step of an uncached full-width decode is the same pass: 12 steps against 3 and 2
+  assert rows['fewer_steps_4x']['flop_ratio'] == pytest.approx(4)
+  assert rows['fewer_steps_6x']['flop_ratio'] == pytest.approx(6)
   assert set(report['reference_fvd']) == {'tokenizer_reconstruction',
                                           'repeat_last_condition_frame'}
 
@@ -83,8 +87,8 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(frame_pred
   # PSNR and SSIM pair each sample with the real clip it continues: all 4 clips are saved, so
   # the report's scores can be recomputed from them.
   metrics = report['frame_metrics']
-  assert set(metrics) == {'baseline', 'magnets', 'tokenizer_reconstruction',
-                          'repeat_last_condition_frame'}
+  assert set(metrics) == {'baseline', 'magnets', 'fewer_steps_4x', 'fewer_steps_6x',
+                          'tokenizer_reconstruction', 'repeat_last_condition_frame'}
   for name, clips in (('baseline', baseline), ('magnets', magnets)):
     scores = frames.frame_scores(clips, real)
     assert rows[name]['psnr'] == metrics[name]['psnr'] == pytest.approx(
