@@ -46,6 +46,30 @@ def test_tokenizer_training_lowers_reconstruction_error_on_real_digits(tmp_path)
   assert tokens.min() >= 0 and tokens.max() < config.tokens.codebook_size
   decoded = tokenizer.decode_tokens(config, params, tokens, parallel.make_mesh(config))
   assert decoded.shape == (10, 28, 28, 1) and decoded.dtype == np.uint8
+  check_pretrained_file_replaces_training(config, str(tmp_path), params, images[:10], tokens)
+
+
+def check_pretrained_file_replaces_training(config, trained_dir, params, images, tokens):
+  """--mode=export_tokenizer writes a trained tokenizer to one file; a job whose
+  tokenizer_training.pretrained names it trains none and encodes with the same parameters."""
+  mesh = parallel.make_mesh(config)
+  job_dir = os.path.join(trained_dir, 'job')
+  main.run_export_tokenizer(main.Run(config, 'mnist:tiny', trained_dir))
+  config.tokenizer_training.pretrained = os.path.join(trained_dir, 'tokenizer.msgpack')
+  assert restore.tokenizer_is_trained(config, job_dir)
+  loaded = stages.tokenizer_stage(config, job_dir, mesh)
+  assert not os.path.exists(os.path.join(job_dir, 'tokenizer'))
+  np.testing.assert_array_equal(
+      tokenizer.encode_batch(config, loaded, {'image': images}, mesh), tokens)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(params))
+
+  config.tokenizer.base_channels = 16
+  with pytest.raises(ConfigError, match=r'holds a tokenizer of another config: '
+                     r'tokenizer.base_channels is 8 in the file, 16 in the config'):
+    restore.tokenizer_params(config, job_dir, mesh)
+  config.tokenizer_training.pretrained = os.path.join(trained_dir, 'missing.msgpack')
+  with pytest.raises(ConfigError, match=r'config.tokenizer_training.pretrained=.*no such file'):
+    restore.tokenizer_params(config, job_dir, mesh)
 
 
 def test_adversarial_loss_trains_the_discriminator_too(tmp_path):
@@ -65,32 +89,3 @@ def test_adversarial_loss_trains_the_discriminator_too(tmp_path):
            zip(jax.tree.leaves(initial), jax.tree.leaves(state.disc_params))]
   assert max(moved) > 0
 
-
-def test_a_pretrained_tokenizer_file_replaces_training(tmp_path):
-  """--mode=export_tokenizer writes a trained tokenizer to one file; a job whose
-  tokenizer_training.pretrained names it trains none and encodes with the same parameters."""
-  config = mnist_tiny()
-  config.tokenizer_training.update(num_steps=2, log_every=1, checkpoint_every=2)
-  mesh = parallel.make_mesh(config)
-  trained_dir, job_dir = str(tmp_path / 'trained'), str(tmp_path / 'job')
-  train, _, _, _ = sources.data_sources(config)
-  train_tokenizer.train(config, trained_dir, *sources.resumable_batches(train, None, 16, 0), mesh)
-  main.run_export_tokenizer(main.Run(config, 'mnist:tiny', trained_dir))
-  images, _ = sources.all_images(train)
-  trained = restore.tokenizer_params(config, trained_dir, mesh)
-
-  config.tokenizer_training.pretrained = os.path.join(trained_dir, 'tokenizer.msgpack')
-  assert restore.tokenizer_is_trained(config, job_dir)
-  loaded = stages.tokenizer_stage(config, job_dir, mesh)
-  assert not os.path.exists(os.path.join(job_dir, 'tokenizer'))
-  encode = lambda params: tokenizer.encode_batch(config, params, {'image': images[:8]}, mesh)
-  np.testing.assert_array_equal(encode(loaded), encode(trained))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(trained))
-
-  config.tokenizer.base_channels = 16
-  with pytest.raises(ConfigError, match=r'holds a tokenizer of another config: '
-                     r'tokenizer.base_channels is 8 in the file, 16 in the config'):
-    restore.tokenizer_params(config, job_dir, mesh)
-  config.tokenizer_training.pretrained = str(tmp_path / 'missing.msgpack')
-  with pytest.raises(ConfigError, match=r'config.tokenizer_training.pretrained=.*no such file'):
-    restore.tokenizer_params(config, job_dir, mesh)
