@@ -14,6 +14,7 @@ import flax
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from nested_decode import config_lib, io_utils
 from nested_decode.networks import weight_shapes
@@ -53,14 +54,12 @@ def read(config: ml_collections.ConfigDict, abstract_params: Any) -> Any:
     differ = sorted(_differences(saved, wanted))
     raise config_lib.ConfigError(
         f'config.{KEY}={path!r} holds a tokenizer of another config: {"; ".join(differ)}')
-  params = payload['params']
-  flat = lambda tree: {tuple(k.key for k in key): leaf for key, leaf
-                       in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  params = jax.tree.map(np.asarray, payload['params'])
   weight_shapes.check_matches(
-      {key: np.asarray(leaf) for key, leaf in flat(params).items()},
-      {key: tuple(leaf.shape) for key, leaf in flat(abstract_params).items()},
+      traverse_util.flatten_dict(params),
+      {key: tuple(leaf.shape) for key, leaf in traverse_util.flatten_dict(abstract_params).items()},
       f'config.{KEY}={path!r}')
-  return jax.tree.map(np.asarray, params)
+  return params
 
 
 def _differences(saved: dict, wanted: dict, prefix: str = '') -> list[str]:

@@ -88,4 +88,3 @@ def test_adversarial_loss_trains_the_discriminator_too(tmp_path):
   moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
            zip(jax.tree.leaves(initial), jax.tree.leaves(state.disc_params))]
   assert max(moved) > 0
-
