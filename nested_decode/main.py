@@ -65,10 +65,12 @@ def default_workdir(config_name: str) -> str:
 
 
 def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
-  columns = [c for c in columns if c in rows[0]]
+  """``rows`` as text, in those of ``columns`` that some row has (a row without one: blank)."""
+  columns = [c for c in columns if any(c in row for row in rows)]
   lines = [' | '.join(columns)]
   for row in rows:
-    cells = [f'{row[c]:.4g}' if isinstance(row[c], float) else str(row[c]) for c in columns]
+    cells = [f'{row[c]:.4g}' if isinstance(row.get(c), float) else str(row.get(c, ''))
+             for c in columns]
     lines.append(' | '.join(cells))
   return '\n'.join(lines)
 
@@ -200,7 +202,8 @@ def run_eval(run: Run) -> None:
   """The whole job (and ``--mode=eval``): every stage up to the evaluation."""
   rows = pipeline_job(run.config).eval_stage(run.config, run.workdir, run.mesh)
   print(format_table(rows, ('schedule', 'cache', 'steps', 'gflops_per_sample', 'flop_ratio',
-                            'class_accuracy', 'fd', 'fid', 'inception_score', 'fvd')))
+                            'class_accuracy', 'fd', 'fid', 'inception_score', 'fvd',
+                            'fvd_minus_baseline', 'fvd_minus_baseline_se')))
   print(f'Wrote {io_utils.join(run.workdir, "eval.json")}')
 
 

@@ -12,9 +12,11 @@ first ``eval.saved_clips`` clips. Clips are resized to ``eval.fvd_image_size`` b
 
 ``eval.json`` rows: ``fvd`` (mean over the ``eval.num_folds`` folds of ``eval.num_samples`` clips,
 each against its fold of real clips) and ``fvd_std``, with ``gflops_per_sample`` and
-``flop_ratio``. For scale it also scores the tokenizer's reconstructions of the held-out clips
-(the ceiling any sampler can reach through this tokenizer) and, for frame prediction, repeating
-the last condition frame (a model that learned nothing).
+``flop_ratio``; each schedule's but the baseline's also its paired gaps to the baseline with
+their standard errors (``fvd_minus_baseline`` and ``fvd_minus_baseline_se``, a bootstrap over
+the clips; ``gaps_to_baseline``). For scale it also scores the tokenizer's reconstructions of
+the held-out clips (the ceiling any sampler can reach through this tokenizer) and, for frame
+prediction, repeating the last condition frame (a model that learned nothing).
 
 Frame prediction also scores every set's frames against the real clips they continue: rows
 carry ``psnr`` and ``ssim`` (``metrics.frames``, means over clips and the predicted frames),
@@ -35,10 +37,12 @@ from nested_decode import api, config_lib, io_utils, parallel, tasks
 from nested_decode.data import clip_views, pipeline
 from nested_decode.data.sources import data_sources
 from nested_decode.inference import decode_cost, tokenizer
-from nested_decode.metrics import frames, frechet, fvd
+from nested_decode.metrics import frames, frechet, fvd, paired
 from nested_decode.pipeline import stages
 from nested_decode.writers import frame_metrics_plot, video_writer
 
+# Draws of the paired bootstrap of each schedule's FVD gap to the baseline (gaps_to_baseline).
+BOOTSTRAP_RESAMPLES = 100
 ClipBatches = Callable[[], Iterator[tuple[parallel.RowShare, np.ndarray, np.ndarray | None]]]
 
 
@@ -286,6 +290,32 @@ def set_scores(result: dict[str, np.ndarray], real: np.ndarray,
   return mean, std, summary
 
 
+def gaps_to_baseline(result: dict[str, np.ndarray], baseline: dict[str, np.ndarray],
+                     real: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, float]:
+  """A set's paired differences from the baseline's (both ``streamed_features``' results, clip
+  ``i`` of each continuing or conditioned like real clip ``i``): ``fvd_minus_baseline`` and its
+  bootstrap standard error ``fvd_minus_baseline_se`` (clips resampled within each fold, the same
+  clips of both sets and of the real ones) and, for frame prediction, ``psnr_minus_baseline`` and
+  ``ssim_minus_baseline`` (per-clip means over the predicted frames) with theirs. Empty when
+  the sets do not pair up clip for clip with the real clips."""
+  features, reference = result['features'], baseline['features']
+  if not len(features) == len(reference) == len(real):
+    return {}
+  folds = config.eval.num_folds
+  fold_sizes = [len(fold) for fold in np.array_split(real, folds)]
+  fvd_gap = lambda rows: (fold_fvd(features[rows], real[rows], folds)[0]
+                          - fold_fvd(reference[rows], real[rows], folds)[0])
+  gaps = dict(zip(('fvd_minus_baseline', 'fvd_minus_baseline_se'),
+                  paired.bootstrap_difference(fvd_gap, fold_sizes, BOOTSTRAP_RESAMPLES)))
+  first = config.task.condition_frames
+  for metric in ('psnr', 'ssim'):
+    if metric in result and metric in baseline:
+      gaps[f'{metric}_minus_baseline'], gaps[f'{metric}_minus_baseline_se'] = (
+          paired.paired_difference(result[metric][:, first:].mean(axis=1),
+                                   baseline[metric][:, first:].mean(axis=1)))
+  return gaps
+
+
 def save_frame_metrics(config: ml_collections.ConfigDict, path: str, summaries: dict) -> None:
   if summaries and jax.process_index() == 0:
     frame_metrics_plot.save_frame_metrics_plot(path, summaries, config.task.condition_frames)
@@ -311,6 +341,8 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> l
     if summary:
       frame_metrics[name] = summary
       row.update(psnr=summary['psnr'], ssim=summary['ssim'])
+    if name != 'baseline':
+      row.update(gaps_to_baseline(result, results['baseline'], real, config))
     rows.append(row)
     logging.info('eval %s: %s', name, row)
   references = {}

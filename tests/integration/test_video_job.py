@@ -68,6 +68,12 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(frame_pred
     assert row['num_clips'] == 4 and np.isfinite(row['fvd']) and row['fvd'] >= 0
     assert row['num_folds'] == 2 and row['fvd_std'] > 0  # two folds of 2 clips each
   assert rows['magnets']['flop_ratio'] > 3
+  assert 'fvd_minus_baseline' not in rows['baseline']
+  for name in ('magnets', 'fewer_steps_4x', 'fewer_steps_6x'):  # paired gaps to the baseline
+    row = rows[name]
+    assert row['fvd_minus_baseline'] == pytest.approx(row['fvd'] - rows['baseline']['fvd'])
+    assert row['fvd_minus_baseline_se'] > 0 and np.isfinite(row['psnr_minus_baseline_se'])
+    assert row['psnr_minus_baseline'] == pytest.approx(row['psnr'] - rows['baseline']['psnr'])
   # every step of an uncached full-width decode is the same pass: 12 steps against 3 and 2
   assert rows['fewer_steps_4x']['flop_ratio'] == pytest.approx(4)
   assert rows['fewer_steps_6x']['flop_ratio'] == pytest.approx(6)
