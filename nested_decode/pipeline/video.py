@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from nested_decode import api, config_lib, io_utils, parallel, tasks
 from nested_decode.data import clip_views, pipeline
 from nested_decode.data.sources import data_sources
-from nested_decode.inference import decode_cost, tokenizer
+from nested_decode.inference import decode_cost, tokenizer, tokenizer_file
 from nested_decode.metrics import frames, frechet, fvd, paired
 from nested_decode.pipeline import stages
 from nested_decode.writers import frame_metrics_plot, video_writer
@@ -385,7 +385,10 @@ def tokenizer_eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: 
           'other_split_clips': (other_split_clips(config, mesh), None)}
   if tasks.task_of(config).num_given:
     sets['repeat_last_condition_frame'] = (repeated_last_condition_frame(config, mesh), paired)
-  report = {'tokenizer_steps': config.tokenizer_training.num_steps, 'num_clips': len(real)}
+  pretrained = tokenizer_file.pretrained_path(config)
+  report = ({'pretrained_tokenizer': pretrained} if pretrained else
+            {'tokenizer_steps': config.tokenizer_training.num_steps})
+  report['num_clips'] = len(real)
   frame_metrics = {}
   for name, (batches, paired_clips) in sets.items():
     result = streamed_features(features_path(workdir, name), batches, 0, i3d, size,

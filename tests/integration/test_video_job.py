@@ -32,8 +32,8 @@ def test_comparison_gif_frames_mark_given_and_generated_frames(tmp_path):
       [video_writer.GIVEN_COLOR] * 2 + [video_writer.GENERATED_COLOR] * 4)
 
 
-# configs/k600.py:tiny shrunk for the suite.
-JOB_OVERRIDES = ['--config.tokenizer_training.num_steps=3', '--config.training.num_steps=3',
+# configs/k600.py:tiny shrunk for the suite (its tokenizer is the repository's trained one).
+JOB_OVERRIDES = ['--config.training.num_steps=3',
                  '--config.data.num_train_clips=32', '--config.data.num_eval_clips=4',
                  '--config.eval.num_samples=2', '--config.eval.num_folds=2',
                  '--config.eval.batch_size=4',
@@ -124,6 +124,17 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(frame_pred
   assert sampled() == written  # finished schedules are read back, not sampled again
 
 
+def test_the_job_trains_its_own_video_tokenizer_when_given_none(tmp_path):
+  """``tokenizer_training.pretrained=''``: the causal 3D tokenizer trains in the workdir."""
+  result = run_main('--config=configs/k600.py:tiny', f'--workdir={tmp_path}',
+                    '--mode=train_tokenizer', '--config.tokenizer_training.pretrained=',
+                    '--config.tokenizer_training.num_steps=2', *JOB_OVERRIDES)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = (tmp_path / 'tokenizer_metrics.jsonl').read_text().splitlines()
+  assert json.loads(lines[-1])['step'] == 2 and np.isfinite(json.loads(lines[-1])['loss'])
+  assert (tmp_path / 'tokenizer').is_dir()
+
+
 def test_the_tokenizer_alone_scores_what_the_job_scored_its_reconstructions(
     frame_prediction_job):
   """``--mode=eval_tokenizer`` on the job's workdir: its reconstructions of the real clips are
@@ -134,7 +145,8 @@ def test_the_tokenizer_alone_scores_what_the_job_scored_its_reconstructions(
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((workdir / 'tokenizer_eval.json').read_text())
   job = json.loads((workdir / 'eval.json').read_text())
-  assert report['tokenizer_steps'] == 3 and report['num_clips'] == 4
+  shipped = load_config('k600', 'tiny').tokenizer_training.pretrained
+  assert report['pretrained_tokenizer'] == shipped and report['num_clips'] == 4
   reconstructions = report['reconstruction_of_real']
   assert reconstructions['psnr_per_frame'] == pytest.approx(
       job['frame_metrics']['tokenizer_reconstruction']['psnr_per_frame'])
