@@ -24,7 +24,6 @@ def paired_difference(values, reference) -> tuple[float, float]:
           float(differences.std(ddof=1) / math.sqrt(differences.size)))
 
 
-
 def bootstrap_difference(difference: Callable[[np.ndarray], float], group_sizes: Sequence[int],
                          resamples: int, seed: int = 0) -> tuple[float, float]:
   """``difference(all rows)`` and its paired bootstrap standard error, for scores of a whole
