@@ -71,6 +71,9 @@ def tiny_config(task):
                                    num_classes=0, guidance_scale=0.0)
   # Time halved once, not twice: at 4x each token covers 4 frames of digits too thin for I3D to
   # see (docs/results.md, the video tokenizer). 16 frames (17 with the copy) give 9 latent frames.
+  # 577 tokens and heads of 16: attention's score passes are most of a CPU train step, and the
+  # deferred normalisation halves them (models/attention.py).
+  config.model.attention_impl = 'deferred'
   config.tokenizer.temporal_downsample = (True, False)
   config.tokens.shape = config_lib.video_token_shape(data, config.tokenizer)
   config.tokenizer_training.update(dict(

@@ -246,8 +246,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail(f'model.{key}', model[key], 'must be in [0, 1)')
   if model.attention_dropout_rate > 0 and model.attention_impl != 'xla':
     _fail('model.attention_dropout_rate', model.attention_dropout_rate,
-          f"the fused kernel of config.model.attention_impl={model.attention_impl!r} has no "
-          "attention-weight dropout: set it to 0 or use attention_impl='xla'")
+          f"config.model.attention_impl={model.attention_impl!r} has no attention-weight "
+          "dropout: set it to 0 or use attention_impl='xla'")
   if model.remat not in REMAT_POLICIES:
     _fail('model.remat', model.remat, f'allowed values are {tuple(REMAT_POLICIES)}')
   if not config.tokens.shape or any(int(s) <= 0 for s in config.tokens.shape):

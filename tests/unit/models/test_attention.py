@@ -1,4 +1,5 @@
-"""Splash attention (Pallas, interpret mode on CPU) against XLA attention; weight dropout."""
+"""Splash attention (Pallas, interpret mode on CPU) and the deferred-normalisation attention
+against XLA attention; weight dropout."""
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +33,34 @@ def test_splash_gradient_equals_xla():
     np.testing.assert_allclose(a, b, atol=2e-6)
 
 
+@pytest.mark.parametrize('scale', (1.0, 300.0))
+def test_deferred_equals_xla_attention_and_its_gradient(scale):
+  """At ``scale`` 300 the scores reach thousands: exp without the shift would overflow."""
+  kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+  q = scale * jax.random.normal(kq, (2, 37, 4, 16))
+  k, v = (jax.random.normal(key, (2, 41, 4, 16)) for key in (kk, kv))
+
+  def grads(implementation):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attention.attend(q, k, v, implementation)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  (deferred, deferred_grads), (xla, xla_grads) = grads('deferred'), grads('xla')
+  np.testing.assert_allclose(deferred, xla, rtol=1e-5)
+  for a, b in zip(deferred_grads, xla_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5 * scale)
+  np.testing.assert_allclose(attention.attend(q, k, v, 'deferred'),
+                             attention.attend(q, k, v, 'xla'), atol=2e-6 * scale)
+
+
 def test_unknown_implementation_is_named():
   q = jnp.zeros((1, 4, 1, 8))
   with pytest.raises(ValueError, match="'flash'"):
     attention.attend(q, q, q, 'flash')
 
 
+@pytest.mark.parametrize('implementation', ('splash', 'deferred'))
 @pytest.mark.parametrize('factor', (2, 8))
-def test_model_with_splash_equals_xla_full_and_cached_pass(factor):
+def test_model_equals_xla_full_and_cached_pass(factor, implementation):
   """Nested widths (4 and 1 of 8 heads), 1 + 130 tokens (not a multiple of 128), and a
   cached pass of 5 queries over the cache."""
   xla_config = small_config(seq_len=130)
@@ -59,7 +80,7 @@ def test_model_with_splash_equals_xla_full_and_cached_pass(factor):
       return logits, cached
     return run(params)
 
-  for a, b in zip(passes(small_config(seq_len=130, attention_impl='splash')),
+  for a, b in zip(passes(small_config(seq_len=130, attention_impl=implementation)),
                   passes(xla_config)):
     np.testing.assert_allclose(a, b, atol=2e-5)
 
