@@ -5,9 +5,11 @@ implementation (``config.model.attention_impl``):
 * ``deferred``: the same materialised attention written for memory-bound hosts (CPUs): heads
   lead (``[B, h, Q, d]``), the weights stay unnormalised (``exp(s - max s)``) through the
   product with the values, and the division by their row sums is applied to the ``[B, h, Q, d]``
-  result. That is one pass fewer over the scores forward and a cheaper backward: a nested train
-  step of ``configs/k600.py:tiny`` (577 tokens, heads of 16) takes half the time of ``xla``'s on
-  2 CPU cores (docs/results.md);
+  result, one pass fewer over the scores; its backward is softmax attention's own, written out.
+  A nested train step of ``configs/k600.py:tiny`` (577 tokens, heads of 16) takes about half
+  the time of ``xla``'s on 2 CPU cores (docs/results.md), and the TPU compiler models a k600
+  layer's attention at 44% less time forward and 14% less forward and backward on a v5e
+  (docs/tpu_time.md);
 * ``cudnn``: the same through cuDNN's fused kernel (GPU only);
 * ``splash``: the Pallas splash-attention kernel for TPU, which never holds the whole score
   matrix: memory grows with the sequence, not its square. It runs in interpret mode where the
@@ -74,14 +76,48 @@ def attend_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, rate: float,
 def deferred_attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """Softmax attention normalised after the value product (see the module docstring)."""
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+  return jnp.swapaxes(_deferred_core(q, k, v), 1, 2)
+
+
+def _deferred_forward(q, k, v):
+  """``[B, h, Q, d]`` outputs in float32, the unnormalised weights and their row sums."""
   scale = jnp.asarray(1 / math.sqrt(q.shape[-1]), q.dtype)
   scores = jnp.einsum('bhqd,bhkd->bhqk', q * scale, k, preferred_element_type=jnp.float32)
-  # The shift keeps exp in range; softmax does not depend on it, so neither does the gradient.
-  weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+  weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # the shift keeps exp in range
+  sums = weights.sum(axis=-1, keepdims=True)
   out = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32) / sums
+  return out, weights, sums
+
+
+@jax.custom_vjp
+def _deferred_core(q, k, v):
+  return _deferred_forward(q, k, v)[0].astype(q.dtype)
+
+
+def _deferred_core_forward(q, k, v):
+  out, weights, sums = _deferred_forward(q, k, v)
+  return out.astype(q.dtype), (q, k, v, out, weights, sums)
+
+
+def _deferred_core_backward(residuals, d_out):
+  """Softmax attention's own backward (``d_scores = p * (d_p - rowsum(d_out * out))``), with
+  ``p`` never formed: autodiff of the forward's steps would be modeled 1.6x slower on a v5e
+  (docs/tpu_time.md)."""
+  q, k, v, out, weights, sums = residuals
+  d_out = d_out.astype(jnp.float32)
+  d_v = jnp.einsum('bhqk,bhqd->bhkd', weights.astype(v.dtype), (d_out / sums).astype(v.dtype),
                    preferred_element_type=jnp.float32)
-  out = out / weights.sum(axis=-1, keepdims=True)
-  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+  d_weights = jnp.einsum('bhqd,bhkd->bhqk', d_out.astype(v.dtype), v,
+                         preferred_element_type=jnp.float32)
+  d_scores = weights / sums * (d_weights - jnp.sum(d_out * out, axis=-1, keepdims=True))
+  d_scores = (d_scores / math.sqrt(q.shape[-1])).astype(q.dtype)
+  d_q = jnp.einsum('bhqk,bhkd->bhqd', d_scores, k, preferred_element_type=jnp.float32)
+  d_k = jnp.einsum('bhqk,bhqd->bhkd', d_scores, q, preferred_element_type=jnp.float32)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+_deferred_core.defvjp(_deferred_core_forward, _deferred_core_backward)
 
 
 def _round_up(length: int) -> int:
