@@ -2,7 +2,8 @@
 implementation (``config.model.attention_impl``):
 
 * ``xla``: ``jax.nn.dot_product_attention``, materialising the ``[B, h, Q, K]`` scores;
-* ``deferred``: the same materialised attention written for memory-bound hosts (CPUs): heads
+* ``deferred``: the same materialised attention with fewer passes over the scores, for where
+  their trips through memory set the time (CPUs; TPUs, by the compiler's model): heads
   lead (``[B, h, Q, d]``), the weights stay unnormalised (``exp(s - max s)``) through the
   product with the values, and the division by their row sums is applied to the ``[B, h, Q, d]``
   result, one pass fewer over the scores; its backward is softmax attention's own, written out.
