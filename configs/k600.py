@@ -81,7 +81,7 @@ def tiny_config(task):
       b1=0.9, b2=0.99, adversarial_weight=0.0, dead_code_threshold=0.05, restart_every=50,
       log_every=25, checkpoint_every=200, pretrained=TINY_TOKENIZER))
   # A nested train step of 576 tokens takes 3.5 s on 2 cores (--mode=bench_train), the encoding
-  # and the evaluation about 10 minutes: 240 steps make the job about 23 (docs/results.md).
+  # and the evaluation about 10 minutes: 240 steps make the job 24 (docs/results.md).
   config.training = config_lib.training_config(
       num_steps=240, batch_size=16, learning_rate=1e-3, warmup_steps=20, log_every=20,
       checkpoint_every=60)
