@@ -10,7 +10,7 @@ tokens; the first 2 latent frames encode exactly the 5 condition frames and are 
 known tokens (see nested_decode/tasks.py). No labels: the class token is the unconditional id
 and guidance is off. `:base` gives the MAGVIT-B transformer (12 layers x 768).
 
-`:tiny` is the offline job of a 2-core machine (about 25 minutes): Moving MNIST generated from
+`:tiny` is the offline job of a 2-core machine (24 minutes): Moving MNIST generated from
 the embedded MNIST digits (2 digits bouncing in 64x64, shown at 32x32), 5 given frames and 11
 generated, a small transformer, GIFs and FVD with the real I3D network. Its tokenizer halves
 time once (9x8x8 tokens) and is the repository's `weights/k600_tiny_tokenizer_9x8x8.msgpack`,
@@ -71,11 +71,11 @@ def tiny_config(task):
                                    num_classes=0, guidance_scale=0.0)
   # Time halved once, not twice: at 4x each token covers 4 frames of digits too thin for I3D to
   # see (docs/results.md, the video tokenizer). 16 frames (17 with the copy) give 9 latent frames.
+  config.tokenizer.temporal_downsample = (True, False)
+  config.tokens.shape = config_lib.video_token_shape(data, config.tokenizer)
   # 577 tokens and heads of 16: attention's score passes are most of a CPU train step, and the
   # deferred normalisation halves them (models/attention.py).
   config.model.attention_impl = 'deferred'
-  config.tokenizer.temporal_downsample = (True, False)
-  config.tokens.shape = config_lib.video_token_shape(data, config.tokenizer)
   config.tokenizer_training.update(dict(
       num_steps=9600, batch_size=8, num_frames=9, learning_rate=1e-3, warmup_steps=50,
       b1=0.9, b2=0.99, adversarial_weight=0.0, dead_code_threshold=0.05, restart_every=50,
