@@ -66,7 +66,8 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   config.model = ml_collections.ConfigDict(dict(
       num_layers=num_layers, width=width, num_heads=num_heads, mlp_dim=4 * width,
       nesting_factors=(1, 2, 4, 8), scan_layers=True, remat='none', dtype=dtype,
-      attention_impl='xla', **MODEL_DROPOUT_DEFAULTS))
+      attention_impl='xla', position_embedding=POSITION_EMBEDDING,
+      **MODEL_DROPOUT_DEFAULTS))
   config.tokens = ml_collections.ConfigDict(dict(
       shape=tuple(token_shape), codebook_size=codebook_size, num_classes=num_classes))
   config.sampling = ml_collections.ConfigDict(dict(
@@ -161,13 +162,21 @@ PRETRAINED_TOKENIZER = ''
 EMA_DECAY = 0.0
 # Dropout in training (nested_decode/models/transformer.py); MaskGIT's configs use 0.1 for both.
 MODEL_DROPOUT_DEFAULTS = dict(dropout_rate=0.0, attention_dropout_rate=0.0)
+# model.position_embedding: 'per_position' learns a vector for each sequence position (MaskGIT's),
+# 'per_axis' one table per axis of tokens.shape, summed (models/nested_layers.py).
+POSITION_EMBEDDINGS = ('per_position', 'per_axis')
+POSITION_EMBEDDING = 'per_position'
 # The FVD protocol (README, "Video evaluation protocols"): real clips from this split, as
 # (temporal windows, spatial crops) clips per video; FVD on each of num_folds sets of
 # num_samples clips; clips resized to fvd_image_size first (0: as generated). frame_metrics:
 # frame prediction's PSNR and SSIM of every set against its real clips, which reads the real
 # clips again for each set.
+# temperature_sweep: --mode=tune_temperature's candidates and validation clips
+# (studies/temperature_sweep.py).
 VIDEO_EVAL_DEFAULTS = dict(real_split='eval', clip_views=(1, 1), num_folds=1, fvd_image_size=0,
-                           frame_metrics=True)
+                           frame_metrics=True,
+                           temperature_sweep=dict(temperatures=(1.0, 0.7, 0.5, 0.3, 0.1),
+                                                  num_clips=64))
 # ImageNet's FID protocol (README, "Evaluating an ImageNet model").
 FID_EVAL_DEFAULTS = dict(fid_reference='train', min_reference_images=10_000, inception_weights='')
 
@@ -241,6 +250,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail('model.width', model.width, f'must be divisible by model.num_heads={model.num_heads}')
   _check_choice(config, 'model.dtype', DTYPES)
   _check_choice(config, 'model.attention_impl', ATTENTION_IMPLS)
+  _check_choice(config, 'model.position_embedding', POSITION_EMBEDDINGS)
   for key in ('dropout_rate', 'attention_dropout_rate'):
     if not 0.0 <= model[key] < 1.0:
       _fail(f'model.{key}', model[key], 'must be in [0, 1)')
@@ -430,7 +440,9 @@ def transformer_config(config: ml_collections.ConfigDict) -> TransformerConfig:
       seq_len=seq_len(config), nesting_factors=tuple(m.nesting_factors),
       scan_layers=m.scan_layers, remat=m.remat, dtype=m.dtype,
       attention_impl=m.attention_impl, dropout_rate=m.dropout_rate,
-      attention_dropout_rate=m.attention_dropout_rate)
+      attention_dropout_rate=m.attention_dropout_rate,
+      position_grid=(tuple(int(s) for s in config.tokens.shape)
+                     if m.position_embedding == 'per_axis' else ()))
 
 
 def sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions:

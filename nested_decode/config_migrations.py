@@ -24,7 +24,9 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key, value in defaults.items():
     if key not in config.eval:
       config.eval[key] = value
-  for key, value in config_lib.MODEL_DROPOUT_DEFAULTS.items():
+  model_defaults = dict(config_lib.MODEL_DROPOUT_DEFAULTS,
+                        position_embedding=config_lib.POSITION_EMBEDDING)
+  for key, value in model_defaults.items():
     if key not in config.model:
       config.model[key] = value
   for key, value in (('ema_decay', config_lib.EMA_DECAY), ('restart', config_lib.RESTART)):

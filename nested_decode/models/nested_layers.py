@@ -116,3 +116,30 @@ class NestedEmbed(nn.Module):
     table = nested_param(self, 'embedding', (self.num_embeddings, self.features), (False, True),
                          self.logical_axes, default_kernel_init, factor)
     return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+
+class NestedAxisPositions(nn.Module):
+  """Position embeddings of a class token and a row-major token ``grid`` (a video's time, rows
+  and columns), each grid position's the sum of one learned row per grid axis: a row and column
+  share their vector at every time step, so "the same place one frame back" is one relation to
+  learn, not one per position. Called like ``NestedEmbed`` with sequence positions (0: the class
+  token); a sub-model reads the first ``D/p`` columns of every table."""
+
+  grid: tuple[int, ...]
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: jax.Array, factor: int) -> jax.Array:
+    # The sum of len(grid) rows has the spread of one row of default_kernel_init.
+    init = nn.initializers.truncated_normal(stddev=0.02 / len(self.grid) ** 0.5)
+    param = lambda name, rows, init: nested_param(
+        self, name, (rows, self.features), (False, True), ('position', 'embed'), init, factor)
+    grid_rows = 0
+    for axis, size in enumerate(self.grid):
+      shape = [1] * len(self.grid) + [-1]
+      shape[axis] = size
+      grid_rows = grid_rows + param(f'axis_{axis}', size, init).reshape(shape)
+    table = jnp.concatenate([param('class_position', 1, default_kernel_init),
+                             grid_rows.reshape(-1, grid_rows.shape[-1])])
+    return jnp.take(table, ids, axis=0).astype(self.dtype)

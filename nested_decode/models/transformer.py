@@ -32,7 +32,12 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from nested_decode.models import attention, partitioning
-from nested_decode.models.nested_layers import NestedDense, NestedEmbed, NestedLayerNorm
+from nested_decode.models.nested_layers import (
+  NestedAxisPositions,
+  NestedDense,
+  NestedEmbed,
+  NestedLayerNorm,
+)
 from nested_decode.models.partitioning import HEADS, HIDDEN, LOGITS, MLP, constrain
 
 # What a rematerialised block keeps from its forward pass for the backward pass; everything
@@ -69,6 +74,9 @@ class TransformerConfig(NamedTuple):
   remat: str = 'none'  # a key of REMAT_POLICIES
   dtype: str = 'float32'
   attention_impl: str = 'xla'  # a value of attention.IMPLEMENTATIONS
+  # The token grid whose axes get one position table each (``NestedAxisPositions``); empty: one
+  # learned vector per sequence position.
+  position_grid: tuple[int, ...] = ()
   # Training only (``train=True``): dropout of the embeddings and of each block's attention and
   # MLP outputs before they join the residual stream, and of the attention weights (MaskGIT's
   # hidden and attention-probability dropout).
@@ -190,8 +198,12 @@ class NestedMaskedTransformer(nn.Module):
       raise ValueError('A cached pass is a decode step; it does not train')
     dtype = jnp.dtype(cfg.dtype)
     token_embed = NestedEmbed(cfg.codebook_size + 1, cfg.width, dtype=dtype, name='token_embed')
-    position_table = NestedEmbed(cfg.seq_len + 1, cfg.width, ('position', 'embed'), dtype=dtype,
-                                 name='position_embed')
+    if cfg.position_grid:
+      position_table = NestedAxisPositions(tuple(cfg.position_grid), cfg.width, dtype=dtype,
+                                           name='position_embed')
+    else:
+      position_table = NestedEmbed(cfg.seq_len + 1, cfg.width, ('position', 'embed'),
+                                   dtype=dtype, name='position_embed')
     if cache is None:
       if labels is None:
         raise ValueError('A full pass needs labels (use the unconditional id for none).')

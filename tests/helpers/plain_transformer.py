@@ -6,6 +6,7 @@ weights by slicing the nested model's full parameters and check that both give t
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def layer_norm(x, scale, bias, eps=1e-6):
@@ -43,6 +44,20 @@ def forward(weights, tokens, labels):
   return x @ weights['logits'][0] + weights['logits'][1]
 
 
+def position_rows(position_params, cut):
+  """The sliced ``[1 + N, D/p]`` position table: stored whole, or (per-axis positions) each
+  grid position's row written out as the sum of its axes' rows."""
+  if 'embedding' in position_params:
+    return cut(position_params['embedding'], [0, 1])
+  axes = [cut(position_params[f'axis_{i}'], [0, 1])
+          for i in range(len(position_params) - 1)]
+  grid = [len(table) for table in axes]
+  rows = [cut(position_params['class_position'], [0, 1])[0]]
+  for index in np.ndindex(*grid):
+    rows.append(sum(table[i] for table, i in zip(axes, index)))
+  return jnp.stack(rows)
+
+
 def weights_from_nested(params, factor: int, num_layers: int):
   """Slices a nested model's full parameters into plain width-D/p weights."""
   p = params['params']
@@ -69,7 +84,7 @@ def weights_from_nested(params, factor: int, num_layers: int):
   return dict(
       class_embed=cut(p['class_embed']['embedding'], [0, 1]),
       token_embed=cut(p['token_embed']['embedding'], [0, 1]),
-      position_embed=cut(p['position_embed']['embedding'], [0, 1]),
+      position_embed=position_rows(p['position_embed'], cut),
       layers=layers,
       final_norm=(cut(p['final_norm']['scale'], [1]), cut(p['final_norm']['bias'], [1])),
       logits=(cut(p['logits']['kernel'], [1, 0]), p['logits']['bias']),

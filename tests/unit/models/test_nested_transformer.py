@@ -6,10 +6,13 @@ import plain_transformer
 import pytest
 from conftest import init_params, jitted_apply, small_config
 
-from nested_decode.models.nested_layers import NestedDense
+from nested_decode.models.nested_layers import NestedAxisPositions, NestedDense
 from nested_decode.models.transformer import NestedMaskedTransformer
 
 FACTORS = (1, 2, 4, 8)
+# Position embeddings: one vector per position, or one table per axis of a 2 x 2 x 4 token grid.
+POSITION_GRIDS = pytest.mark.parametrize('position_grid', ((), (2, 2, 4)),
+                                         ids=('per_position', 'per_axis'))
 
 
 def random_batch(config, seed=0, batch=3):
@@ -28,9 +31,10 @@ def perturbed(params, seed=1, scale=0.1):
                                    for x, k in zip(leaves, keys)])
 
 
+@POSITION_GRIDS
 @pytest.mark.parametrize('factor', FACTORS)
-def test_submodel_equals_plain_transformer_with_sliced_weights(factor):
-  config = small_config()
+def test_submodel_equals_plain_transformer_with_sliced_weights(factor, position_grid):
+  config = small_config(position_grid=position_grid)
   model = NestedMaskedTransformer(config)
   apply = jitted_apply(model)
   params = perturbed(init_params(config))
@@ -102,10 +106,11 @@ def test_remat_does_not_change_outputs_or_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), plain, remat)
 
 
+@POSITION_GRIDS
 @pytest.mark.parametrize('factor', FACTORS)
-def test_cached_pass_over_unchanged_tokens_matches_full_pass(factor):
+def test_cached_pass_over_unchanged_tokens_matches_full_pass(factor, position_grid):
   """Keys/values in the cache are exactly what a full pass over the same tokens computes."""
-  config = small_config()
+  config = small_config(position_grid=position_grid)
   model = NestedMaskedTransformer(config)
   apply = jitted_apply(model)
   params = perturbed(init_params(config))
@@ -118,6 +123,17 @@ def test_cached_pass_over_unchanged_tokens_matches_full_pass(factor):
   expected = jnp.take_along_axis(full_logits, positions[..., None], axis=1)
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(new_cache.values, cache.values, rtol=1e-5, atol=1e-5)
+
+
+def test_per_axis_positions_share_each_axis_row_across_the_others():
+  """Moving one frame on adds the same vector at every row and column."""
+  config = small_config(position_grid=(2, 2, 4))
+  params = perturbed(init_params(config))['params']['position_embed']
+  table = NestedAxisPositions((2, 2, 4), 64)
+  rows = table.apply({'params': params}, jnp.arange(17), 1)[1:].reshape(2, 2, 4, 64)
+  step = rows[1] - rows[0]
+  np.testing.assert_allclose(step, np.broadcast_to(step[0, 0], step.shape), atol=1e-6)
+  np.testing.assert_allclose(step[0, 0], params['axis_0'][1] - params['axis_0'][0], atol=1e-6)
 
 
 def test_cached_pass_sees_the_other_tokens_through_the_cache():
