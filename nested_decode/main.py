@@ -30,6 +30,9 @@ Modes:
                    with a trend fit, DIR/scaling/ (MNIST);
   search_schedule  beam search for the best schedule within config.search's budget,
                    DIR/search/ (MNIST);
+  tune_temperature frame prediction: every schedule at each sampling temperature of
+                   config.eval.temperature_sweep on validation clips, and the one to set,
+                   DIR/temperature_sweep/ (the test set is not decoded);
   frontier         per FLOP budget of config.frontier.budgets, the best decode of each family
                    (fewer full-width steps, a sub-model alone, MaGNeTS) chosen on validation
                    digits and scored on the held-out ones, DIR/frontier/ (MNIST).
@@ -233,6 +236,13 @@ def run_recipe_study(run: Run) -> None:
   print(f'Wrote {io_utils.join(run.workdir, "recipe_study")}/results.json, results.md')
 
 
+def run_tune_temperature(run: Run) -> None:
+  from nested_decode.studies import temperature_sweep
+  report = temperature_sweep.run_temperature_sweep(run.config, run.workdir, run.mesh)
+  print(f"Chosen on validation clips: --config.sampling.temperature={report['chosen']:g}; see "
+        f"{io_utils.join(run.workdir, 'temperature_sweep')}/results.md")
+
+
 def run_frontier(run: Run) -> None:
   from nested_decode.studies import frontier
   frontier.run_frontier(run.config, run.workdir, run.mesh)
@@ -264,6 +274,7 @@ MODES = {
     'scaling_study': Mode(run_scaling_study, reads_data=True),
     'search_schedule': Mode(run_search_schedule, reads_data=True),
     'frontier': Mode(run_frontier, reads_data=True),
+    'tune_temperature': Mode(run_tune_temperature, reads_data=True, evaluates=True),
     'recipe_study': Mode(run_recipe_study, reads_data=True),
 }
 _MODE = flags.DEFINE_enum('mode', 'all', list(MODES), 'What to run; "all" is the whole job.')

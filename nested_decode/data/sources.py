@@ -42,6 +42,17 @@ def _moving_mnist(config: ml_collections.ConfigDict, num_frames: int | None):
   return _clip_sources(config, num_frames, train, evaluation)
 
 
+def _moving_mnist_validation(config: ml_collections.ConfigDict, count: int):
+  """Clips of training digits after the training set's (clip ``i`` is the same however many are
+  generated), so the transformer never trained on them and the test set, of held-out digits,
+  holds none of them."""
+  first = config.data.num_train_clips
+  videos = moving_mnist.moving_mnist('train', first + count)[first:]
+  source = pipeline.ArraySource(f'moving_mnist/validation/clips{first}-{first + count}',
+                                video=videos, label=np.zeros(count, np.int32))
+  return source, _moving_mnist(config, None)[3]
+
+
 def _ucf101(config: ml_collections.ConfigDict, num_frames: int | None):
   from nested_decode.data import ucf101  # TFDS: only for real runs
   train = ucf101.ucf101_source('train', config.data.get('data_dir'))
@@ -76,6 +87,9 @@ class Dataset:
   # Whether its training transform is random (crops, flips, windows), so that more than one
   # token view of an example (config.data.token_views) differs from the first.
   random_views: bool = True
+  # (config, count) -> (source, transform) of count validation examples, which neither the
+  # training nor the held-out split holds (``validation_split``); None: the dataset has none.
+  validation: Callable[[ml_collections.ConfigDict, int], tuple[Any, Any]] | None = None
 
 
 DATASETS = {
@@ -84,7 +98,7 @@ DATASETS = {
         _imagenet, 'fid',
         (('data.data_dir', 'the prepared TFDS imagenet2012, see the README'),),
         'configs/mnist.py'),
-    'moving_mnist': Dataset(_moving_mnist, 'fvd'),
+    'moving_mnist': Dataset(_moving_mnist, 'fvd', validation=_moving_mnist_validation),
     'ucf101': Dataset(_ucf101, 'fvd',
                       (('data.data_dir', 'the prepared TFDS ucf101, see the README'),),
                       'configs/k600.py:tiny'),
@@ -112,6 +126,17 @@ def data_sources(config: ml_collections.ConfigDict, num_frames: int | None = Non
   Video transforms cut clips of ``num_frames`` (default ``config.data.num_frames``) frames.
   """
   return dataset(config).open(config, num_frames)
+
+
+def validation_split(config: ml_collections.ConfigDict, count: int) -> tuple[Any, Any]:
+  """``(source, eval_transform)`` of ``count`` validation examples of ``config.data``, to choose
+  settings on without touching the held-out split that scores them."""
+  found = dataset(config)
+  if found.validation is None:
+    raise ConfigError(f'config.data.name={config.data.name!r} has no validation split apart from '
+                      'its training and held-out ones (datasets with one: '
+                      f'{", ".join(n for n, d in DATASETS.items() if d.validation)})')
+  return found.validation(config, count)
 
 
 def _eval_views(config: ml_collections.ConfigDict, evaluation: Any) -> Any:

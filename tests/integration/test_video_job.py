@@ -13,6 +13,7 @@ from conftest import ROOT, load_config
 from PIL import Image
 
 from nested_decode import api, config_lib, parallel
+from nested_decode.data import pipeline, sources
 from nested_decode.data.clips import FirstClip
 from nested_decode.metrics import frames, frechet
 from nested_decode.pipeline import video
@@ -158,6 +159,40 @@ def test_the_tokenizer_alone_scores_what_the_job_scored_its_reconstructions(
   image = run_main('--config=configs/mnist.py:tiny', f'--workdir={workdir}_mnist',
                    '--mode=eval_tokenizer')
   assert image.returncode != 0 and 'scores video tokenizers' in image.stderr
+
+
+def test_the_temperature_is_chosen_on_validation_clips(frame_prediction_job):
+  """``--mode=tune_temperature`` decodes every schedule at each temperature on validation clips
+  (the training digits' clips after the training set's) and picks the baseline's best."""
+  workdir = frame_prediction_job[0]
+  result = run_main('--config=configs/k600.py:tiny', f'--workdir={workdir}',
+                    '--mode=tune_temperature', *JOB_OVERRIDES,
+                    '--config.eval.temperature_sweep.temperatures=(1.0,0.3)',
+                    '--config.eval.temperature_sweep.num_clips=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = workdir / 'temperature_sweep'
+  report = json.loads((out / 'results.json').read_text())
+  rows = {(row['temperature'], row['schedule']): row for row in report['rows']}
+  assert set(rows) == {(t, name) for t in (1.0, 0.3)
+                       for name in ('baseline', 'magnets', 'fewer_steps_4x', 'fewer_steps_6x')}
+  baseline_fvd = {t: rows[t, 'baseline']['fvd'] for t in (1.0, 0.3)}
+  assert report['chosen'] == min(baseline_fvd, key=baseline_fvd.get)
+  assert f"--config.sampling.temperature={report['chosen']:g}" in result.stdout
+  assert report['validation'] == 'ArraySource(moving_mnist/validation/clips32-36, n=4)'
+  assert all(np.isfinite(row['fvd_minus_copy_last_se']) for row in rows.values())
+  assert (out / 'results.md').read_text().count('| baseline |') == 2
+  assert Image.open(out / 'fvd_vs_temperature.png').size[0] > 400
+
+  # A row is the clips the API predicts from the validation clips at that temperature.
+  config = api.load(str(workdir)).config
+  config.sampling.temperature = 0.3
+  model = api.load(str(workdir), config)
+  source, transform = sources.validation_split(config, 4)
+  real = pipeline.examples_at(source, np.arange(4), transform)['video']
+  predicted = model.predict_frames(real[:, :5], schedule='magnets', seed=config.seed)
+  assert rows[0.3, 'magnets']['psnr'] == pytest.approx(
+      frames.frame_scores(predicted.images, real)['psnr'][:, 5:].mean())
+  assert rows[0.3, 'magnets']['psnr'] != rows[1.0, 'magnets']['psnr']
 
 
 def test_the_demo_notebook_runs_top_to_bottom(frame_prediction_job):

@@ -9,8 +9,19 @@ import types
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import load_config
 
-from nested_decode.data import clip_views, clips, mnist, moving_mnist, pipeline, ucf101, video_files
+from nested_decode.config_lib import ConfigError
+from nested_decode.data import (
+  clip_views,
+  clips,
+  mnist,
+  moving_mnist,
+  pipeline,
+  sources,
+  ucf101,
+  video_files,
+)
 
 # --- Kinetics-600 from video files -------------------------------------------------------------
 
@@ -326,6 +337,22 @@ def test_moving_mnist_digits_stay_inside_and_move():
                                                10, axis=1))
   moving = np.any(videos[:, 1:] != videos[:, :-1], axis=(2, 3, 4))
   assert moving.mean() > 0.9
+
+
+def test_moving_mnist_validation_clips_follow_the_training_clips():
+  """Validation clips are the training digits' clips after the training set's: neither the
+  training nor the held-out split holds them."""
+  config = load_config('k600', 'tiny')
+  config.data.update(num_train_clips=8, num_eval_clips=4)
+  source, transform = sources.validation_split(config, 3)
+  assert len(source) == 3
+  np.testing.assert_array_equal(source[0]['video'], moving_mnist.moving_mnist('train', 9)[8])
+  train, held_out, _, eval_transform = sources.data_sources(config)
+  assert transform == eval_transform
+  known = [split[i]['video'] for split in (train, held_out) for i in range(len(split))]
+  assert not any(np.array_equal(source[i]['video'], clip) for i in range(3) for clip in known)
+  with pytest.raises(ConfigError, match="config.data.name='mnist' has no validation split"):
+    sources.validation_split(load_config('mnist', 'tiny'), 3)
 
 
 def test_moving_mnist_sources_and_loader():
