@@ -175,7 +175,7 @@ POSITION_EMBEDDING = 'per_position'
 # (studies/temperature_sweep.py).
 VIDEO_EVAL_DEFAULTS = dict(real_split='eval', clip_views=(1, 1), num_folds=1, fvd_image_size=0,
                            frame_metrics=True,
-                           temperature_sweep=dict(temperatures=(1.0, 0.7, 0.5, 0.3, 0.1),
+                           temperature_sweep=dict(temperatures=(1.0, 0.5, 0.2, 0.1),
                                                   num_clips=64))
 # ImageNet's FID protocol (README, "Evaluating an ImageNet model").
 FID_EVAL_DEFAULTS = dict(fid_reference='train', min_reference_images=10_000, inception_weights='')

@@ -177,6 +177,18 @@ def test_saved_configs_of_older_versions_load_with_the_new_keys_defaulted(name, 
     assert loaded.eval[key] == load(name, arg).eval[key]
 
 
+def test_configs_saved_before_per_axis_positions_keep_one_vector_per_position():
+  from nested_decode import api  # pylint: disable=import-outside-toplevel
+  config = load('k600', 'tiny')
+  config.model.position_embedding = 'per_axis'
+  assert config_lib.transformer_config(config).position_grid == (9, 8, 8)
+  del config.model['position_embedding']
+  loaded = api.config_from_json(config.to_json())
+  assert loaded.model.position_embedding == 'per_position'
+  assert config_lib.transformer_config(loaded).position_grid == ()
+  assert bad(model__position_embedding='learned').count("config.model.position_embedding='learned'")
+
+
 def test_configs_saved_before_data_workers_read_in_the_training_thread():
   from nested_decode import api  # pylint: disable=import-outside-toplevel
   from nested_decode.data import sources  # pylint: disable=import-outside-toplevel
