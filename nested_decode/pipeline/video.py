@@ -262,13 +262,17 @@ def reference_batches(config, generator, eval_tokens) -> dict[str, ClipBatches]:
 def repeated_last_condition_frame(config: ml_collections.ConfigDict, mesh: Mesh) -> ClipBatches:
   """The real clips with every frame after the condition replaced by the last condition frame:
   a frame predictor that learned nothing."""
-  last = config.task.condition_frames - 1
-
   def batches():
     for share, videos, _ in real_clips(config, mesh):
-      yield share, np.concatenate([videos[:, :last + 1]] + [videos[:, last:last + 1]]
-                                  * (videos.shape[1] - last - 1), axis=1), None
+      yield share, repeat_last_frame(videos, config.task.condition_frames), None
   return batches
+
+
+def repeat_last_frame(videos: np.ndarray, given: int) -> np.ndarray:
+  """Clips ``[N, T, ...]`` with every frame after the first ``given`` replaced by frame
+  ``given - 1``."""
+  return np.concatenate([videos[:, :given]] + [videos[:, given - 1:given]]
+                        * (videos.shape[1] - given), axis=1)
 
 
 def fold_fvd(features: np.ndarray, real: np.ndarray, num_folds: int) -> tuple[float, float]:

@@ -24,8 +24,6 @@ from nested_decode.metrics import frames, frechet, fvd, paired
 from nested_decode.pipeline import stages, video
 from nested_decode.writers import figures
 
-BOOTSTRAP_RESAMPLES = 100
-
 
 class ValidationScorer:
   """Scores clip sets against the validation clips they continue, like ``pipeline.video``."""
@@ -44,9 +42,10 @@ class ValidationScorer:
   def fvd(self, features: np.ndarray) -> float:
     return float(frechet.frechet_distance_from_features(features, self.real_features))
 
-  def score(self, clips: np.ndarray, reference: np.ndarray | None = None) -> dict:
-    """FVD, PSNR and SSIM of ``clips`` and, given the ``reference`` set's features, the paired
-    bootstrap FVD gap to it with its standard error."""
+  def score(self, clips: np.ndarray, reference: np.ndarray | None = None
+            ) -> tuple[dict, np.ndarray]:
+    """``(row, features)``: FVD, PSNR and SSIM of ``clips`` and, given the ``reference`` set's
+    features, the paired bootstrap FVD gap to it with its standard error; their I3D features."""
     features = self.features(clips)
     per_frame = frames.frame_scores(clips, self.real)
     row = dict(fvd=self.fvd(features),
@@ -58,13 +57,8 @@ class ValidationScorer:
                           - frechet.frechet_distance_from_features(reference[rows],
                                                                    self.real_features[rows]))
       row['fvd_minus_copy_last'], row['fvd_minus_copy_last_se'] = paired.bootstrap_difference(
-          gap, [len(clips)], BOOTSTRAP_RESAMPLES)
+          gap, [len(clips)], video.BOOTSTRAP_RESAMPLES)
     return row, features
-
-
-def repeat_last_condition_frame(clips: np.ndarray, given: int) -> np.ndarray:
-  return np.concatenate([clips[:, :given]] + [clips[:, given - 1:given]]
-                        * (clips.shape[1] - given), axis=1)
 
 
 def check_sweep(config: ml_collections.ConfigDict) -> None:
@@ -86,7 +80,7 @@ def run_temperature_sweep(config: ml_collections.ConfigDict, workdir: str, mesh:
   source, transform = validation_split(config, sweep.num_clips)
   real = pipeline.examples_at(source, np.arange(sweep.num_clips), transform)['video']
   scorer = ValidationScorer(config, real)
-  copy_last, copy_features = scorer.score(repeat_last_condition_frame(real, scorer.given))
+  copy_last, copy_features = scorer.score(video.repeat_last_frame(real, scorer.given))
   logging.info('validation, repeating the last condition frame: %s', copy_last)
   trained = stages.generator(config, workdir, mesh)
   rows = []
