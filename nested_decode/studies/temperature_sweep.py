@@ -7,7 +7,8 @@ baseline and every configured schedule at each of ``eval.temperature_sweep.tempe
 scores each set as the eval does (FVD against the validation clips, PSNR and SSIM of the
 predicted frames), beside repeating the last condition frame. The temperature of the baseline's
 lowest FVD is ``chosen``, the value to set as ``sampling.temperature``; the test set is never
-decoded. Writes ``DIR/temperature_sweep/results.json``, ``results.md`` and
+decoded. A workdir without a trained tokenizer and transformer trains them first, as the job
+does. Writes ``DIR/temperature_sweep/results.json``, ``results.md`` and
 ``fvd_vs_temperature.png``.
 """
 
@@ -35,9 +36,7 @@ class ValidationScorer:
     self.real_features = self.features(real)
 
   def features(self, clips: np.ndarray) -> np.ndarray:
-    size, batch = self.config.eval.fvd_image_size, self.config.eval.batch_size
-    return np.concatenate([self.i3d(video.resize_for_fvd(clips[i:i + batch], size))
-                           for i in range(0, len(clips), batch)])
+    return self.i3d(video.resize_for_fvd(clips, self.config.eval.fvd_image_size))
 
   def fvd(self, features: np.ndarray) -> float:
     return float(frechet.frechet_distance_from_features(features, self.real_features))
