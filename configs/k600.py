@@ -81,7 +81,7 @@ def tiny_config(task):
       b1=0.9, b2=0.99, adversarial_weight=0.0, dead_code_threshold=0.05, restart_every=50,
       log_every=25, checkpoint_every=200, pretrained=TINY_TOKENIZER))
   # A nested train step of 576 tokens at batch 8 takes 1.9 s on 2 cores (3.9 at 16);
-  # the encoding and the evaluation (I3D's 7 sets of 128 clips are 8 minutes of it) about 10.
+  # the encoding and the evaluation (I3D's 7 sets of 128 clips are most of it) about 9 minutes.
   # 320 steps of 8 clips cost what 160 of 16 did, and reach a lower loss at every width and a
   # lower validation FVD (docs/results.md).
   config.training = config_lib.training_config(
