@@ -254,10 +254,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ('dropout_rate', 'attention_dropout_rate'):
     if not 0.0 <= model[key] < 1.0:
       _fail(f'model.{key}', model[key], 'must be in [0, 1)')
-  if model.attention_dropout_rate > 0 and model.attention_impl != 'xla':
+  if (model.attention_dropout_rate > 0
+      and model.attention_impl not in attention.DROPOUT_IMPLEMENTATIONS):
     _fail('model.attention_dropout_rate', model.attention_dropout_rate,
-          f"config.model.attention_impl={model.attention_impl!r} has no attention-weight "
-          "dropout: set it to 0 or use attention_impl='xla'")
+          f'config.model.attention_impl={model.attention_impl!r} has no attention-weight '
+          f'dropout: set it to 0 or use one of {attention.DROPOUT_IMPLEMENTATIONS}')
   if model.remat not in REMAT_POLICIES:
     _fail('model.remat', model.remat, f'allowed values are {tuple(REMAT_POLICIES)}')
   if not config.tokens.shape or any(int(s) <= 0 for s in config.tokens.shape):

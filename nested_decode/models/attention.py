@@ -7,6 +7,7 @@ implementation (``config.model.attention_impl``):
   lead (``[B, h, Q, d]``), the weights stay unnormalised (``exp(s - max s)``) through the
   product with the values, and the division by their row sums is applied to the ``[B, h, Q, d]``
   result, one pass fewer over the scores; its backward is softmax attention's own, written out.
+  It has ``xla``'s attention-weight dropout too, dropping the same weights for the same key.
   A nested train step of ``configs/k600.py:tiny`` (577 tokens, heads of 16) takes about half
   the time of ``xla``'s on 2 CPU cores (docs/results.md), and the TPU compiler models a k600
   layer's attention at 44% less time forward and 14% less forward and backward on a v5e
@@ -37,6 +38,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from nested_decode.models import partitioning
 
 IMPLEMENTATIONS = ('xla', 'deferred', 'cudnn', 'splash')
+DROPOUT_IMPLEMENTATIONS = ('xla', 'deferred')
 SPLASH_BLOCK = 128
 
 
@@ -45,18 +47,21 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
   """Attention of every query over every key; returns ``[B, Q, h, d]`` in ``q``'s dtype.
 
   With a ``dropout_rng`` and ``dropout_rate > 0`` (training only) each attention weight is
-  dropped with that probability and the rest scaled by ``1 / (1 - rate)``; only the ``xla``
-  implementation has that option.
+  dropped with that probability and the rest scaled by ``1 / (1 - rate)``; the ``xla`` and
+  ``deferred`` implementations have that option, and with one ``dropout_rng`` they drop the same
+  weights.
   """
-  if dropout_rng is not None and dropout_rate > 0:
-    if implementation != 'xla':
-      raise ValueError(f'attention-weight dropout needs the xla attention implementation, '
-                       f'not {implementation!r}')
+  dropping = dropout_rng is not None and dropout_rate > 0
+  if dropping and implementation not in DROPOUT_IMPLEMENTATIONS:
+    raise ValueError(f'attention-weight dropout needs one of the attention implementations '
+                     f'{DROPOUT_IMPLEMENTATIONS}, not {implementation!r}')
+  if implementation == 'deferred':
+    return deferred_attend(q, k, v, dropout_rate if dropping else 0.0,
+                           dropout_rng if dropping else None)
+  if dropping:
     return attend_with_dropout(q, k, v, dropout_rate, dropout_rng)
   if implementation == 'splash':
     return splash_attend(q, k, v)
-  if implementation == 'deferred':
-    return deferred_attend(q, k, v)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'attention implementation {implementation!r} is not one of '
                      f'{IMPLEMENTATIONS}')
@@ -64,58 +69,76 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
+def _keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
+  """The attention weights kept by dropout at ``rate``, one draw per ``[B, h, Q, K]`` weight."""
+  return jax.random.bernoulli(rng, 1.0 - rate, shape)
+
+
 def attend_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, rate: float,
                         rng: jax.Array) -> jax.Array:
   """Softmax attention with the ``[B, h, Q, K]`` weights dropped at ``rate``."""
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
   weights = jax.nn.softmax(scores / math.sqrt(q.shape[-1]), axis=-1)
-  keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+  keep = _keep_mask(rng, rate, weights.shape)
   weights = jnp.where(keep, weights / (1.0 - rate), 0.0).astype(v.dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v).astype(q.dtype)
 
 
-def deferred_attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Softmax attention normalised after the value product (see the module docstring)."""
+def deferred_attend(q: jax.Array, k: jax.Array, v: jax.Array, dropout_rate: float = 0.0,
+                    dropout_rng: jax.Array | None = None) -> jax.Array:
+  """Softmax attention normalised after the value product (see the module docstring).
+
+  Dropout commutes with the deferred division: dropping weights of ``p = e / rowsum(e)`` is
+  dropping them from ``e`` before the value product, with the row sums taken over all of ``e``.
+  """
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-  return jnp.swapaxes(_deferred_core(q, k, v), 1, 2)
+  return jnp.swapaxes(_deferred_core(dropout_rate, q, k, v, dropout_rng), 1, 2)
 
 
-def _deferred_forward(q, k, v):
+def _kept(weights, rate, rng):
+  """The weights dropout keeps, scaled by ``1 / (1 - rate)``; all of them without a key."""
+  if rng is None:
+    return weights
+  return jnp.where(_keep_mask(rng, rate, weights.shape), weights / (1.0 - rate), 0.0)
+
+
+def _deferred_forward(rate, q, k, v, rng):
   """``[B, h, Q, d]`` outputs in float32, the unnormalised weights and their row sums."""
   scale = jnp.asarray(1 / math.sqrt(q.shape[-1]), q.dtype)
   scores = jnp.einsum('bhqd,bhkd->bhqk', q * scale, k, preferred_element_type=jnp.float32)
   weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # the shift keeps exp in range
   sums = weights.sum(axis=-1, keepdims=True)
-  out = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(v.dtype), v,
+  out = jnp.einsum('bhqk,bhkd->bhqd', _kept(weights, rate, rng).astype(v.dtype), v,
                    preferred_element_type=jnp.float32) / sums
   return out, weights, sums
 
 
-@jax.custom_vjp
-def _deferred_core(q, k, v):
-  return _deferred_forward(q, k, v)[0].astype(q.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _deferred_core(rate, q, k, v, rng):
+  return _deferred_forward(rate, q, k, v, rng)[0].astype(q.dtype)
 
 
-def _deferred_core_forward(q, k, v):
-  out, weights, sums = _deferred_forward(q, k, v)
-  return out.astype(q.dtype), (q, k, v, out, weights, sums)
+def _deferred_core_forward(rate, q, k, v, rng):
+  out, weights, sums = _deferred_forward(rate, q, k, v, rng)
+  return out.astype(q.dtype), (q, k, v, rng, out, weights, sums)
 
 
-def _deferred_core_backward(residuals, d_out):
+def _deferred_core_backward(rate, residuals, d_out):
   """Softmax attention's own backward (``d_scores = p * (d_p - rowsum(d_out * out))``), with
   ``p`` never formed: autodiff of the forward's steps would be modeled 1.6x slower on a v5e
-  (docs/tpu_time.md)."""
-  q, k, v, out, weights, sums = residuals
+  (docs/tpu_time.md). Under dropout ``d_p`` is kept where the weights were (the mask is drawn
+  again from its key, not stored) and the row sum is unchanged."""
+  q, k, v, rng, out, weights, sums = residuals
   d_out = d_out.astype(jnp.float32)
-  d_v = jnp.einsum('bhqk,bhqd->bhkd', weights.astype(v.dtype), (d_out / sums).astype(v.dtype),
-                   preferred_element_type=jnp.float32)
-  d_weights = jnp.einsum('bhqd,bhkd->bhqk', d_out.astype(v.dtype), v,
-                         preferred_element_type=jnp.float32)
+  d_v = jnp.einsum('bhqk,bhqd->bhkd', _kept(weights, rate, rng).astype(v.dtype),
+                   (d_out / sums).astype(v.dtype), preferred_element_type=jnp.float32)
+  d_weights = _kept(jnp.einsum('bhqd,bhkd->bhqk', d_out.astype(v.dtype), v,
+                               preferred_element_type=jnp.float32), rate, rng)
   d_scores = weights / sums * (d_weights - jnp.sum(d_out * out, axis=-1, keepdims=True))
   d_scores = (d_scores / math.sqrt(q.shape[-1])).astype(q.dtype)
   d_q = jnp.einsum('bhqk,bhkd->bhqd', d_scores, k, preferred_element_type=jnp.float32)
   d_k = jnp.einsum('bhqk,bhqd->bhkd', d_scores, q, preferred_element_type=jnp.float32)
-  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
 _deferred_core.defvjp(_deferred_core_forward, _deferred_core_backward)

@@ -103,6 +103,33 @@ def test_model_equals_xla_full_and_cached_pass(factor, implementation):
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+def test_model_train_pass_with_attention_dropout_equals_xla_and_its_gradient():
+  """A nested train pass (widths 1 and 4) with MaskGIT's weight dropout: one dropout key drops
+  the same weights under either implementation, so training may use either."""
+  xla_config = small_config(attention_dropout_rate=0.1)
+  params = init_params(xla_config)
+  tokens = jax.random.randint(jax.random.key(5), (2, xla_config.seq_len), 0,
+                              xla_config.codebook_size)
+  labels = jnp.array([1, 3])
+
+  def loss_and_grads(config):
+    model = NestedMaskedTransformer(config)
+
+    def loss(params):
+      logits, _ = model.apply(params, tokens, labels, width_factor=(1, 4), train=True,
+                              rngs={'dropout': jax.random.key(6)})
+      return sum(jnp.mean(jnp.sin(x)) for x in logits)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (deferred, deferred_grads), (xla, xla_grads) = (
+      loss_and_grads(small_config(attention_dropout_rate=0.1, attention_impl='deferred')),
+      loss_and_grads(xla_config))
+  np.testing.assert_allclose(deferred, xla, rtol=1e-5)
+  assert abs(deferred - loss_and_grads(small_config(attention_impl='deferred'))[0]) > 1e-4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               deferred_grads, xla_grads)
+
+
 def test_attention_with_dropout_is_softmax_attention_with_weights_dropped():
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 4, 8)) for i in range(3))
   rng = jax.random.key(7)
@@ -114,5 +141,24 @@ def test_attention_with_dropout_is_softmax_attention_with_weights_dropped():
   keep = jax.random.bernoulli(rng, 1 - rate, weights.shape)
   expected = jnp.einsum('bhqk,bkhd->bqhd', jnp.where(keep, weights / (1 - rate), 0), v)
   np.testing.assert_allclose(dropped, expected, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="needs the xla attention implementation, not 'splash'"):
+  with pytest.raises(ValueError, match=r"implementations \('xla', 'deferred'\), not 'splash'"):
     attention.attend(q, k, v, 'splash', rate, rng)
+
+
+def test_deferred_with_dropout_drops_what_xla_drops_and_has_its_gradient():
+  """One key drops the same weights in both; the deferred backward draws the mask again."""
+  kq, kk, kv = jax.random.split(jax.random.key(4), 3)
+  q = jax.random.normal(kq, (2, 37, 4, 16))
+  k, v = (jax.random.normal(key, (2, 41, 4, 16)) for key in (kk, kv))
+  rng = jax.random.key(9)
+
+  def grads(implementation):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attention.attend(q, k, v, implementation, 0.3, rng)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  (deferred, deferred_grads), (xla, xla_grads) = grads('deferred'), grads('xla')
+  np.testing.assert_allclose(deferred, xla, rtol=1e-5)
+  for a, b in zip(deferred_grads, xla_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+  undropped = attention.attend(q, k, v, 'deferred')
+  assert float(jnp.abs(attention.attend(q, k, v, 'deferred', 0.3, rng) - undropped).max()) > 0.1

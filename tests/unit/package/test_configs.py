@@ -141,6 +141,14 @@ def test_unknown_attention_implementation():
   assert "config.model.attention_impl='flash'" in message and 'splash' in message
 
 
+def test_attention_dropout_with_an_implementation_that_has_none():
+  message = bad(model__attention_impl='splash', model__attention_dropout_rate=0.1)
+  assert 'config.model.attention_dropout_rate=0.1' in message and "'deferred'" in message
+  config = load('imagenet256', 'tiny')
+  config.model.update(attention_impl='deferred', attention_dropout_rate=0.1)
+  config_lib.validate(config)
+
+
 def test_bad_data_worker_and_bench_train_keys():
   assert 'config.data.worker_count=-1' in bad(data__worker_count=-1)
   assert 'config.data.worker_buffer_size=0' in bad(data__worker_buffer_size=0)
