@@ -69,9 +69,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
-def _keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
-  """The attention weights kept by dropout at ``rate``, one draw per ``[B, h, Q, K]`` weight."""
-  return jax.random.bernoulli(rng, 1.0 - rate, shape)
+def _keep_mask(rng: jax.Array | None, rate: float, shape: tuple[int, ...]) -> jax.Array | None:
+  """The attention weights kept by dropout at ``rate``, one draw per ``[B, h, Q, K]`` weight;
+  ``None`` (all kept) without a key."""
+  return None if rng is None else jax.random.bernoulli(rng, 1.0 - rate, shape)
+
+
+def _dropped(x: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
+  """``x`` where ``keep``, scaled by ``1 / (1 - rate)``, and zero elsewhere."""
+  return x if keep is None else jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
 def attend_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, rate: float,
@@ -79,8 +85,7 @@ def attend_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, rate: float,
   """Softmax attention with the ``[B, h, Q, K]`` weights dropped at ``rate``."""
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
   weights = jax.nn.softmax(scores / math.sqrt(q.shape[-1]), axis=-1)
-  keep = _keep_mask(rng, rate, weights.shape)
-  weights = jnp.where(keep, weights / (1.0 - rate), 0.0).astype(v.dtype)
+  weights = _dropped(weights, _keep_mask(rng, rate, weights.shape), rate).astype(v.dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v).astype(q.dtype)
 
 
@@ -95,20 +100,14 @@ def deferred_attend(q: jax.Array, k: jax.Array, v: jax.Array, dropout_rate: floa
   return jnp.swapaxes(_deferred_core(dropout_rate, q, k, v, dropout_rng), 1, 2)
 
 
-def _kept(weights, rate, rng):
-  """The weights dropout keeps, scaled by ``1 / (1 - rate)``; all of them without a key."""
-  if rng is None:
-    return weights
-  return jnp.where(_keep_mask(rng, rate, weights.shape), weights / (1.0 - rate), 0.0)
-
-
 def _deferred_forward(rate, q, k, v, rng):
   """``[B, h, Q, d]`` outputs in float32, the unnormalised weights and their row sums."""
   scale = jnp.asarray(1 / math.sqrt(q.shape[-1]), q.dtype)
   scores = jnp.einsum('bhqd,bhkd->bhqk', q * scale, k, preferred_element_type=jnp.float32)
   weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # the shift keeps exp in range
   sums = weights.sum(axis=-1, keepdims=True)
-  out = jnp.einsum('bhqk,bhkd->bhqd', _kept(weights, rate, rng).astype(v.dtype), v,
+  kept = _dropped(weights, _keep_mask(rng, rate, weights.shape), rate)
+  out = jnp.einsum('bhqk,bhkd->bhqd', kept.astype(v.dtype), v,
                    preferred_element_type=jnp.float32) / sums
   return out, weights, sums
 
@@ -130,10 +129,11 @@ def _deferred_core_backward(rate, residuals, d_out):
   again from its key, not stored) and the row sum is unchanged."""
   q, k, v, rng, out, weights, sums = residuals
   d_out = d_out.astype(jnp.float32)
-  d_v = jnp.einsum('bhqk,bhqd->bhkd', _kept(weights, rate, rng).astype(v.dtype),
+  keep = _keep_mask(rng, rate, weights.shape)
+  d_v = jnp.einsum('bhqk,bhqd->bhkd', _dropped(weights, keep, rate).astype(v.dtype),
                    (d_out / sums).astype(v.dtype), preferred_element_type=jnp.float32)
-  d_weights = _kept(jnp.einsum('bhqd,bhkd->bhqk', d_out.astype(v.dtype), v,
-                               preferred_element_type=jnp.float32), rate, rng)
+  d_weights = _dropped(jnp.einsum('bhqd,bhkd->bhqk', d_out.astype(v.dtype), v,
+                                  preferred_element_type=jnp.float32), keep, rate)
   d_scores = weights / sums * (d_weights - jnp.sum(d_out * out, axis=-1, keepdims=True))
   d_scores = (d_scores / math.sqrt(q.shape[-1])).astype(q.dtype)
   d_q = jnp.einsum('bhqk,bhkd->bhqd', d_scores, k, preferred_element_type=jnp.float32)
