@@ -51,14 +51,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
   ``deferred`` implementations have that option, and with one ``dropout_rng`` they drop the same
   weights.
   """
-  dropping = dropout_rng is not None and dropout_rate > 0
-  if dropping and implementation not in DROPOUT_IMPLEMENTATIONS:
+  if dropout_rate <= 0:
+    dropout_rng = None
+  if dropout_rng is not None and implementation not in DROPOUT_IMPLEMENTATIONS:
     raise ValueError(f'attention-weight dropout needs one of the attention implementations '
                      f'{DROPOUT_IMPLEMENTATIONS}, not {implementation!r}')
   if implementation == 'deferred':
-    return deferred_attend(q, k, v, dropout_rate if dropping else 0.0,
-                           dropout_rng if dropping else None)
-  if dropping:
+    return deferred_attend(q, k, v, dropout_rate, dropout_rng)
+  if dropout_rng is not None:
     return attend_with_dropout(q, k, v, dropout_rate, dropout_rng)
   if implementation == 'splash':
     return splash_attend(q, k, v)
