@@ -93,7 +93,7 @@ class Generator:
     self.task = tasks.task_of(config)
     self.mesh = parallel.make_mesh(config) if mesh is None else mesh
     parallel.check_batch_size(config.eval.batch_size, self.mesh, 'eval.batch_size')
-    self.model_config = config_lib.transformer_config(config)
+    self.model_config = config_lib.decoding_transformer_config(config)
     self.decode_task = config_lib.decode_task(config)
     self._decoder = sampler.decoder_for(self.model_config, config_lib.sampling_options(config),
                                         parallel.logical_rules(config))

@@ -22,6 +22,11 @@ ATTENTION_IMPLS = attention.IMPLEMENTATIONS
 # Cached decode steps run their exact token count (0), or that count padded to one of this many
 # sizes so that more steps share a compiled program, at the padding's FLOPs (decoding/plan.py).
 QUERY_BUCKETS = 0
+# The attention the decodes run ('': model.attention_impl, the training's). Every implementation
+# takes the same parameters, so a model decodes with another than it trained with: the TPU
+# compiler models 'deferred' faster for decodes and 'xla' for imagenet256's train step
+# (docs/tpu_time.md).
+DECODE_ATTENTION = ''
 
 
 class ConfigError(ValueError):
@@ -73,7 +78,7 @@ def base_config(*, num_layers, width, num_heads, token_shape, codebook_size, num
   config.sampling = ml_collections.ConfigDict(dict(
       steps=12, mask_schedule='cosine', temperature=1.0, top_k=0, choice_temperature=4.5,
       guidance_scale=guidance_scale, guidance_schedule='constant',
-      query_buckets=QUERY_BUCKETS))
+      query_buckets=QUERY_BUCKETS, attention_impl=DECODE_ATTENTION))
   config.eval = ml_collections.ConfigDict(dict(schedules=default_schedules()))
   # --mode=bench uses batch_size, warmup_runs, timed_runs; --mode=bench_train the train_ keys.
   config.bench = ml_collections.ConfigDict(dict(batch_size=batch_size, warmup_runs=1,
@@ -313,6 +318,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   sampling = config.sampling
   _check_choice(config, 'sampling.mask_schedule', MASK_SCHEDULES)
+  _check_choice(config, 'sampling.attention_impl', ('',) + ATTENTION_IMPLS)
   _check_choice(config, 'sampling.guidance_schedule', GUIDANCE_SCHEDULES)
   if sampling.guidance_scale < 0:
     _fail('sampling.guidance_scale', sampling.guidance_scale, 'must be >= 0')
@@ -444,6 +450,12 @@ def transformer_config(config: ml_collections.ConfigDict) -> TransformerConfig:
       attention_dropout_rate=m.attention_dropout_rate,
       position_grid=(tuple(int(s) for s in config.tokens.shape)
                      if m.position_embedding == 'per_axis' else ()))
+
+
+def decoding_transformer_config(config: ml_collections.ConfigDict) -> TransformerConfig:
+  """``transformer_config`` with the decodes' attention (``sampling.attention_impl``)."""
+  model = transformer_config(config)
+  return model._replace(attention_impl=config.sampling.attention_impl or model.attention_impl)
 
 
 def sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions:

@@ -36,6 +36,8 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.tokenizer_training.pretrained = config_lib.PRETRAINED_TOKENIZER
   if 'query_buckets' not in config.sampling:
     config.sampling.query_buckets = config_lib.QUERY_BUCKETS
+  if 'attention_impl' not in config.sampling:
+    config.sampling.attention_impl = config_lib.DECODE_ATTENTION
   if config.get('data'):  # saved before grain workers: read in the training thread
     for key, value in config_lib.data_workers(0).items():
       if key not in config.data:

@@ -241,8 +241,8 @@ def program_compilers(config: ml_collections.ConfigDict, mesh: Mesh
   if config.tpu_fit.decodes and config.tpu_fit.families:
     schedules.update(family_schedules(config))
   inputs = decode_inputs(config, model, mesh) if schedules else None
-  decoder = Decoder(model, config_lib.sampling_options(config),
-                    rules=parallel.logical_rules(config))
+  decoder = Decoder(NestedMaskedTransformer(config_lib.decoding_transformer_config(config)),
+                    config_lib.sampling_options(config), rules=parallel.logical_rules(config))
   for name, sched in schedules.items():
     plan = sched.plan(config_lib.decode_task(config))
     programs.append((f'decode:{name}', config.eval.batch_size,
@@ -270,10 +270,11 @@ def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] =
   mesh = parallel.make_mesh(config, devices)
   hbm = hbm_bytes(config, devices[0])
   model_config = config_lib.transformer_config(config)
+  attention_of = {'train': model_config.attention_impl,
+                  'decode': config_lib.decoding_transformer_config(config).attention_impl}
   layers = config.model.num_layers if config.model.scan_layers else 1
   common = dict(topology=config.tpu_fit.topology, device_kind=devices[0].device_kind,
-                devices=len(devices), mesh=parallel.describe(mesh),
-                remat=model_config.remat, attention_impl=model_config.attention_impl)
+                devices=len(devices), mesh=parallel.describe(mesh), remat=model_config.remat)
   programs = program_compilers(config, mesh)
   timing = tpu_time.timing_config(config) if config.tpu_fit.modeled_time else None
   timing_steps = ([steps for _, _, steps in program_compilers(timing, mesh)] if timing
@@ -281,7 +282,8 @@ def compile_rows(config: ml_collections.ConfigDict, log: Callable[[str], None] =
 
   rows = []
   for (program, batch, compile_steps), time_steps in zip(programs, timing_steps):
-    row = dict(program=program, global_batch=batch, **common)
+    row = dict(program=program, global_batch=batch, **common,
+               attention_impl=attention_of[program.split(':')[0]])
     executables, seconds, error = compile_program(compile_steps, mesh)
     if executables is None:
       row.update(out_of_memory_report(error, hbm, seconds))

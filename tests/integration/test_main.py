@@ -316,6 +316,21 @@ def test_the_api_decodes_what_the_job_decoded(mnist_tiny_job):
   np.testing.assert_array_equal(written.images, again.images)
 
 
+def test_a_model_trained_with_one_attention_decodes_with_another(mnist_tiny_job):
+  """sampling.attention_impl: the job trained and decoded with 'xla'; its parameters decode
+  with 'deferred' into the job's samples (the two differ only in float rounding)."""
+  workdir, config = mnist_tiny_job.workdir, load_config('mnist', 'tiny')
+  assert config.model.attention_impl == 'xla' and config.sampling.attention_impl == ''
+  deferred_config = config.copy_and_resolve_references()
+  deferred_config.sampling.attention_impl = 'deferred'
+  model = api.load(workdir, deferred_config)
+  assert model.model_config.attention_impl == 'deferred'
+  samples = model.sample(stages.sample_labels(config), 'magnets', seed=config.seed,
+                         batch_size=config.eval.batch_size)
+  job = io_utils.load_npz(image.samples_path(workdir, 'magnets'))
+  np.testing.assert_array_equal(samples.images, job['images'])
+
+
 def test_an_exported_model_samples_what_the_job_sampled(mnist_tiny_job, tmp_path):
   workdir, config = mnist_tiny_job.workdir, load_config('mnist', 'tiny')
   export = run_main(f'--config={ROOT}/configs/mnist.py:tiny', f'--workdir={workdir}',

@@ -141,6 +141,16 @@ def test_unknown_attention_implementation():
   assert "config.model.attention_impl='flash'" in message and 'splash' in message
 
 
+def test_decodes_use_the_training_attention_unless_sampling_names_another():
+  config = load('imagenet256', 'tiny')
+  assert config_lib.decoding_transformer_config(config) == config_lib.transformer_config(config)
+  config.sampling.attention_impl = 'deferred'
+  decoding = config_lib.decoding_transformer_config(config)
+  assert decoding == config_lib.transformer_config(config)._replace(attention_impl='deferred')
+  message = bad(sampling__attention_impl='flash')
+  assert "config.sampling.attention_impl='flash'" in message and "'deferred'" in message
+
+
 def test_attention_dropout_with_an_implementation_that_has_none():
   message = bad(model__attention_impl='splash', model__attention_dropout_rate=0.1)
   assert 'config.model.attention_dropout_rate=0.1' in message and "'deferred'" in message
