@@ -28,12 +28,6 @@ import numpy as np
 
 from nested_decode.models import conv3d, partitioning
 
-# The encoder's normalisation. 'group' is GroupNorm, frame by frame for videos: every latent then
-# depends on its whole frame's statistics, so the same black background of Moving MNIST takes a
-# different code in each frame as the digits' ink changes (docs/results.md). 'none' leaves the
-# encoder without normalisation, so a code depends only on the pixels its receptive field sees.
-ENCODER_NORMS = ('group', 'none')
-
 
 class TokenizerConfig(NamedTuple):
   """Static description of the tokenizer (hashable, so it can key jit caches)."""
@@ -47,7 +41,6 @@ class TokenizerConfig(NamedTuple):
   num_groups: int = 8  # GroupNorm groups; must divide every channel count
   video: bool = False  # 3D causal convolutions over [B, T, H, W, C]
   temporal_downsample: tuple[bool, ...] = ()  # video: per downsampling level, halve time too
-  encoder_norm: str = 'group'  # one of ENCODER_NORMS
 
   @property
   def downsample_factor(self) -> int:
@@ -85,8 +78,6 @@ class TokenizerConfig(NamedTuple):
     """Raises ValueError for configs the modules cannot build."""
     if not self.channel_multipliers:
       raise ValueError('channel_multipliers needs at least one level.')
-    if self.encoder_norm not in ENCODER_NORMS:
-      raise ValueError(f'encoder_norm={self.encoder_norm!r} is not one of {ENCODER_NORMS}.')
     bad = [c for c in self.level_channels if c % self.num_groups]
     if bad:
       raise ValueError(f'num_groups={self.num_groups} does not divide the channel counts {bad}.')
@@ -149,15 +140,12 @@ class ResBlock(nn.Module):
 
   features: int
   num_groups: int
-  normalise: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = x
     for i in range(2):
-      if self.normalise:
-        h = group_norm(h, self.num_groups, name=f'norm_{i}')
-      h = nn.swish(h)
+      h = nn.swish(group_norm(h, self.num_groups, name=f'norm_{i}'))
       h = conv(h, self.features, 3, name=f'conv_{i}')
     if x.shape[-1] != self.features:
       x = conv(x, self.features, 1, name='shortcut')
@@ -181,19 +169,17 @@ class Encoder(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     cfg = self.config
     channels = cfg.level_channels
-    normalise = cfg.encoder_norm == 'group'
     x = conv(images, channels[0], 3, name='conv_in')
     for level, features in enumerate(channels):
       for i in range(cfg.num_res_blocks):
-        x = ResBlock(features, cfg.num_groups, normalise, name=f'level_{level}_block_{i}')(x)
+        x = ResBlock(features, cfg.num_groups, name=f'level_{level}_block_{i}')(x)
       if level < len(channels) - 1:
         x = conv(x, features, 3, stride=2, temporal_stride=2 if _halves_time(cfg, level) else 1,
                  name=f'downsample_{level}')
     for i in range(cfg.num_res_blocks):
-      x = ResBlock(channels[-1], cfg.num_groups, normalise, name=f'bottom_block_{i}')(x)
-    if normalise:
-      x = group_norm(x, cfg.num_groups, name='norm_out')
-    return conv(nn.swish(x), cfg.embedding_dim, 1, name='conv_out')
+      x = ResBlock(channels[-1], cfg.num_groups, name=f'bottom_block_{i}')(x)
+    x = nn.swish(group_norm(x, cfg.num_groups, name='norm_out'))
+    return conv(x, cfg.embedding_dim, 1, name='conv_out')
 
 
 class Decoder(nn.Module):

@@ -262,35 +262,6 @@ def test_video_tokens_of_the_first_frames_do_not_depend_on_later_frames():
   assert np.any(np.asarray(ids[:, 2:]) != np.asarray(ids_changed[:, 2:]))
 
 
-@pytest.mark.parametrize('encoder_norm, local', [('none', True), ('group', False)])
-def test_a_code_of_background_depends_on_its_frame_only_without_encoder_norm(encoder_norm, local):
-  """Black background far from the ink: without the encoder's GroupNorm its latents are the
-  same in every frame whatever the ink elsewhere; with it they move with the frame's ink."""
-  config = VIDEO._replace(temporal_downsample=(True, False), encoder_norm=encoder_norm)
-  videos = -np.ones((1, 9, 64, 64, 1), np.float32)
-  for frame in range(9):
-    videos[0, frame, :4 + 2 * frame, :6] = 1.0  # ink in one corner, more in each frame
-  params = init_params(config, (9, 64, 64, 1))
-  model = VQGAN(config)
-  _, state = jax.jit(functools.partial(model.apply, method='encode', mutable=['intermediates'])
-                     )(params, jnp.asarray(videos))
-  latents = np.asarray(state['intermediates']['encodings'][0])  # [1, 5, 16, 16, D]
-  far_corner = latents[0, 1:, -4:, -4:]  # latent frame 0 sees the causal padding
-  spread = float(np.abs(far_corner - far_corner[:1]).max())
-  if local:
-    assert spread == 0.0
-  else:
-    assert spread > 1e-3
-  if encoder_norm == 'none':
-    assert not any('norm' in name for name in params['params']['encoder']
-                   for name in [name] + list(params['params']['encoder'][name]))
-
-
-def test_unknown_encoder_norm_raises():
-  with pytest.raises(ValueError, match="encoder_norm='layer'"):
-    VIDEO._replace(encoder_norm='layer').validate()
-
-
 def test_video_tokenizer_gradients_reach_every_parameter():
   videos = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (2, 5, 16, 16, 1)), jnp.float32)
   params = init_params(VIDEO, (5, 16, 16, 1))
