@@ -138,6 +138,9 @@ def video_config(*, tiny: bool, model: dict, data: ml_collections.ConfigDict,
     # needs 12.3 GiB per chip at batch 256 on 16 chips, a v5e has 16 (docs/tpu_fit.md).
     config.model.remat = 'save_attention_out'
     with_maskgit_regularisation(config)  # MAGVIT's transformer is MaskGIT's
+    # k600's baseline decode is modeled at 424 ms on a v5e:4x4 with the deferred softmax, 588
+    # with 'xla' (docs/tpu_time.md).
+    config.sampling.attention_impl = 'deferred'
   config.data = data
   config.task = task
   config.tokenizer = tokenizer
