@@ -139,7 +139,8 @@ def video_config(*, tiny: bool, model: dict, data: ml_collections.ConfigDict,
     config.model.remat = 'save_attention_out'
     with_maskgit_regularisation(config)  # MAGVIT's transformer is MaskGIT's
     # k600's baseline decode is modeled at 424 ms on a v5e:4x4 with the deferred softmax, 588
-    # with 'xla' (docs/tpu_time.md).
+    # with 'xla' (docs/tpu_time.md); ucf101's decodes, of the same transformer, were not
+    # compiled with it.
     config.sampling.attention_impl = 'deferred'
   config.data = data
   config.task = task
