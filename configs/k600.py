@@ -54,9 +54,6 @@ def get_config(arg=None):
       **config_lib.data_workers(16)))
   config = config_lib.video_config(tiny=False, model=TRANSFORMERS[arg], data=data, task=task,
                                    num_classes=0, guidance_scale=0.0)
-  # The deferred softmax in training too: the nested train step is modeled at 2246 ms on a
-  # v5e:4x4 against 2794 with 'xla', in 14.92 GiB per chip against 14.26 (docs/tpu_time.md).
-  config.model.attention_impl = 'deferred'
   # MAGVIT's protocol (appendix B.3): 50,000 x 4 samples, real clips and conditions from 2
   # temporal windows x 3 spatial crops of each validation video, FVD at 64x64.
   # No PSNR and SSIM: pairing every set with its real clips would decode the 200,000 clips

@@ -138,10 +138,10 @@ def video_config(*, tiny: bool, model: dict, data: ml_collections.ConfigDict,
     # needs 12.3 GiB per chip at batch 256 on 16 chips, a v5e has 16 (docs/tpu_fit.md).
     config.model.remat = 'save_attention_out'
     with_maskgit_regularisation(config)  # MAGVIT's transformer is MaskGIT's
-    # k600's baseline decode is modeled at 424 ms on a v5e:4x4 with the deferred softmax, 588
-    # with 'xla' (docs/tpu_time.md); ucf101's decodes, of the same transformer, were not
-    # compiled with it.
-    config.sampling.attention_impl = 'deferred'
+    # The deferred softmax (docs/tpu_time.md): on a v5e:4x4 k600's nested train step is
+    # modeled at 2246 ms against 2794 with 'xla', in 14.92 GiB per chip against 14.26 (ucf101's,
+    # the same transformer, also at 2246 ms), and its baseline decode at 424 ms against 588.
+    config.model.attention_impl = 'deferred'
   config.data = data
   config.task = task
   config.tokenizer = tokenizer
