@@ -115,9 +115,10 @@ def test_modeled_time_counts_every_layer_of_a_scan():
 def test_the_simpler_cheaper_decodes_get_rows_with_their_modeled_speedups():
   """With tpu_fit.families, the full width with fewer steps and the sub-model alone, each with
   and without the cache; uncached decodes of one width run one executable per step. Without
-  tpu_fit.train, no train step."""
+  tpu_fit.train, no train step. The decodes run sampling.attention_impl, here XLA's attention,
+  not the model's Pallas splash kernels."""
   config = small_config()
-  config.model.attention_impl = 'xla'
+  config.sampling.attention_impl = 'xla'
   config.training.widths = (1, 2)
   config.tpu_fit.update(topology='v5e:1x1', families=True, train=False)  # one chip: faster
   with jax.default_matmul_precision('default'):  # conftest's 'highest' triples the compile
@@ -127,6 +128,8 @@ def test_the_simpler_cheaper_decodes_get_rows_with_their_modeled_speedups():
       decode in [('fewer_steps', '1x1_nocache'), ('fewer_steps', '1x1_cached'),
                  ('fewer_steps', '1x2_nocache'), ('fewer_steps', '1x2_cached'),
                  ('sub_model', '2x2_nocache'), ('sub_model', '2x2_cached')]])
+  assert all(row['attention_impl'] == 'xla' and row['unmodeled_kernels'] == 0
+             for row in rows.values())
   baseline = rows['decode:baseline']
   assert rows['decode:fewer_steps:1x2_nocache']['modeled_seconds'] == pytest.approx(
       baseline['modeled_seconds'], rel=1e-9)
