@@ -298,3 +298,48 @@ def test_video_discriminator_and_its_r1_penalty_equal_flax_3d_convolutions():
   np.testing.assert_allclose(logits, want_logits, atol=1e-5)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+LOCAL_VIDEO = VIDEO._replace(encoder_kernels=(3, 1, 1))
+
+
+def encodings(config: TokenizerConfig, videos: np.ndarray) -> np.ndarray:
+  """The encoder's pre-quantization latents ``[B, t, h, w, D]``."""
+  encoder = vqgan.Encoder(config)
+  params = jax.jit(encoder.init)(rbg_key(0), videos)
+  return np.asarray(jax.jit(encoder.apply)(params, videos))
+
+
+def test_a_local_encoder_codes_each_latent_frame_from_its_own_frames():
+  """t = 4: latent frame 1 encodes frames 1-4 and latent frame 2 frames 5-8; changing frames
+  1-4 changes latent frame 1 alone. MAGVIT's encoder also carries them into latent frame 2."""
+  videos = np.random.default_rng(4).uniform(-1, 1, (1, 9, 16, 16, 1)).astype(np.float32)
+  changed = videos.copy()
+  changed[:, 1:5] = np.random.default_rng(5).uniform(-1, 1, changed[:, 1:5].shape)
+  local, local_changed = encodings(LOCAL_VIDEO, videos), encodings(LOCAL_VIDEO, changed)
+  np.testing.assert_allclose(local_changed[:, [0, 2]], local[:, [0, 2]], atol=1e-6)
+  assert np.abs(local_changed[:, 1] - local[:, 1]).max() > 1e-2
+  wide_gap = np.abs(encodings(VIDEO, changed)[:, 2] - encodings(VIDEO, videos)[:, 2]).max()
+  assert wide_gap > 1e-2
+
+
+def test_a_local_encoder_codes_a_patch_from_its_neighbourhood_alone():
+  """Level kernels (3, 1, 1) and two stride-2 downsamplings: the codes of token column 0
+  (pixels 0-3) see pixels 0-9, through the convolutions; GroupNorm's frame statistics, taken
+  out here, are the one way a code sees more."""
+  videos = np.random.default_rng(6).uniform(-1, 1, (1, 5, 16, 16, 1)).astype(np.float32)
+  changed = videos.copy()
+  changed[..., 10:, :] = 0.0
+  with mock.patch.object(vqgan, 'group_norm', lambda x, num_groups, name: x):
+    local, local_changed = encodings(LOCAL_VIDEO, videos), encodings(LOCAL_VIDEO, changed)
+    wide, wide_changed = encodings(VIDEO, videos), encodings(VIDEO, changed)
+  np.testing.assert_allclose(local_changed[..., 0, :], local[..., 0, :], atol=1e-6)
+  assert np.abs(local_changed[..., 3, :] - local[..., 3, :]).max() > 1e-2
+  assert np.abs(wide_changed[..., 0, :] - wide[..., 0, :]).max() > 1e-2
+
+
+def test_encoder_kernels_need_one_size_per_level():
+  with pytest.raises(ValueError, match=r'encoder_kernels=\(3, 1\) needs one positive kernel size '
+                                       r'per level \(3\)'):
+    VQGAN(LOCAL_VIDEO._replace(encoder_kernels=(3, 1))).init(rbg_key(0),
+                                                            jnp.zeros((1, 5, 16, 16, 1)))
