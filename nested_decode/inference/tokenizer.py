@@ -22,8 +22,7 @@ def tokenizer_config(config: ml_collections.ConfigDict) -> vqgan.TokenizerConfig
       channel_multipliers=tuple(t.channel_multipliers), num_res_blocks=t.num_res_blocks,
       embedding_dim=t.embedding_dim, codebook_size=config.tokens.codebook_size,
       commitment_cost=t.commitment_cost, num_groups=t.num_groups,
-      video=is_video(config), temporal_downsample=tuple(t.get('temporal_downsample', ())),
-      encoder_kernels=tuple(t.get('encoder_kernels', ())))
+      video=is_video(config), temporal_downsample=tuple(t.get('temporal_downsample', ())))
 
 
 def is_video(config: ml_collections.ConfigDict) -> bool:

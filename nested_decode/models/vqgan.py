@@ -41,11 +41,6 @@ class TokenizerConfig(NamedTuple):
   num_groups: int = 8  # GroupNorm groups; must divide every channel count
   video: bool = False  # 3D causal convolutions over [B, T, H, W, C]
   temporal_downsample: tuple[bool, ...] = ()  # video: per downsampling level, halve time too
-  # Per level, the spatial kernel of the encoder's convolutions (conv_in and the level's res
-  # blocks; the bottom blocks take the last level's), and an encoder local in time: each
-  # latent frame sees only the frames it encodes. () is the MaskGIT/MAGVIT encoder, 3 wide in
-  # space and time everywhere, whose codes see most of a small frame and several frames back.
-  encoder_kernels: tuple[int, ...] = ()
 
   @property
   def downsample_factor(self) -> int:
@@ -87,10 +82,6 @@ class TokenizerConfig(NamedTuple):
     if bad:
       raise ValueError(f'num_groups={self.num_groups} does not divide the channel counts {bad}.')
     levels = len(self.channel_multipliers) - 1
-    if self.encoder_kernels and (len(self.encoder_kernels) != levels + 1
-                                 or min(self.encoder_kernels) < 1):
-      raise ValueError(f'encoder_kernels={self.encoder_kernels} needs one positive kernel size '
-                       f'per level ({levels + 1}).')
     if self.temporal_downsample and (not self.video or len(self.temporal_downsample) != levels):
       raise ValueError(f'temporal_downsample={self.temporal_downsample} needs video=True and one '
                        f'flag per downsampling level ({levels}).')
@@ -115,10 +106,10 @@ def pad_to_causal(videos, temporal_factor: int):
 
 
 def conv(x: jax.Array, features: int, kernel: int, name: str, stride: int = 1,
-         temporal_stride: int = 1, temporal_kernel: Optional[int] = None) -> jax.Array:
+         temporal_stride: int = 1) -> jax.Array:
   """``nn.Conv`` with 'SAME' padding over ``[B, H, W, C]``; over ``[B, T, H, W, C]`` a 3D conv
-  (``conv3d.Conv3D``) with ``temporal_kernel`` taps in time (default: ``kernel``), causal: time
-  is front-padded with the first frame.
+  (``conv3d.Conv3D``) with the same kernel size in time, causal: time is front-padded with the
+  first frame.
 
   Call inside a compact method: the convolution becomes the caller's submodule ``name``. The
   output stays split over the batch on a mesh (``partitioning.constrain_batch``): the kernels are
@@ -127,11 +118,10 @@ def conv(x: jax.Array, features: int, kernel: int, name: str, stride: int = 1,
   if x.ndim == 4:
     y = nn.Conv(features, (kernel, kernel), strides=(stride, stride), name=name)(x)
     return partitioning.constrain_batch(y)
-  taps = kernel if temporal_kernel is None else temporal_kernel
-  if taps > 1:
-    x = jnp.concatenate([x[:, :1]] * (taps - 1) + [x], axis=1)
+  if kernel > 1:
+    x = jnp.concatenate([x[:, :1]] * (kernel - 1) + [x], axis=1)
   pads = [conv3d.same_padding(size, kernel, stride) for size in x.shape[2:4]]
-  y = conv3d.Conv3D(features, (taps, kernel, kernel), strides=(temporal_stride, stride, stride),
+  y = conv3d.Conv3D(features, (kernel,) * 3, strides=(temporal_stride, stride, stride),
                     padding=[(0, 0)] + pads, name=name)(x)
   return partitioning.constrain_batch(y)
 
@@ -146,21 +136,17 @@ def group_norm(x: jax.Array, num_groups: int, name: str) -> jax.Array:
 
 
 class ResBlock(nn.Module):
-  """Pre-activation residual block: (GroupNorm, swish, 3x3 conv) twice, 1x1 conv shortcut
-  (``kernel`` and ``temporal_kernel`` as ``conv``'s)."""
+  """Pre-activation residual block: (GroupNorm, swish, 3x3 conv) twice, 1x1 conv shortcut."""
 
   features: int
   num_groups: int
-  kernel: int = 3
-  temporal_kernel: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = x
     for i in range(2):
       h = nn.swish(group_norm(h, self.num_groups, name=f'norm_{i}'))
-      h = conv(h, self.features, self.kernel, name=f'conv_{i}',
-               temporal_kernel=self.temporal_kernel)
+      h = conv(h, self.features, 3, name=f'conv_{i}')
     if x.shape[-1] != self.features:
       x = conv(x, self.features, 1, name='shortcut')
     return x + h
@@ -183,23 +169,15 @@ class Encoder(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     cfg = self.config
     channels = cfg.level_channels
-    local = bool(cfg.encoder_kernels)
-    kernels = cfg.encoder_kernels or (3,) * len(channels)
-    # A local encoder mixes frames only where it halves time, over the 2 frames it merges.
-    taps = 1 if local else None
-    x = conv(images, channels[0], kernels[0], name='conv_in', temporal_kernel=taps)
+    x = conv(images, channels[0], 3, name='conv_in')
     for level, features in enumerate(channels):
       for i in range(cfg.num_res_blocks):
-        x = ResBlock(features, cfg.num_groups, kernels[level], taps,
-                     name=f'level_{level}_block_{i}')(x)
+        x = ResBlock(features, cfg.num_groups, name=f'level_{level}_block_{i}')(x)
       if level < len(channels) - 1:
-        halves = _halves_time(cfg, level)
-        x = conv(x, features, 3, stride=2, temporal_stride=2 if halves else 1,
-                 temporal_kernel=(2 if halves else 1) if local else None,
+        x = conv(x, features, 3, stride=2, temporal_stride=2 if _halves_time(cfg, level) else 1,
                  name=f'downsample_{level}')
     for i in range(cfg.num_res_blocks):
-      x = ResBlock(channels[-1], cfg.num_groups, kernels[-1], taps,
-                   name=f'bottom_block_{i}')(x)
+      x = ResBlock(channels[-1], cfg.num_groups, name=f'bottom_block_{i}')(x)
     x = nn.swish(group_norm(x, cfg.num_groups, name='norm_out'))
     return conv(x, cfg.embedding_dim, 1, name='conv_out')
 
