@@ -16,7 +16,9 @@ each against its fold of real clips) and ``fvd_std``, with ``gflops_per_sample``
 their standard errors (``fvd_minus_baseline`` and ``fvd_minus_baseline_se``, a bootstrap over
 the clips; ``gaps_to_baseline``). For scale it also scores the tokenizer's reconstructions of
 the held-out clips (the ceiling any sampler can reach through this tokenizer) and, for frame
-prediction, repeating the last condition frame (a model that learned nothing).
+prediction, repeating the last condition frame (a model that learned nothing), each with its
+paired gaps to the baseline's clips (``reference_minus_baseline``; positive: the baseline is
+better).
 
 Frame prediction also scores every set's frames against the real clips they continue: rows
 carry ``psnr`` and ``ssim`` (``metrics.frames``, means over clips and the predicted frames),
@@ -349,7 +351,7 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> l
       row.update(gaps_to_baseline(result, results['baseline'], real, config))
     rows.append(row)
     logging.info('eval %s: %s', name, row)
-  references = {}
+  references, reference_gaps = {}, {}
   for name, batches in reference_batches(config, generator, eval_tokens).items():
     reference = streamed_features(features_path(workdir, name), batches, 0, i3d,
                                   config.eval.fvd_image_size,
@@ -357,8 +359,10 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> l
     references[name], _, summary = set_scores(reference, real, config)
     if summary:
       frame_metrics[name] = summary
-  report = dict(rows=rows, reference_fvd=references, num_real_clips=len(real),
-                task=tasks.task_of(config).name)
+    # Whether the baseline beats the trivial predictor, with the error of a paired gap.
+    reference_gaps[name] = gaps_to_baseline(reference, results['baseline'], real, config)
+  report = dict(rows=rows, reference_fvd=references, reference_minus_baseline=reference_gaps,
+                num_real_clips=len(real), task=tasks.task_of(config).name)
   if frame_metrics:
     report['frame_metrics'] = frame_metrics
   if jax.process_index() == 0:
