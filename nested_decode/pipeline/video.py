@@ -17,8 +17,8 @@ their standard errors (``fvd_minus_baseline`` and ``fvd_minus_baseline_se``, a b
 the clips; ``gaps_to_baseline``). For scale it also scores the tokenizer's reconstructions of
 the held-out clips (the ceiling any sampler can reach through this tokenizer) and, for frame
 prediction, repeating the last condition frame (a model that learned nothing), each with its
-paired gaps to the baseline's clips (``reference_minus_baseline``; positive: the baseline is
-better).
+paired gaps to the baseline's clips (``reference_minus_baseline``, the reference's score minus
+the baseline's: a positive FVD gap says the baseline is better).
 
 Frame prediction also scores every set's frames against the real clips they continue: rows
 carry ``psnr`` and ``ssim`` (``metrics.frames``, means over clips and the predicted frames),

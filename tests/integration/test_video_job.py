@@ -80,6 +80,7 @@ def test_frame_prediction_job_writes_fvd_rows_and_keeps_the_condition(frame_pred
   assert rows['fewer_steps_6x']['flop_ratio'] == pytest.approx(6)
   assert set(report['reference_fvd']) == {'tokenizer_reconstruction',
                                           'repeat_last_condition_frame'}
+  assert set(report['reference_minus_baseline']) == set(report['reference_fvd'])
   for name, gaps in report['reference_minus_baseline'].items():  # the same clips, paired
     assert gaps['fvd_minus_baseline'] == pytest.approx(
         report['reference_fvd'][name] - rows['baseline']['fvd'])
