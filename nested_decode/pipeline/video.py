@@ -359,7 +359,7 @@ def eval_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> l
     references[name], _, summary = set_scores(reference, real, config)
     if summary:
       frame_metrics[name] = summary
-    # Whether the baseline beats the trivial predictor, with the error of a paired gap.
+    # Paired clip for clip: does the baseline beat copy-last, how far is it from the ceiling?
     reference_gaps[name] = gaps_to_baseline(reference, results['baseline'], real, config)
   report = dict(rows=rows, reference_fvd=references, reference_minus_baseline=reference_gaps,
                 num_real_clips=len(real), task=tasks.task_of(config).name)
