@@ -167,6 +167,9 @@ RESTART = 'none'
 # A file of --mode=export_tokenizer that a job uses instead of training a tokenizer ('': train
 # one; inference/tokenizer_file.py).
 PRETRAINED_TOKENIZER = ''
+# A file of --mode=export_transformer that a job's transformer starts training from ('': a
+# random initialisation; inference/transformer_file.py).
+INIT_FROM = ''
 # The transformer's weight average (training.ema_decay; 0: none), off unless a config sets it.
 EMA_DECAY = 0.0
 # Dropout in training (nested_decode/models/transformer.py); MaskGIT's configs use 0.1 for both.
@@ -214,7 +217,7 @@ def training_config(**overrides) -> ml_collections.ConfigDict:
       final_lr_fraction=0.0, b1=0.9, b2=0.96, weight_decay=0.045, grad_clip=1.0,
       label_smoothing=0.1, label_dropout=0.1, widths=(1, 2, 4, 8),
       distill_lambda_start=1.0, distill_lambda_end=0.0, ema_decay=EMA_DECAY, restart=RESTART,
-      log_every=100, checkpoint_every=5000, keep_checkpoints=3)
+      log_every=100, checkpoint_every=5000, keep_checkpoints=3, init_from=INIT_FROM)
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 

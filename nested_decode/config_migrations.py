@@ -29,7 +29,8 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key, value in model_defaults.items():
     if key not in config.model:
       config.model[key] = value
-  for key, value in (('ema_decay', config_lib.EMA_DECAY), ('restart', config_lib.RESTART)):
+  for key, value in (('ema_decay', config_lib.EMA_DECAY), ('restart', config_lib.RESTART),
+                     ('init_from', config_lib.INIT_FROM)):
     if key not in config.training:
       config.training[key] = value
   if 'tokenizer_training' in config and 'pretrained' not in config.tokenizer_training:

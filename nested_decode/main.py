@@ -16,6 +16,8 @@ Modes:
                    nested_decode.api.load (e.g. the demo notebook's model);
   export_tokenizer DIR/tokenizer.msgpack: the trained tokenizer alone, for another job's
                    --config.tokenizer_training.pretrained (it then trains none);
+  export_transformer DIR/transformer.msgpack: the trained transformer's sampling weights,
+                   for another job's --config.training.init_from (it starts training there);
   flops            analytic GFLOPs per sample of each decode, DIR/flops.json;
   bench            the same rows plus measured seconds per batch decode, DIR/bench.json;
   bench_train      steps/s, examples/s and the time spent waiting for data of the train steps
@@ -201,6 +203,18 @@ def run_export_tokenizer(run: Run) -> None:
   print(f'Wrote {path}')
 
 
+def run_export_transformer(run: Run) -> None:
+  from nested_decode.inference import restore, transformer_file
+  if not restore.transformer_is_trained(run.config, run.workdir):
+    raise config_lib.ConfigError(
+        f'{run.workdir} holds no trained transformer ({run.config.training.num_steps} steps); '
+        'train one with --mode=train first')
+  path = io_utils.join(run.workdir, 'transformer.msgpack')
+  transformer_file.write(run.config, restore.tokenizer_params(run.config, run.workdir, run.mesh),
+                         restore.transformer_params(run.config, run.workdir, run.mesh), path)
+  print(f'Wrote {path}')
+
+
 def run_eval(run: Run) -> None:
   """The whole job (and ``--mode=eval``): every stage up to the evaluation."""
   rows = pipeline_job(run.config).eval_stage(run.config, run.workdir, run.mesh)
@@ -266,6 +280,7 @@ MODES = {
     'eval': Mode(run_eval, reads_data=True, evaluates=True),
     'export': Mode(run_export, reads_data=True),
     'export_tokenizer': Mode(run_export_tokenizer),
+    'export_transformer': Mode(run_export_transformer),
     'flops': Mode(run_flops),
     'bench': Mode(run_bench),
     'bench_train': Mode(run_bench_train, reads_data=True),

@@ -21,7 +21,7 @@ from nested_decode.checkpoints import (
   checkpoint_dir,
   is_finished,
 )
-from nested_decode.inference import tokenizer, tokenizer_file
+from nested_decode.inference import tokenizer, tokenizer_file, transformer_file
 from nested_decode.models import vqgan
 from nested_decode.models.transformer import NestedMaskedTransformer
 
@@ -67,14 +67,30 @@ def tokenizer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
   return restore_params(workdir, TOKENIZER, abstract)
 
 
-def transformer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
-                       weights: str | None = None) -> Any:
-  """The transformer's latest parameters, placed by their logical axes (``parallel.RULES`` or
-  ``config.mesh.rules``) as in training: ``weights`` (``EMA`` or ``TRAINED``; default
-  ``transformer_weights(workdir)``, the average when there is one)."""
-  weights = transformer_weights(workdir) if weights is None else weights
+def abstract_transformer_params(config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
+  """Shapes, dtypes and placements of the transformer's parameters, by their logical axes
+  (``parallel.RULES`` or ``config.mesh.rules``) as in training."""
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
   tokens = jnp.zeros((1, model.config.seq_len), jnp.int32)
   init = lambda: model.init(jax.random.PRNGKey(0), tokens, jnp.zeros((1,), jnp.int32))
   shardings = parallel.state_shardings(jax.eval_shape(init), mesh, parallel.logical_rules(config))
-  return restore_params(workdir, TRANSFORMER, parallel.abstract_state(init, shardings), weights)
+  return parallel.abstract_state(init, shardings)
+
+
+def transformer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+                       weights: str | None = None) -> Any:
+  """The transformer's latest parameters, placed as in training: ``weights`` (``EMA`` or
+  ``TRAINED``; default ``transformer_weights(workdir)``, the average when there is one)."""
+  weights = transformer_weights(workdir) if weights is None else weights
+  return restore_params(workdir, TRANSFORMER, abstract_transformer_params(config, mesh), weights)
+
+
+def initial_transformer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
+                               ) -> Any | None:
+  """The weights of the file ``training.init_from`` names (``transformer_file.py``), checked
+  against the workdir's tokenizer and placed as in training; None when it names none."""
+  if not transformer_file.init_path(config):
+    return None
+  abstract = abstract_transformer_params(config, mesh)
+  params = transformer_file.read(config, tokenizer_params(config, workdir, mesh), abstract)
+  return jax.device_put(params, jax.tree.map(lambda leaf: leaf.sharding, abstract))

@@ -202,17 +202,25 @@ def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransf
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.MakeIterator,
-          iterator_state: loop.IteratorState, mesh: Mesh, stop_after: int | None = None
-          ) -> TrainState:
+          iterator_state: loop.IteratorState, mesh: Mesh, stop_after: int | None = None,
+          initial_params: Any | None = None) -> TrainState:
   """Trains to ``config.training.num_steps`` on ``mesh``, resuming from the latest checkpoint
-  (``stop_after``: return after that many steps of this run)."""
+  (``stop_after``: return after that many steps of this run). A run with no checkpoint starts
+  from ``initial_params`` when given (``training.init_from``; the weight average too, if any),
+  else from a random initialisation."""
   training = config.training
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
   parallel.check_batch_size(training.batch_size, mesh, 'training.batch_size')
-  segment = segment_to_train(training, *saved_segment(workdir))
+  saved, step = saved_segment(workdir)
+  segment = segment_to_train(training, saved, step)
+  state = create_train_state(config, model, mesh)
+  if initial_params is not None and saved is None:
+    logging.info('Starting the transformer from %s', config.training.init_from)
+    params = jax.device_put(initial_params, jax.tree.map(lambda x: x.sharding, state.params))
+    state = state.replace(params=params,
+                          ema_params=None if state.ema_params is None else params)
   return loop.run(
-      name=checkpoints.TRANSFORMER, config=config, workdir=workdir,
-      initial_state=create_train_state(config, model, mesh),
+      name=checkpoints.TRANSFORMER, config=config, workdir=workdir, initial_state=state,
       train_step=make_train_step(config, model, mesh, segment),
       batches=(make_iterator, iterator_state),
       prepare=lambda batch: parallel.shard_batch(batch, mesh),
