@@ -16,6 +16,9 @@ generated, a small transformer, GIFs and FVD with the real I3D network. Its toke
 time once (9x8x8 tokens) and is the repository's `weights/k600_tiny_tokenizer_9x8x8.msgpack`,
 trained by this config's own tokenizer stage for 9600 steps (78 minutes here, longer than the
 whole job: docs/results.md); `--config.tokenizer_training.pretrained=''` trains one instead.
+Its transformer starts from the repository's `weights/k600_tiny_transformer_2000.msgpack`
+(this config's train stage, 2000 steps, 50 minutes here) and trains 320 more steps;
+`--config.training.init_from=''` starts it from scratch.
 """
 
 import pathlib
@@ -33,9 +36,11 @@ TRANSFORMERS = {
 }
 
 
-# The tokenizer the offline job decodes through, found beside this file wherever it is run from.
-TINY_TOKENIZER = str(pathlib.Path(__file__).resolve().parent.parent / 'weights'
-                     / 'k600_tiny_tokenizer_9x8x8.msgpack')
+# The tokenizer the offline job decodes through, and the transformer it starts training from,
+# found beside this file wherever it is run from.
+WEIGHTS = pathlib.Path(__file__).resolve().parent.parent / 'weights'
+TINY_TOKENIZER = str(WEIGHTS / 'k600_tiny_tokenizer_9x8x8.msgpack')
+TINY_TRANSFORMER = str(WEIGHTS / 'k600_tiny_transformer_2000.msgpack')
 
 
 def get_config(arg=None):
@@ -84,9 +89,13 @@ def tiny_config(task):
   # the encoding and the evaluation (I3D's 7 sets of 128 clips are most of it) about 9 minutes.
   # 320 steps of 8 clips cost what 160 of 16 did, and reach a lower loss at every width and a
   # lower validation FVD (docs/results.md).
+  # The transformer starts from the repository's, which this config's train stage trained for
+  # 2000 steps (50 minutes here, longer than the job; --config.training.num_steps=2000
+  # --config.training.init_from=''): from scratch, 320 steps only tie with repeating the last
+  # frame (docs/results.md).
   config.training = config_lib.training_config(
       num_steps=320, batch_size=8, learning_rate=1e-3, warmup_steps=40, log_every=40,
-      checkpoint_every=80)
+      checkpoint_every=80, init_from=TINY_TRANSFORMER)
   # Chosen by --mode=tune_temperature on 64 validation clips with a model of 240 steps of 16
   # (baseline FVD 213.5 at 0.5, 214.6 at 0.2, 228.1 at 0.1, 267.6 at 1.0), not re-swept for
   # 320 of 8: docs/results.md.
