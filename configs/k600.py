@@ -10,7 +10,7 @@ tokens; the first 2 latent frames encode exactly the 5 condition frames and are 
 known tokens (see nested_decode/tasks.py). No labels: the class token is the unconditional id
 and guidance is off. `:base` gives the MAGVIT-B transformer (12 layers x 768).
 
-`:tiny` is the offline job of a 2-core machine (21 minutes): Moving MNIST generated from
+`:tiny` is the offline job of a 2-core machine (18 minutes): Moving MNIST generated from
 the embedded MNIST digits (2 digits bouncing in 64x64, shown at 32x32), 5 given frames and 11
 generated, a small transformer, GIFs and FVD with the real I3D network. Its tokenizer halves
 time once (9x8x8 tokens) and is the repository's `weights/k600_tiny_tokenizer_9x8x8.msgpack`,
