@@ -191,12 +191,17 @@ def run_export(run: Run) -> None:
   print(f'Wrote {path}')
 
 
+def require_trained(trained: bool, workdir: str, model: str, steps: int, mode: str) -> None:
+  """An export's check that ``workdir``'s ``model`` finished its ``steps`` (``--mode=mode``)."""
+  if not trained:
+    raise config_lib.ConfigError(f'{workdir} holds no trained {model} ({steps} steps); train one '
+                                 f'with --mode={mode} first')
+
+
 def run_export_tokenizer(run: Run) -> None:
   from nested_decode.inference import restore, tokenizer_file
-  if not restore.tokenizer_is_trained(run.config, run.workdir):
-    raise config_lib.ConfigError(
-        f'{run.workdir} holds no trained tokenizer ({run.config.tokenizer_training.num_steps} '
-        'steps); train one with --mode=train_tokenizer first')
+  require_trained(restore.tokenizer_is_trained(run.config, run.workdir), run.workdir,
+                  'tokenizer', run.config.tokenizer_training.num_steps, 'train_tokenizer')
   path = io_utils.join(run.workdir, 'tokenizer.msgpack')
   params = restore.tokenizer_params(run.config, run.workdir, run.mesh)
   tokenizer_file.write(run.config, params, path)
@@ -205,10 +210,8 @@ def run_export_tokenizer(run: Run) -> None:
 
 def run_export_transformer(run: Run) -> None:
   from nested_decode.inference import restore, transformer_file
-  if not restore.transformer_is_trained(run.config, run.workdir):
-    raise config_lib.ConfigError(
-        f'{run.workdir} holds no trained transformer ({run.config.training.num_steps} steps); '
-        'train one with --mode=train first')
+  require_trained(restore.transformer_is_trained(run.config, run.workdir), run.workdir,
+                  'transformer', run.config.training.num_steps, 'train')
   path = io_utils.join(run.workdir, 'transformer.msgpack')
   transformer_file.write(run.config, restore.tokenizer_params(run.config, run.workdir, run.mesh),
                          restore.transformer_params(run.config, run.workdir, run.mesh), path)
