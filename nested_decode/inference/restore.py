@@ -87,10 +87,10 @@ def transformer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Me
 
 def initial_transformer_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
                                ) -> Any | None:
-  """The weights of the file ``training.init_from`` names (``transformer_file.py``), checked
-  against the workdir's tokenizer and placed as in training; None when it names none."""
+  """The weights of the file ``training.init_from`` names (``transformer_file.py``) as numpy
+  arrays, checked against the workdir's tokenizer and the model's shapes (the trainer places
+  them with its state); None when it names none."""
   if not transformer_file.init_path(config):
     return None
-  abstract = abstract_transformer_params(config, mesh)
-  params = transformer_file.read(config, tokenizer_params(config, workdir, mesh), abstract)
-  return jax.device_put(params, jax.tree.map(lambda leaf: leaf.sharding, abstract))
+  return transformer_file.read(config, tokenizer_params(config, workdir, mesh),
+                               abstract_transformer_params(config, mesh))
