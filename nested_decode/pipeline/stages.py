@@ -170,9 +170,9 @@ def transformer_stage(config: ml_collections.ConfigDict, workdir: str, mesh: Mes
     # Rows of an in-memory array, read in this process: a worker would get a pickled copy of
     # the whole array for indexing that takes microseconds.
     batches = resumable_batches(source, None, config.training.batch_size, config.seed)
-    train_transformer.train(config, workdir, *batches, mesh,
-                            initial_params=restore.initial_transformer_params(config, workdir,
-                                                                              mesh))
+    train_transformer.train(
+        config, workdir, *batches, mesh,
+        initial_params=lambda: restore.initial_transformer_params(config, workdir, mesh))
   return restore.transformer_params(config, workdir, mesh)
 
 

@@ -203,20 +203,21 @@ def make_train_step(config: ml_collections.ConfigDict, model: NestedMaskedTransf
 
 def train(config: ml_collections.ConfigDict, workdir: str, make_iterator: loop.MakeIterator,
           iterator_state: loop.IteratorState, mesh: Mesh, stop_after: int | None = None,
-          initial_params: Any | None = None) -> TrainState:
+          initial_params: Callable[[], Any | None] = lambda: None) -> TrainState:
   """Trains to ``config.training.num_steps`` on ``mesh``, resuming from the latest checkpoint
   (``stop_after``: return after that many steps of this run). A run with no checkpoint starts
-  from ``initial_params`` when given (``training.init_from``; the weight average too, if any),
-  else from a random initialisation."""
+  from the weights ``initial_params()`` gives (``training.init_from``; the weight average too,
+  if any), or from a random initialisation when it gives None; a resumed run never calls it."""
   training = config.training
   model = NestedMaskedTransformer(config_lib.transformer_config(config))
   parallel.check_batch_size(training.batch_size, mesh, 'training.batch_size')
   saved, step = saved_segment(workdir)
   segment = segment_to_train(training, saved, step)
   state = create_train_state(config, model, mesh)
-  if initial_params is not None and saved is None:
+  initial = initial_params() if saved is None else None
+  if initial is not None:
     logging.info('Starting the transformer from %s', config.training.init_from)
-    params = jax.device_put(initial_params, jax.tree.map(lambda x: x.sharding, state.params))
+    params = jax.device_put(initial, jax.tree.map(lambda x: x.sharding, state.params))
     state = state.replace(params=params,
                           ema_params=None if state.ema_params is None else params)
   return loop.run(

@@ -77,10 +77,16 @@ def test_export_transformer_needs_a_trained_one(tmp_path):
     main.run_export_transformer(main.Run(small_mnist(), 'mnist:tiny', str(tmp_path)))
 
 
-def test_a_missing_init_from_file_is_named(tmp_path):
+def test_a_missing_init_from_file_is_named_unless_the_run_resumes(tmp_path):
   config = small_mnist()
   config.tokenizer_training.pretrained = str(tmp_path / 'tokenizer.msgpack')
   write_tokenizer(config, config.tokenizer_training.pretrained, seed=0)
   config.training.init_from = str(tmp_path / 'missing.msgpack')
   with pytest.raises(ConfigError, match=r'config.training.init_from=.*no such file'):
     trained(config, str(tmp_path / 'job'))
+
+  # A run resumed from its own checkpoint never reads the file.
+  config.training.init_from = ''
+  trained(config, str(tmp_path / 'resumed'))
+  config.training.update(init_from=str(tmp_path / 'missing.msgpack'), num_steps=3)
+  trained(config, str(tmp_path / 'resumed'))
